@@ -1,0 +1,170 @@
+//! `rtvm bench …`: benchmarks. Each one measures in one run, on one machine,
+//! and reports figures beside their targets; nothing here is a pass/fail test.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+use rtvm_vmm::host::HostInfo;
+
+use crate::EXIT_HOST_ERROR;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Process start to the guest's first console line, and VMM memory overhead.
+    Boot(BootArgs),
+}
+
+#[derive(Args)]
+pub struct BootArgs {
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// How many VMs to boot, one after another.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    runs: u32,
+    /// vCPUs per VM.
+    #[arg(long, default_value_t = 1)]
+    vcpus: usize,
+}
+
+/// Targets from the foundation issue (Firecracker's published figures).
+const TARGET_FIRST_OUTPUT_MS: f64 = 20.0;
+const TARGET_OVERHEAD_MIB: f64 = 5.0;
+
+pub fn run(cmd: &BenchCommand) -> ExitCode {
+    match cmd {
+        BenchCommand::Boot(args) => match boot(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rtvm: error: bench boot: {e}");
+                ExitCode::from(EXIT_HOST_ERROR)
+            }
+        },
+    }
+}
+
+struct BootSample {
+    first_output_ms: f64,
+    overhead_bytes: u64,
+}
+
+fn boot_once(exe: &PathBuf, vcpus: usize, stats: &PathBuf) -> Result<BootSample, String> {
+    let start = Instant::now();
+    let mut child = Command::new(exe)
+        .args([
+            "run",
+            "--guest",
+            "builtin:hello",
+            "--vcpus",
+            &vcpus.to_string(),
+            "--stats-json",
+        ])
+        .arg(stats)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+    let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line)
+        .map_err(|e| format!("reading guest output: {e}"))?;
+    let first_output_ms = start.elapsed().as_secs_f64() * 1e3;
+    // Drain the rest so the child never blocks on a full pipe.
+    std::io::copy(&mut out, &mut std::io::sink()).ok();
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for the VM: {e}"))?;
+    if !status.success() || line.is_empty() {
+        return Err(format!(
+            "the guest did not boot cleanly ({status}, first line {line:?})"
+        ));
+    }
+    let text = std::fs::read_to_string(stats).map_err(|e| format!("reading run stats: {e}"))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("run stats: {e}"))?;
+    let overhead_bytes = json["vmm_overhead_bytes"]
+        .as_u64()
+        .ok_or("run stats lack vmm_overhead_bytes")?;
+    Ok(BootSample {
+        first_output_ms,
+        overhead_bytes,
+    })
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+fn boot(args: &BootArgs) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the rtvm binary: {e}"))?;
+    let stats = std::env::temp_dir().join(format!("rtvm-bench-boot-{}.json", std::process::id()));
+    let mut samples = Vec::with_capacity(args.runs as usize);
+    for _ in 0..args.runs {
+        let sample = boot_once(&exe, args.vcpus, &stats);
+        let _ = std::fs::remove_file(&stats);
+        samples.push(sample?);
+    }
+    let mut ms: Vec<f64> = samples.iter().map(|s| s.first_output_ms).collect();
+    ms.sort_by(f64::total_cmp);
+    let mut mib: Vec<f64> = samples
+        .iter()
+        .map(|s| s.overhead_bytes as f64 / (1 << 20) as f64)
+        .collect();
+    mib.sort_by(f64::total_cmp);
+    let first_median = median(&ms);
+    let overhead_median = median(&mib);
+    let host = HostInfo::probe();
+
+    if args.json {
+        let json = serde_json::json!({
+            "first_output_ms": {
+                "median": first_median,
+                "min": ms[0],
+                "max": ms[ms.len() - 1],
+                "runs": ms.len(),
+            },
+            "vmm_overhead_mib": overhead_median,
+            "targets": {
+                "first_output_ms": TARGET_FIRST_OUTPUT_MS,
+                "vmm_overhead_mib": TARGET_OVERHEAD_MIB,
+            },
+            "machine": {
+                "cpu": host.cpu_model,
+                "cpus": host.cpus,
+                "kernel": host.kernel,
+                "preemption": host.preemption,
+                "kvm_module": host.kvm_module,
+            },
+        });
+        println!("{json}");
+    } else {
+        println!(
+            "rtvm bench boot: {} runs, builtin:hello on {} vCPU(s)",
+            ms.len(),
+            args.vcpus
+        );
+        println!(
+            "  host: {} ({}), preemption {}",
+            host.kvm_module, host.cpu_model, host.preemption
+        );
+        println!(
+            "  process start -> first guest line: median {first_median:.2} ms (min {:.2}, max {:.2}); target <= {TARGET_FIRST_OUTPUT_MS} ms: {:.2}x of target",
+            ms[0],
+            ms[ms.len() - 1],
+            first_median / TARGET_FIRST_OUTPUT_MS
+        );
+        println!(
+            "  VMM memory beyond guest RAM: median {overhead_median:.2} MiB; target <= {TARGET_OVERHEAD_MIB} MiB: {:.2}x of target",
+            overhead_median / TARGET_OVERHEAD_MIB
+        );
+    }
+    Ok(())
+}

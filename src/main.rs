@@ -1,0 +1,181 @@
+//! `rtvm`: the command line of the rtvm real-time VMM.
+
+mod bench;
+mod demo;
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use rtvm_vmm::config::parse_size;
+use rtvm_vmm::{Console, Error, GuestSpec, Vm, VmConfig, VmRun};
+
+/// Exit status for bad user input (flags, config file, guest name).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status for a host-side failure (no KVM, out of memory…).
+pub const EXIT_HOST_ERROR: u8 = 1;
+
+#[derive(Parser)]
+#[command(
+    name = "rtvm",
+    version,
+    about = "A real-time virtual machine monitor for Linux/KVM",
+    long_about = "rtvm runs real-time work in KVM guests with host-grade timing: guests call the host \
+                  through VMRPC and wait through VM long polling on real-time vCPUs.\n\n\
+                  Logging: set RUST_LOG (e.g. RUST_LOG=debug)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest and run it until it ends; exits with the guest's status.
+    Run(RunArgs),
+    /// The main demonstration: boots the built-in guest on 2 vCPUs and reports.
+    Demo(demo::DemoArgs),
+    /// Benchmarks, reporting figures measured side by side in one run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Args, Clone, Default)]
+pub struct RunArgs {
+    /// TOML file with the VM's options; flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The guest: builtin:NAME (workloads: hello, exit, spin, fault, crash, bad-port).
+    #[arg(long, value_name = "SPEC")]
+    guest: Option<GuestSpec>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    vcpus: Option<usize>,
+    /// Guest RAM, e.g. 64M or 1G; a bare number is MiB [default: 64M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Arguments for the guest, e.g. "status=3".
+    #[arg(long, value_name = "ARGS")]
+    cmdline: Option<String>,
+    /// Also write the guest console to FILE.
+    #[arg(long, value_name = "FILE")]
+    serial_log: Option<PathBuf>,
+    /// The KVM device node [default: /dev/kvm].
+    #[arg(long, value_name = "PATH")]
+    kvm_device: Option<PathBuf>,
+    /// Write how the run ended and what it cost (RSS, times) as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    stats_json: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The configuration: the file's, then each flag given on top.
+    fn to_config(&self) -> Result<VmConfig, Error> {
+        let mut config = match (&self.config, &self.guest) {
+            (Some(path), _) => VmConfig::from_file(path)?,
+            (None, Some(guest)) => VmConfig::new(guest.clone()),
+            (None, None) => {
+                return Err(Error::Config(
+                    "say which guest to run: --guest builtin:NAME or --config FILE".into(),
+                ))
+            }
+        };
+        if let Some(guest) = &self.guest {
+            config.guest = guest.clone();
+        }
+        if let Some(vcpus) = self.vcpus {
+            config.vcpus = vcpus;
+        }
+        if let Some(memory) = self.memory {
+            config.memory = memory;
+        }
+        if let Some(cmdline) = &self.cmdline {
+            config.cmdline = cmdline.clone();
+        }
+        if let Some(log) = &self.serial_log {
+            config.serial_log = Some(log.clone());
+        }
+        if let Some(dev) = &self.kvm_device {
+            config.kvm_device = dev.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Builds the console for `config`: the terminal, plus the log file if asked.
+pub fn console_for(config: &VmConfig) -> Result<Console, Error> {
+    let console = Console::stdout();
+    match &config.serial_log {
+        Some(path) => {
+            let file = File::create(path).map_err(|e| {
+                Error::Config(format!("cannot create serial log {}: {e}", path.display()))
+            })?;
+            Ok(console.with_file(file))
+        }
+        None => Ok(console),
+    }
+}
+
+/// The process status for an error that kept a VM from running.
+pub fn report_error(err: &Error) -> ExitCode {
+    eprintln!("rtvm: error: {err}");
+    ExitCode::from(if err.is_user_error() {
+        EXIT_USAGE
+    } else {
+        EXIT_HOST_ERROR
+    })
+}
+
+fn stats_json(run: &VmRun) -> serde_json::Value {
+    serde_json::json!({
+        "exit_reason": run.reason.to_string(),
+        "exit_code": run.reason.exit_code(),
+        "clean": run.reason.is_clean(),
+        "guest_time_ms": run.guest_time.as_secs_f64() * 1e3,
+        "process_rss_bytes": run.process_rss,
+        "guest_resident_bytes": run.guest_resident,
+        "vmm_overhead_bytes": run.vmm_overhead(),
+    })
+}
+
+fn run(args: &RunArgs) -> ExitCode {
+    let result = args.to_config().and_then(|config| {
+        rtvm_vmm::signals::install_termination_handlers()?;
+        Vm::new(&config, console_for(&config)?)?.run()
+    });
+    let run = match result {
+        Ok(run) => run,
+        Err(err) => return report_error(&err),
+    };
+    if run.reason.is_clean() {
+        tracing::info!("{}", run.reason);
+    } else {
+        eprintln!("rtvm: error: {}", run.reason);
+    }
+    if let Some(path) = &args.stats_json {
+        let text = serde_json::to_string_pretty(&stats_json(&run)).expect("JSON of plain values");
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!("rtvm: error: cannot write {}: {e}", path.display());
+            return ExitCode::from(EXIT_HOST_ERROR);
+        }
+    }
+    ExitCode::from(run.reason.exit_code())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(&args),
+        Command::Demo(args) => demo::run(&args),
+        Command::Bench(cmd) => bench::run(&cmd),
+    }
+}

@@ -1,0 +1,244 @@
+//! What a VM is made of: vCPUs, memory, guest, console. The same options
+//! come from the command line or from a TOML file; both end up here and are
+//! checked here, so a bad value gets the same clear message either way.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use rtvm_abi::{CMDLINE_MAX, MAX_VCPUS, WORKLOAD_NAME_MAX};
+use serde::{Deserialize, Deserializer};
+
+use crate::error::{Error, Result};
+use crate::memory::{MAX_RAM, MIN_RAM};
+use crate::vcpu::UnhandledIo;
+
+pub const DEFAULT_VCPUS: usize = 1;
+pub const DEFAULT_MEMORY: u64 = 64 << 20;
+pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
+
+/// Which guest to boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestSpec {
+    /// A workload of the built-in guest: `builtin:NAME`.
+    Builtin(String),
+}
+
+impl FromStr for GuestSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.split_once(':') {
+            Some(("builtin", name)) if !name.is_empty() => {
+                if name.len() > WORKLOAD_NAME_MAX || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(format!("'{name}' is not a valid workload name"));
+                }
+                Ok(GuestSpec::Builtin(name.to_string()))
+            }
+            _ => Err(format!(
+                "guest '{s}' is not of the form builtin:NAME (e.g. builtin:hello)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for GuestSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GuestSpec::Builtin(name) => write!(f, "builtin:{name}"),
+        }
+    }
+}
+
+/// A memory size: `64M`, `1G`, `512MiB`, `1048576K`; a bare number is MiB.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 64M, 1G)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 20,
+        "k" | "kb" | "kib" => 10,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("'{s}' has an unknown unit (use K, M or G)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+fn size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Text(String),
+        Mib(u64),
+    }
+    match Size::deserialize(d)? {
+        Size::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+        Size::Mib(n) => n
+            .checked_mul(1 << 20)
+            .ok_or_else(|| serde::de::Error::custom("memory size too large")),
+    }
+}
+
+fn guest<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<GuestSpec, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map_err(serde::de::Error::custom)
+}
+
+/// One VM's configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// The guest to boot, `builtin:NAME`.
+    #[serde(deserialize_with = "guest")]
+    pub guest: GuestSpec,
+    /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: usize,
+    /// Guest RAM in bytes.
+    #[serde(default = "default_memory", deserialize_with = "size")]
+    pub memory: u64,
+    /// Arguments for the guest (`key=value` words).
+    #[serde(default)]
+    pub cmdline: String,
+    /// Also write the guest console to this file.
+    #[serde(default)]
+    pub serial_log: Option<PathBuf>,
+    /// The KVM device node.
+    #[serde(default = "default_kvm_device")]
+    pub kvm_device: PathBuf,
+    /// What to do about accesses to ports and MMIO no device claims.
+    #[serde(skip)]
+    pub unhandled_io: UnhandledIo,
+}
+
+fn default_vcpus() -> usize {
+    DEFAULT_VCPUS
+}
+fn default_memory() -> u64 {
+    DEFAULT_MEMORY
+}
+fn default_kvm_device() -> PathBuf {
+    PathBuf::from(DEFAULT_KVM_DEVICE)
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the guest.
+    pub fn new(guest: GuestSpec) -> Self {
+        VmConfig {
+            guest,
+            vcpus: DEFAULT_VCPUS,
+            memory: DEFAULT_MEMORY,
+            cmdline: String::new(),
+            serial_log: None,
+            kvm_device: default_kvm_device(),
+            unhandled_io: UnhandledIo::Fatal,
+        }
+    }
+
+    /// Parses a TOML configuration.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let config: VmConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads a TOML configuration file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!("cannot read config file {}: {e}", path.display()))
+        })?;
+        Self::from_toml(&text)
+            .map_err(|e| Error::Config(format!("config file {}: {e}", path.display())))
+    }
+
+    /// Checks every value; the first bad one is named in the error.
+    pub fn validate(&self) -> Result<()> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(Error::Config(format!(
+                "vcpus = {}: must be between 1 and {MAX_VCPUS}",
+                self.vcpus
+            )));
+        }
+        if !(MIN_RAM..=MAX_RAM).contains(&self.memory) || self.memory % 4096 != 0 {
+            return Err(Error::Config(format!(
+                "memory = {} bytes: must be a multiple of 4 KiB between {} MiB and {} GiB",
+                self.memory,
+                MIN_RAM >> 20,
+                MAX_RAM >> 30
+            )));
+        }
+        if self.cmdline.len() > CMDLINE_MAX {
+            return Err(Error::Config(format!(
+                "cmdline is {} bytes; at most {CMDLINE_MAX} are allowed",
+                self.cmdline.len()
+            )));
+        }
+        if !self
+            .cmdline
+            .bytes()
+            .all(|b| b == b' ' || b.is_ascii_graphic())
+        {
+            return Err(Error::Config("cmdline must be printable ASCII".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("64"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("16384k"), Ok(16 << 20));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn guest_specs_parse() {
+        assert_eq!(
+            "builtin:hello".parse(),
+            Ok(GuestSpec::Builtin("hello".into()))
+        );
+        assert!("hello".parse::<GuestSpec>().is_err());
+        assert!("builtin:".parse::<GuestSpec>().is_err());
+        assert!("kernel:/x".parse::<GuestSpec>().is_err());
+        assert!("builtin:a b".parse::<GuestSpec>().is_err());
+    }
+
+    #[test]
+    fn toml_config_parses_with_defaults() {
+        let c = VmConfig::from_toml("guest = \"builtin:hello\"\nvcpus = 2\nmemory = \"32M\"\n")
+            .unwrap();
+        assert_eq!(c.guest, GuestSpec::Builtin("hello".into()));
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(c.memory, 32 << 20);
+        let c = VmConfig::from_toml("guest = \"builtin:spin\"\nmemory = 128").unwrap();
+        assert_eq!((c.vcpus, c.memory), (1, 128 << 20));
+    }
+
+    #[test]
+    fn toml_config_rejects_bad_input_with_the_key_named() {
+        let err = |t: &str| VmConfig::from_toml(t).unwrap_err().to_string();
+        assert!(err("guest = \"builtin:hello\"\nvcpu = 2").contains("unknown field `vcpu`"));
+        assert!(err("guest = \"builtin:hello\"\nvcpus = 0").contains("vcpus = 0"));
+        assert!(err("guest = \"builtin:hello\"\nvcpus = 65").contains("vcpus = 65"));
+        assert!(err("guest = \"builtin:hello\"\nmemory = \"1Q\"").contains("unknown unit"));
+        assert!(err("guest = \"builtin:hello\"\nmemory = 1").contains("memory"));
+        assert!(err("guest = \"hello\"").contains("builtin:NAME"));
+        assert!(err("vcpus = 1").contains("missing field `guest`"));
+        assert!(err("guest = \"builtin:hello\"\nvcpus = \"two\"").contains("vcpus"));
+    }
+}

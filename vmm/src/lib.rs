@@ -1,0 +1,28 @@
+//! rtvm's virtual machine monitor.
+//!
+//! - [`config`]: what a VM is made of, from CLI flags or TOML.
+//! - [`memory`]: guest RAM and its fixed layout.
+//! - [`boot`]: the built-in guest image and the long-mode state the VMM prepares.
+//! - [`vm`]: the KVM VM, its devices, and the run from start to exit.
+//! - [`vcpu`]: one thread per vCPU, its state machine and exit dispatch.
+//! - [`devices`]: the port/MMIO bus, serial console, reset controller.
+//! - [`exit`]: why a VM ended, and the process status that follows.
+//! - [`host`]: facts about the host that decide how timing results read.
+//! - [`signals`]: SIGINT/SIGTERM to a clean shutdown.
+
+pub mod boot;
+pub mod config;
+pub mod devices;
+pub mod error;
+pub mod exit;
+pub mod host;
+pub mod memory;
+pub mod signals;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{GuestSpec, VmConfig};
+pub use devices::Console;
+pub use error::{Error, Result};
+pub use exit::VmExitReason;
+pub use vm::{RunningVm, Vm, VmRun};

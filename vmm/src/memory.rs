@@ -1,0 +1,224 @@
+//! Guest RAM and where things live in it.
+//!
+//! Guest RAM is one anonymous mapping starting at guest-physical address 0.
+//! All guest memory access from the VMM goes through `vm-memory`, which checks
+//! every access against the mapping: a guest-supplied address can never make
+//! the VMM touch host memory outside guest RAM.
+
+use rtvm_abi::{BootInfo, GUEST_IMAGE_BASE, MAX_VCPUS};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::error::{Error, Result};
+
+/// Smallest guest RAM we accept.
+pub const MIN_RAM: u64 = 16 << 20;
+/// Largest guest RAM we accept.
+pub const MAX_RAM: u64 = 64 << 30;
+
+/// Fixed guest-physical layout of the low pages and of the per-vCPU areas.
+pub mod layout {
+    /// The [`rtvm_abi::BootInfo`] page.
+    pub const BOOT_INFO: u64 = 0x1000;
+    /// The IDT, shared by all vCPUs (256 16-byte gates).
+    pub const IDT: u64 = 0x2000;
+    pub const IDT_LIMIT: u16 = 256 * 16 - 1;
+    /// Page-map level 4.
+    pub const PML4: u64 = 0x3000;
+    /// The single page-directory-pointer table.
+    pub const PDPT: u64 = 0x4000;
+    /// Page directories, one per GiB of identity-mapped space.
+    pub const PD: u64 = 0x5000;
+    /// How much guest-physical space the boot page tables identity-map.
+    pub const IDENTITY_MAPPED: u64 = 4 << 30;
+
+    /// Each vCPU owns one area of this size, carved from the top of the
+    /// identity-mapped RAM downwards.
+    pub const VCPU_AREA_SIZE: u64 = 0x4_0000;
+    /// Offsets inside a vCPU area.
+    pub const AREA_GDT: u64 = 0x0;
+    /// The TSS and, right after it, its I/O permission bitmap (8 KiB + 1).
+    pub const AREA_TSS: u64 = 0x1000;
+    /// Reserved for the vCPU's VMRPC call page.
+    pub const AREA_CALL_PAGE: u64 = 0x4000;
+    /// Stack tops (stacks grow down from these offsets).
+    pub const AREA_KERNEL_STACK_TOP: u64 = 0x9000;
+    pub const AREA_IST_TOPS: [u64; 4] = [0xd000, 0xf000, 0x1_1000, 0x1_3000];
+    pub const AREA_USER_STACK_TOP: u64 = VCPU_AREA_SIZE;
+}
+
+/// Guest RAM of one VM.
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    size: u64,
+}
+
+impl GuestRam {
+    /// Maps `size` bytes of anonymous guest RAM at guest-physical 0.
+    pub fn new(size: u64) -> Result<Self> {
+        if !(MIN_RAM..=MAX_RAM).contains(&size) {
+            return Err(Error::Config(format!(
+                "memory size {} MiB is out of range ({}..={} MiB)",
+                size >> 20,
+                MIN_RAM >> 20,
+                MAX_RAM >> 20
+            )));
+        }
+        if size % 4096 != 0 {
+            return Err(Error::Config(format!(
+                "memory size {size} is not a multiple of 4 KiB"
+            )));
+        }
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+            .map_err(|e| Error::GuestMemory(format!("cannot map {} MiB: {e}", size >> 20)))?;
+        Ok(GuestRam { mem, size })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The `vm-memory` view, for loaders and bounds-checked access.
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Host address of guest-physical 0, for KVM's memory slot.
+    pub fn host_base(&self) -> Result<u64> {
+        self.mem
+            .get_host_address(GuestAddress(0))
+            .map(|p| p as u64)
+            .map_err(|e| Error::GuestMemory(e.to_string()))
+    }
+
+    /// Whether `[addr, addr + len)` lies inside guest RAM (overflow-safe).
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        addr.checked_add(len).is_some_and(|end| end <= self.size)
+    }
+
+    /// Guest-physical base of vCPU `index`'s area.
+    pub fn vcpu_area(&self, index: usize) -> u64 {
+        vcpu_area_base(self.size, index)
+    }
+
+    /// Bytes of guest RAM resident in host memory, from `/proc/self/smaps`.
+    pub fn resident_bytes(&self) -> Option<u64> {
+        let base = self.host_base().ok()?;
+        let region = self.mem.iter().next()?;
+        smaps_rss_of(base, region.len() as usize)
+    }
+}
+
+/// Guest-physical base of vCPU `index`'s area in RAM of `ram_size` bytes.
+pub fn vcpu_area_base(ram_size: u64, index: usize) -> u64 {
+    let top = ram_size.min(layout::IDENTITY_MAPPED);
+    top - (index as u64 + 1) * layout::VCPU_AREA_SIZE
+}
+
+/// Checks that the fixed layout, an image ending at `image_end` and `vcpus`
+/// vCPU areas fit in RAM of `ram_size` bytes without overlapping.
+pub fn check_fits(ram_size: u64, image_end: u64, vcpus: usize) -> Result<()> {
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(Error::Config(format!(
+            "{vcpus} vCPUs requested; rtvm supports 1..={MAX_VCPUS}"
+        )));
+    }
+    debug_assert!(layout::BOOT_INFO + BootInfo::SIZE as u64 <= layout::IDT);
+    debug_assert!(layout::PD + 4 * 4096 <= GUEST_IMAGE_BASE);
+    let areas_base = vcpu_area_base(ram_size, vcpus - 1);
+    if image_end > areas_base {
+        return Err(Error::Config(format!(
+            "{} MiB of memory is too small for the guest image and {vcpus} vCPUs",
+            ram_size >> 20
+        )));
+    }
+    Ok(())
+}
+
+/// Resident bytes of the mapping starting at host address `start`.
+fn smaps_rss_of(start: u64, len: usize) -> Option<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let wanted = format!("{start:x}-{:x} ", start + len as u64);
+    let mut in_region = false;
+    for line in smaps.lines() {
+        if line.contains('-') && line.split_whitespace().count() >= 5 && !line.ends_with(" kB") {
+            in_region = line.starts_with(&wanted);
+        } else if in_region {
+            if let Some(kb) = line.strip_prefix("Rss:") {
+                return kb
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+                    .map(|k| k * 1024);
+            }
+        }
+    }
+    None
+}
+
+/// Resident set size of this process in bytes.
+pub fn process_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line["VmRSS:".len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_size_is_validated() {
+        assert!(GuestRam::new(1 << 20).is_err());
+        assert!(GuestRam::new(MAX_RAM + 4096).is_err());
+        assert!(GuestRam::new((32 << 20) + 1).is_err());
+        let ram = GuestRam::new(32 << 20).unwrap();
+        assert_eq!(ram.size(), 32 << 20);
+    }
+
+    #[test]
+    fn contains_is_overflow_safe() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        assert!(ram.contains(0, 16 << 20));
+        assert!(!ram.contains(1, 16 << 20));
+        assert!(!ram.contains(u64::MAX, 2));
+        assert!(ram.contains(16 << 20, 0));
+    }
+
+    #[test]
+    fn vcpu_areas_are_below_identity_map_and_disjoint() {
+        let big = 8u64 << 30;
+        assert_eq!(
+            vcpu_area_base(big, 0),
+            layout::IDENTITY_MAPPED - layout::VCPU_AREA_SIZE
+        );
+        assert_eq!(
+            vcpu_area_base(32 << 20, 0) - vcpu_area_base(32 << 20, 1),
+            layout::VCPU_AREA_SIZE
+        );
+        assert!(check_fits(16 << 20, 0x30_0000, 64).is_err());
+        assert!(check_fits(32 << 20, 0x30_0000, 64).is_ok());
+        assert!(check_fits(32 << 20, 0x30_0000, 0).is_err());
+        assert!(check_fits(32 << 20, 0x30_0000, 65).is_err());
+    }
+
+    #[test]
+    fn resident_bytes_follow_touched_pages() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let before = ram.resident_bytes().expect("guest mapping found in smaps");
+        for page in 0..64u64 {
+            ram.mem().write_obj(1u8, GuestAddress(page * 4096)).unwrap();
+        }
+        let after = ram.resident_bytes().unwrap();
+        assert!(after >= before + 64 * 4096, "{before} -> {after}");
+    }
+}

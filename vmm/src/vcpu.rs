@@ -1,0 +1,422 @@
+//! One vCPU = one host thread running `KVM_RUN` in a loop, with an explicit
+//! state the VMM can observe and change (pause, resume, stop).
+//!
+//! Port and MMIO exits go to the device buses; the rtvm ports (exit, panic,
+//! vCPU off, and later the VMRPC doorbell) are the vCPU's own control channel
+//! and are handled right here, in the thread that took the exit.
+//!
+//! Stopping a vCPU that sits in `KVM_RUN` (or, later, in a long poll) is done
+//! by a signal: the handler sets `kvm_run.immediate_exit`, so a signal that
+//! lands just before the thread enters `KVM_RUN` is not lost either.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use rtvm_abi::port;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::Bus;
+use crate::error::{Error, Result};
+use crate::exit::{ExitSignal, VmExitReason};
+
+/// Offset from SIGRTMIN of the signal that kicks a vCPU out of `KVM_RUN`.
+const KICK_SIGNAL_OFFSET: i32 = 0;
+
+/// Where a vCPU is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    /// Set up, thread not yet in its run loop.
+    Created,
+    /// Running guest code (or handling an exit).
+    Running,
+    /// Parked by the VMM; resumes on request.
+    Paused,
+    /// Left its run loop for good.
+    Exited,
+}
+
+/// What the VMM wants the vCPU to do next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Request {
+    Run,
+    Pause,
+    Stop,
+}
+
+/// What to do about unclaimed port or MMIO accesses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnhandledIo {
+    /// End the VM with an error naming the access. Right for our own guests,
+    /// which touch no device they do not expect.
+    #[default]
+    Fatal,
+    /// Log the access; reads return all ones, as on an empty bus.
+    Log,
+}
+
+struct Shared {
+    state: VcpuState,
+    request: Request,
+}
+
+/// State and requests, shared between the vCPU thread and its handle.
+struct Control {
+    shared: Mutex<Shared>,
+    changed: Condvar,
+}
+
+impl Control {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_state(&self, state: VcpuState) {
+        self.lock().state = state;
+        self.changed.notify_all();
+    }
+}
+
+/// Everything a vCPU thread needs besides its fd.
+pub struct VcpuContext {
+    pub index: usize,
+    pub io_bus: Arc<Bus>,
+    pub mmio_bus: Arc<Bus>,
+    pub exit: Arc<ExitSignal>,
+    pub unhandled_io: UnhandledIo,
+    /// vCPUs that have not finished; the last one to finish ends the VM.
+    pub live: Arc<AtomicUsize>,
+}
+
+/// What the run loop does after an exit was handled.
+enum Flow {
+    Continue,
+    /// This vCPU is done (vCPU-off port); the VM goes on.
+    Off,
+    /// End the VM.
+    EndVm(VmExitReason),
+    /// End the VM with a fatal error; the RIP is added by the run loop.
+    Fatal(String),
+}
+
+/// The VMM's handle on a running vCPU thread.
+pub struct VcpuHandle {
+    index: usize,
+    control: Arc<Control>,
+    thread: Option<JoinHandle<()>>,
+}
+
+thread_local! {
+    /// The `kvm_run` of the vCPU this thread runs, for the kick handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Async-signal-safe: a thread-local read and a byte store.
+    let run = KVM_RUN.with(|r| r.get());
+    if !run.is_null() {
+        // SAFETY: the pointer is the live kvm_run mapping of this thread's
+        // vCPU; it is cleared before the vCPU fd is dropped.
+        unsafe { (*run).immediate_exit = 1 };
+    }
+}
+
+fn install_kick_handler() -> Result<()> {
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        result = register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, on_kick).map_err(|e| {
+            Error::Host {
+                what: "installing the vCPU kick signal handler".into(),
+                source: e.into(),
+            }
+        });
+    });
+    result
+}
+
+impl VcpuHandle {
+    /// Starts the thread that runs `fd`.
+    pub fn spawn(fd: VcpuFd, ctx: VcpuContext) -> Result<VcpuHandle> {
+        install_kick_handler()?;
+        let control = Arc::new(Control {
+            shared: Mutex::new(Shared {
+                state: VcpuState::Created,
+                request: Request::Run,
+            }),
+            changed: Condvar::new(),
+        });
+        let index = ctx.index;
+        let thread_control = control.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("rtvm-vcpu{index}"))
+            .spawn(move || run_thread(fd, ctx, &thread_control))
+            .map_err(Error::host(format!("spawning the thread of vCPU {index}")))?;
+        Ok(VcpuHandle {
+            index,
+            control,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub fn state(&self) -> VcpuState {
+        self.control.lock().state
+    }
+
+    /// Asks the vCPU to park; see [`VcpuHandle::wait_for`].
+    pub fn pause(&self) {
+        self.request(Request::Pause);
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) {
+        self.request(Request::Run);
+    }
+
+    /// Asks the vCPU to leave its run loop.
+    pub fn stop(&self) {
+        self.request(Request::Stop);
+    }
+
+    fn request(&self, request: Request) {
+        {
+            let mut shared = self.control.lock();
+            if shared.request == Request::Stop {
+                return;
+            }
+            shared.request = request;
+        }
+        self.control.changed.notify_all();
+        self.kick();
+    }
+
+    /// Interrupts `KVM_RUN` (or a blocking wait) so the thread sees its request.
+    fn kick(&self) {
+        if let Some(thread) = &self.thread {
+            if self.state() != VcpuState::Exited {
+                // ESRCH only means the thread has already gone.
+                let _ = thread.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET);
+            }
+        }
+    }
+
+    /// Waits until the vCPU is in `state`, up to `timeout`.
+    pub fn wait_for(&self, state: VcpuState, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut shared = self.control.lock();
+        while shared.state != state {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            shared = self
+                .control
+                .changed
+                .wait_timeout(shared, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Stops the vCPU and waits for its thread to end.
+    pub fn join(mut self) {
+        self.stop();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("vCPU {} thread panicked", self.index);
+            }
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.stop();
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
+    KVM_RUN.with(|r| r.set(fd.get_kvm_run()));
+    let finished = run_loop(&mut fd, &ctx, control);
+    KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    control.set_state(VcpuState::Exited);
+    if finished && ctx.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+        ctx.exit.request(VmExitReason::AllVcpusOff);
+    }
+}
+
+/// Runs the vCPU until it is stopped or the VM ends. Returns true if the
+/// vCPU finished on its own (vCPU-off port).
+fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext, control: &Control) -> bool {
+    control.set_state(VcpuState::Running);
+    loop {
+        if !obey_requests(control) {
+            return false;
+        }
+        let flow = match fd.run() {
+            Ok(exit) => handle_exit(ctx, exit),
+            Err(e) if e.errno() == libc::EINTR => {
+                // Kicked: look at the requests again.
+                fd.set_kvm_immediate_exit(0);
+                Flow::Continue
+            }
+            Err(e) if e.errno() == libc::EAGAIN => Flow::Continue,
+            Err(e) => Flow::Fatal(format!("KVM_RUN failed: {e}")),
+        };
+        match flow {
+            Flow::Continue => {}
+            Flow::Off => {
+                tracing::debug!("vCPU {} finished", ctx.index);
+                return true;
+            }
+            Flow::EndVm(reason) => {
+                ctx.exit.request(reason);
+                return false;
+            }
+            Flow::Fatal(what) => {
+                let rip = fd.get_regs().ok().map(|r| r.rip);
+                let reason = VmExitReason::Fatal {
+                    vcpu: ctx.index,
+                    what,
+                    rip,
+                };
+                tracing::debug!("{reason}");
+                ctx.exit.request(reason);
+                return false;
+            }
+        }
+    }
+}
+
+/// Waits while paused; returns false once the vCPU must stop.
+fn obey_requests(control: &Control) -> bool {
+    let mut shared = control.lock();
+    loop {
+        match shared.request {
+            Request::Run => {
+                if shared.state != VcpuState::Running {
+                    shared.state = VcpuState::Running;
+                    control.changed.notify_all();
+                }
+                return true;
+            }
+            Request::Stop => return false,
+            Request::Pause => {
+                if shared.state != VcpuState::Paused {
+                    shared.state = VcpuState::Paused;
+                    control.changed.notify_all();
+                }
+                shared = control
+                    .changed
+                    .wait(shared)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+}
+
+fn le_value(data: &[u8]) -> u32 {
+    let mut bytes = [0u8; 4];
+    let n = data.len().min(4);
+    bytes[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(bytes)
+}
+
+fn handle_exit(ctx: &VcpuContext, exit: VcpuExit<'_>) -> Flow {
+    match exit {
+        VcpuExit::IoOut(port, data) if port::is_rtvm(port) => handle_rtvm_port(ctx, port, data),
+        VcpuExit::IoOut(port, data) => {
+            if ctx.io_bus.write(port.into(), data) {
+                Flow::Continue
+            } else {
+                unhandled(ctx, "port write", port.into(), Some(data))
+            }
+        }
+        VcpuExit::IoIn(port, data) => {
+            if !port::is_rtvm(port) && ctx.io_bus.read(port.into(), data) {
+                Flow::Continue
+            } else {
+                data.fill(0xff);
+                unhandled(ctx, "port read", port.into(), None)
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if ctx.mmio_bus.write(addr, data) {
+                Flow::Continue
+            } else {
+                unhandled(ctx, "MMIO write", addr, Some(data))
+            }
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if ctx.mmio_bus.read(addr, data) {
+                Flow::Continue
+            } else {
+                data.fill(0xff);
+                unhandled(ctx, "MMIO read", addr, None)
+            }
+        }
+        VcpuExit::Intr => Flow::Continue,
+        VcpuExit::Shutdown => {
+            Flow::Fatal("guest triple fault (KVM_EXIT_SHUTDOWN: the CPU could not deliver an exception)".into())
+        }
+        VcpuExit::Hlt => Flow::Fatal("guest halted with no way to wake (KVM_EXIT_HLT)".into()),
+        VcpuExit::InternalError => {
+            Flow::Fatal("KVM internal error (KVM_EXIT_INTERNAL_ERROR: KVM could not emulate the guest)".into())
+        }
+        VcpuExit::FailEntry(reason, cpu) => Flow::Fatal(format!(
+            "KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}, host CPU {cpu})"
+        )),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Flow::EndVm(VmExitReason::PowerOff),
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => Flow::EndVm(VmExitReason::Reset),
+            other => Flow::Fatal(format!("guest system event {other} (KVM_EXIT_SYSTEM_EVENT)")),
+        },
+        other => Flow::Fatal(format!("unexpected VM exit {other:?}")),
+    }
+}
+
+fn handle_rtvm_port(ctx: &VcpuContext, port: u16, data: &[u8]) -> Flow {
+    let value = le_value(data);
+    match port {
+        port::EXIT => Flow::EndVm(VmExitReason::GuestExit {
+            vcpu: ctx.index,
+            status: value,
+        }),
+        port::PANIC => Flow::EndVm(VmExitReason::GuestPanic {
+            vcpu: ctx.index,
+            code: value,
+        }),
+        port::VCPU_OFF => Flow::Off,
+        _ => unhandled(ctx, "port write", port.into(), Some(data)),
+    }
+}
+
+fn unhandled(ctx: &VcpuContext, kind: &str, addr: u64, data: Option<&[u8]>) -> Flow {
+    let what = match data {
+        Some(data) => format!(
+            "unhandled {kind} at {addr:#x} (value {:#x}, {} bytes)",
+            le_value(data),
+            data.len()
+        ),
+        None => format!("unhandled {kind} at {addr:#x}"),
+    };
+    match ctx.unhandled_io {
+        UnhandledIo::Fatal => Flow::Fatal(what),
+        UnhandledIo::Log => {
+            tracing::warn!("vCPU {}: {what}", ctx.index);
+            Flow::Continue
+        }
+    }
+}
