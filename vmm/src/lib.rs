@@ -26,3 +26,27 @@ pub use devices::Console;
 pub use error::{Error, Result};
 pub use exit::VmExitReason;
 pub use vm::{RunningVm, Vm, VmRun};
+
+/// Support for test suites that boot real guests.
+pub mod testing {
+    /// Whether KVM can be used for tests. When it cannot and
+    /// `RTVM_REQUIRE_KVM=1` is set (as CI does), this panics, so a KVM test
+    /// fails instead of passing without having run.
+    pub fn kvm_available() -> bool {
+        let usable = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(crate::config::DEFAULT_KVM_DEVICE)
+            .map_err(|e| e.to_string());
+        match usable {
+            Ok(_) => true,
+            Err(e) if std::env::var("RTVM_REQUIRE_KVM").as_deref() == Ok("1") => {
+                panic!("RTVM_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}")
+            }
+            Err(e) => {
+                eprintln!("skipping: /dev/kvm cannot be opened ({e}); set RTVM_REQUIRE_KVM=1 to make this fatal");
+                false
+            }
+        }
+    }
+}

@@ -6,7 +6,7 @@
 //! the VMM touch host memory outside guest RAM.
 
 use rtvm_abi::{BootInfo, GUEST_IMAGE_BASE, MAX_VCPUS};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::error::{Error, Result};
 
@@ -44,6 +44,12 @@ pub mod layout {
     pub const AREA_KERNEL_STACK_TOP: u64 = 0x9000;
     pub const AREA_IST_TOPS: [u64; 4] = [0xd000, 0xf000, 0x1_1000, 0x1_3000];
     pub const AREA_USER_STACK_TOP: u64 = VCPU_AREA_SIZE;
+
+    // The fixed low pages must not run into each other or into the image.
+    const _: () = assert!(BOOT_INFO + super::BootInfo::SIZE as u64 <= IDT);
+    const _: () = assert!(IDT + (IDT_LIMIT as u64 + 1) <= PML4);
+    const _: () = assert!(PD + (IDENTITY_MAPPED >> 30) * 4096 <= super::GUEST_IMAGE_BASE);
+    const _: () = assert!(AREA_TSS + 0x68 + 8193 <= AREA_CALL_PAGE);
 }
 
 /// Guest RAM of one VM.
@@ -101,13 +107,25 @@ impl GuestRam {
         vcpu_area_base(self.size, index)
     }
 
-    /// Bytes of guest RAM resident in host memory, from `/proc/self/smaps`.
+    /// Bytes of guest RAM resident in host memory (mincore(2)).
     pub fn resident_bytes(&self) -> Option<u64> {
         let base = self.host_base().ok()?;
-        let region = self.mem.iter().next()?;
-        smaps_rss_of(base, region.len() as usize)
+        let pages = (self.size / PAGE_SIZE) as usize;
+        let mut residency = vec![0u8; pages];
+        // SAFETY: [base, base + size) is our own live mapping and the vector
+        // holds one byte per page of it.
+        let rc = unsafe {
+            libc::mincore(
+                base as *mut libc::c_void,
+                self.size as usize,
+                residency.as_mut_ptr(),
+            )
+        };
+        (rc == 0).then(|| residency.iter().filter(|&&b| b & 1 != 0).count() as u64 * PAGE_SIZE)
     }
 }
+
+const PAGE_SIZE: u64 = 4096;
 
 /// Guest-physical base of vCPU `index`'s area in RAM of `ram_size` bytes.
 pub fn vcpu_area_base(ram_size: u64, index: usize) -> u64 {
@@ -123,8 +141,6 @@ pub fn check_fits(ram_size: u64, image_end: u64, vcpus: usize) -> Result<()> {
             "{vcpus} vCPUs requested; rtvm supports 1..={MAX_VCPUS}"
         )));
     }
-    debug_assert!(layout::BOOT_INFO + BootInfo::SIZE as u64 <= layout::IDT);
-    debug_assert!(layout::PD + 4 * 4096 <= GUEST_IMAGE_BASE);
     let areas_base = vcpu_area_base(ram_size, vcpus - 1);
     if image_end > areas_base {
         return Err(Error::Config(format!(
@@ -133,29 +149,6 @@ pub fn check_fits(ram_size: u64, image_end: u64, vcpus: usize) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Resident bytes of the mapping starting at host address `start`.
-fn smaps_rss_of(start: u64, len: usize) -> Option<u64> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
-    let wanted = format!("{start:x}-{:x} ", start + len as u64);
-    let mut in_region = false;
-    for line in smaps.lines() {
-        if line.contains('-') && line.split_whitespace().count() >= 5 && !line.ends_with(" kB") {
-            in_region = line.starts_with(&wanted);
-        } else if in_region {
-            if let Some(kb) = line.strip_prefix("Rss:") {
-                return kb
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-                    .map(|k| k * 1024);
-            }
-        }
-    }
-    None
 }
 
 /// Resident set size of this process in bytes.

@@ -111,9 +111,12 @@ struct ElfFile<'a> {
 
 impl<'a> ElfFile<'a> {
     fn parse(bytes: &'a [u8]) -> Option<Self> {
-        let u16_at = |at: usize| Some(u16::from_le_bytes(bytes.get(at..at + 2)?.try_into().ok()?));
-        let u32_at = |at: usize| Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
-        let u64_at = |at: usize| Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?));
+        fn field<const N: usize>(bytes: &[u8], at: usize) -> Option<[u8; N]> {
+            bytes.get(at..at.checked_add(N)?)?.try_into().ok()
+        }
+        let u16_at = |at: usize| field(bytes, at).map(u16::from_le_bytes);
+        let u32_at = |at: usize| field(bytes, at).map(u32::from_le_bytes);
+        let u64_at = |at: usize| field(bytes, at).map(u64::from_le_bytes);
         // ELF magic, 64-bit, little-endian.
         if bytes.get(..6)? != b"\x7fELF\x02\x01" {
             return None;
@@ -127,7 +130,11 @@ impl<'a> ElfFile<'a> {
             let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
             const PT_LOAD: u32 = 1;
             if u32_at(ph)? == PT_LOAD {
-                loads.push((u64_at(ph + 16)?, u64_at(ph + 8)?, u64_at(ph + 32)?));
+                loads.push((
+                    u64_at(ph.checked_add(16)?)?,
+                    u64_at(ph.checked_add(8)?)?,
+                    u64_at(ph.checked_add(32)?)?,
+                ));
             }
         }
         Some(ElfFile {

@@ -1,0 +1,341 @@
+//! The `rtvm` binary as a user meets it: flags, config files, exit statuses,
+//! messages, signals. Each test boots a real guest where it needs one.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rtvm_vmm::testing::kvm_available;
+
+fn rtvm() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rtvm"));
+    cmd.env_remove("RUST_LOG");
+    cmd
+}
+
+/// Runs `cmd`, killing it if it takes longer than `limit`.
+fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rtvm starts");
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        // SAFETY: plain kill(2); harmless if the process has ended.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
+    let out = child.wait_with_output().expect("rtvm runs");
+    assert!(!watchdog.is_finished(), "rtvm did not end within {limit:?}");
+    out
+}
+
+fn run(args: &[&str]) -> Output {
+    output_within(rtvm().args(args), Duration::from_secs(60))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn temp_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("rtvm-test-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn hello_on_two_vcpus_prints_from_each_and_exits_0() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run(&["run", "--guest", "builtin:hello", "--vcpus", "2"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert!(stdout.contains("hello from vCPU 0 of 2\n"), "{stdout}");
+    assert!(stdout.contains("hello from vCPU 1 of 2\n"), "{stdout}");
+}
+
+#[test]
+fn guest_exit_status_is_the_process_status() {
+    if !kvm_available() {
+        return;
+    }
+    for status in ["0", "3", "42"] {
+        let out = run(&[
+            "run",
+            "--guest",
+            "builtin:exit",
+            "--cmdline",
+            &format!("status={status}"),
+        ]);
+        assert_eq!(out.status.code(), Some(status.parse().unwrap()));
+    }
+}
+
+#[test]
+fn triple_fault_ends_quickly_with_a_clear_message() {
+    if !kvm_available() {
+        return;
+    }
+    let start = Instant::now();
+    let out = output_within(
+        rtvm().args(["run", "--guest", "builtin:fault"]),
+        Duration::from_secs(10),
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("vCPU 0: guest triple fault"), "{stderr}");
+    assert!(
+        stderr.contains("KVM_EXIT_SHUTDOWN") && stderr.contains("at RIP 0x"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn unclaimed_port_is_reported_not_ignored() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run(&[
+        "run",
+        "--guest",
+        "builtin:bad-port",
+        "--cmdline",
+        "port=0x2a0",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains("vCPU 0: unhandled port write at 0x2a0"),
+        "{stderr}"
+    );
+    assert!(!text(&out.stdout).contains("still running"));
+}
+
+#[test]
+fn guest_exception_is_reported() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run(&["run", "--guest", "builtin:crash"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stdout).contains("page fault (#PF) (vector 14)"));
+    assert!(text(&out.stderr).contains("vCPU 0: guest panic: page fault (#PF)"));
+}
+
+#[test]
+fn config_file_runs_a_guest_and_flags_override_it() {
+    if !kvm_available() {
+        return;
+    }
+    let path = temp_path("ok.toml");
+    std::fs::write(
+        &path,
+        "guest = \"builtin:hello\"\nvcpus = 3\nmemory = \"32M\"\n",
+    )
+    .unwrap();
+    let out = run(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("hello from vCPU 2 of 3"));
+
+    let out = run(&["run", "--config", path.to_str().unwrap(), "--vcpus", "1"]);
+    assert_eq!(text(&out.stdout), "hello from vCPU 0 of 1\n");
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn config_file_errors_are_clear_and_exit_2() {
+    let cases: [(&str, &str); 5] = [
+        (
+            "guest = \"builtin:hello\"\ncpus = 2\n",
+            "unknown field `cpus`",
+        ),
+        (
+            "guest = \"builtin:hello\"\nvcpus = 0\n",
+            "vcpus = 0: must be between 1 and 64",
+        ),
+        (
+            "guest = \"builtin:hello\"\nmemory = \"lots\"\n",
+            "is not a size",
+        ),
+        ("guest = \"bzImage\"\n", "builtin:NAME"),
+        (
+            "guest = \"builtin:hello\"\nvcpus = [\n",
+            "TOML parse error at line 2",
+        ),
+    ];
+    for (i, (toml, expected)) in cases.iter().enumerate() {
+        let path = temp_path(&format!("bad{i}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        let out = run(&["run", "--config", path.to_str().unwrap()]);
+        std::fs::remove_file(&path).unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "case {i}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "case {i}: expected {expected:?} in {stderr}"
+        );
+        assert!(
+            stderr.contains(path.to_str().unwrap()),
+            "the file is named: {stderr}"
+        );
+    }
+    let out = run(&["run", "--config", "/nonexistent/rtvm.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("cannot read config file /nonexistent/rtvm.toml"));
+}
+
+#[test]
+fn bad_flags_are_clear_and_exit_2() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["run"], "--guest builtin:NAME or --config FILE"),
+        (&["run", "--guest", "hello"], "builtin:NAME"),
+        (
+            &["run", "--guest", "builtin:hello", "--memory", "12Q"],
+            "unknown unit",
+        ),
+        (
+            &["run", "--guest", "builtin:hello", "--vcpus", "100"],
+            "must be between 1 and 64",
+        ),
+        (&["run", "--guest", "builtin:nope"], "no workload 'nope'"),
+    ];
+    for (args, expected) in cases {
+        let out = run(args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: expected {expected:?} in {stderr}"
+        );
+    }
+}
+
+#[test]
+fn missing_kvm_is_a_clear_error() {
+    let out = run(&[
+        "run",
+        "--guest",
+        "builtin:hello",
+        "--kvm-device",
+        "/nonexistent/kvm",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot open /nonexistent/kvm: No such file or directory"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn serial_log_gets_the_console() {
+    if !kvm_available() {
+        return;
+    }
+    let log = temp_path("serial.log");
+    let out = run(&[
+        "run",
+        "--guest",
+        "builtin:hello",
+        "--serial-log",
+        log.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "hello from vCPU 0 of 1\n"
+    );
+    std::fs::remove_file(&log).unwrap();
+    let out = run(&[
+        "run",
+        "--guest",
+        "builtin:hello",
+        "--serial-log",
+        "/nonexistent/dir/log",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("cannot create serial log /nonexistent/dir/log"));
+}
+
+fn spawn_spinning(vcpus: &str) -> Child {
+    let mut child = rtvm()
+        .args(["run", "--guest", "builtin:spin", "--vcpus", vcpus])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the guest runs: it prints before spinning.
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.starts_with("spinning on"), "{first}");
+    child
+}
+
+#[test]
+fn sigterm_and_sigint_stop_a_spinning_guest_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+        let child = spawn_spinning("2");
+        let start = Instant::now();
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{}", text(&out.stderr));
+        assert!(start.elapsed() < Duration::from_secs(5), "stopped promptly");
+        assert!(!text(&out.stderr).contains("panicked"));
+    }
+}
+
+#[test]
+fn bench_boot_reports_json() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run(&["bench", "boot", "--json", "--runs", "3"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let median = json["first_output_ms"]["median"].as_f64().unwrap();
+    assert!(median > 0.0 && median < 60_000.0, "{json}");
+    assert_eq!(json["first_output_ms"]["runs"], 3);
+    let overhead = json["vmm_overhead_mib"].as_f64().unwrap();
+    assert!(overhead > 0.0 && overhead < 1024.0, "{json}");
+    assert!(json["machine"]["kvm_module"].is_string());
+}
+
+#[test]
+fn demo_boots_two_vcpus_and_reports() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run(&["demo"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("vCPUs that answered:  2 of 2"), "{stdout}");
+    assert!(stdout.contains("preemption model"), "{stdout}");
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["demo", "--help"],
+        &["bench", "--help"],
+        &["bench", "boot", "--help"],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(text(&out.stdout).contains("Usage: rtvm"), "{args:?}");
+    }
+    let out = run(&["--version"]);
+    assert!(text(&out.stdout).starts_with("rtvm "));
+}
