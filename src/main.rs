@@ -9,6 +9,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use rtvm_vmm::config::parse_size;
+use rtvm_vmm::realtime::{RtBandwidth, RtVcpuArg};
+use rtvm_vmm::rpc::timer::AdvanceMode;
 use rtvm_vmm::{Console, Error, GuestSpec, Vm, VmConfig, VmRun};
 
 /// Exit status for bad user input (flags, config file, guest name).
@@ -33,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest and run it until it ends; exits with the guest's status.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// The main demonstration: boots the built-in guest on 2 vCPUs and reports.
     Demo(demo::DemoArgs),
     /// Benchmarks, reporting figures measured side by side in one run.
@@ -64,6 +66,22 @@ pub struct RunArgs {
     /// The KVM device node [default: /dev/kvm].
     #[arg(long, value_name = "PATH")]
     kvm_device: Option<PathBuf>,
+    /// Make a vCPU real-time: INDEX:prio=P[,cpu=C] (SCHED_FIFO priority P,
+    /// pinned to host CPU C). Repeat for more vCPUs.
+    #[arg(long = "rt-vcpu", value_name = "SPEC")]
+    rt_vcpus: Vec<RtVcpuArg>,
+    /// Refuse to start if any real-time setting cannot be applied.
+    #[arg(long)]
+    rt_strict: bool,
+    /// Lock all memory (mlockall) when real-time vCPUs exist.
+    #[arg(long)]
+    mlock: bool,
+    /// RT bandwidth cap of the RT vCPUs' cgroup: RUNTIME_US/PERIOD_US [default: 40000/100000].
+    #[arg(long, value_name = "R/P")]
+    rt_bandwidth: Option<RtBandwidth>,
+    /// Timer advance of long polls on RT vCPUs: auto, off, or e.g. 20us [default: auto].
+    #[arg(long, value_name = "MODE")]
+    timer_advance: Option<AdvanceMode>,
     /// Write how the run ended and what it cost (RSS, times) as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
@@ -98,6 +116,17 @@ impl RunArgs {
         }
         if let Some(dev) = &self.kvm_device {
             config.kvm_device = dev.clone();
+        }
+        for rt in &self.rt_vcpus {
+            config.set_rt(rt.vcpu, rt.policy);
+        }
+        config.rt_strict |= self.rt_strict;
+        config.mlock |= self.mlock;
+        if let Some(bw) = self.rt_bandwidth {
+            config.rt_bandwidth = bw;
+        }
+        if let Some(advance) = self.timer_advance {
+            config.timer_advance = advance;
         }
         config.validate()?;
         Ok(config)
@@ -143,7 +172,11 @@ fn stats_json(run: &VmRun) -> serde_json::Value {
 fn run(args: &RunArgs) -> ExitCode {
     let result = args.to_config().and_then(|config| {
         rtvm_vmm::signals::install_termination_handlers()?;
-        Vm::new(&config, console_for(&config)?)?.run()
+        let running = Vm::new(&config, console_for(&config)?)?.start()?;
+        if !running.rt_report().is_empty() {
+            eprint!("{}", running.rt_report());
+        }
+        Ok(running.wait())
     });
     let run = match result {
         Ok(run) => run,

@@ -31,6 +31,8 @@
 //! machines guest CPL0 code is emulated and about 1000x slower than CPL3 code.
 #![no_std]
 
+pub mod vmrpc;
+
 /// Version of this ABI. The VMM refuses a guest whose header names another.
 pub const ABI_VERSION: u32 = 1;
 
@@ -56,7 +58,7 @@ pub mod port {
     /// First port of the rtvm range.
     pub const RTVM_BASE: u16 = 0x600;
     /// Number of ports in the rtvm range.
-    pub const RTVM_LEN: u16 = 0x10;
+    pub const RTVM_LEN: u16 = 0x20;
     /// 32-bit write: end the VM; the value is its exit status.
     pub const EXIT: u16 = RTVM_BASE;
     /// 32-bit write: the guest hit an unrecoverable error; the value is a
@@ -65,8 +67,12 @@ pub mod port {
     /// 32-bit write (value ignored): this vCPU has finished; its thread stops.
     /// The VM ends with status 0 once every vCPU has finished.
     pub const VCPU_OFF: u16 = RTVM_BASE + 8;
-    /// Reserved for the VMRPC doorbell.
+    /// 32-bit write: the VMRPC doorbell; the value is the page frame number
+    /// of the call page (see [`crate::vmrpc`]).
     pub const DOORBELL: u16 = RTVM_BASE + 12;
+    /// Any write: the VMM does nothing and resumes the vCPU. The floor a
+    /// VMRPC call is measured against (a bare exit round trip).
+    pub const NOP: u16 = RTVM_BASE + 16;
 
     /// Whether `port` lies in the rtvm range.
     pub const fn is_rtvm(port: u16) -> bool {
@@ -199,7 +205,7 @@ pub struct VcpuBoot {
     pub flags: u32,
     /// Top of the stack the guest's CPL3 code should run on.
     pub user_stack_top: u64,
-    /// Reserved for the vCPU's VMRPC call page.
+    /// Guest-physical address of the vCPU's VMRPC call page.
     pub call_page: u64,
     pub reserved: u64,
 }
@@ -352,7 +358,13 @@ mod tests {
         for legacy in [0x40u16, 0x60, 0x64, 0x70, 0x3f8, 0xcf8] {
             assert!(!port::is_rtvm(legacy));
         }
-        for p in [port::EXIT, port::PANIC, port::VCPU_OFF, port::DOORBELL] {
+        for p in [
+            port::EXIT,
+            port::PANIC,
+            port::VCPU_OFF,
+            port::DOORBELL,
+            port::NOP,
+        ] {
             assert!(port::is_rtvm(p));
         }
     }

@@ -11,6 +11,8 @@ use serde::{Deserialize, Deserializer};
 
 use crate::error::{Error, Result};
 use crate::memory::{MAX_RAM, MIN_RAM};
+use crate::realtime::{RtBandwidth, RtPolicy};
+use crate::rpc::timer::{AdvanceMode, DEFAULT_MAX_ADVANCE_NS};
 use crate::vcpu::UnhandledIo;
 
 pub const DEFAULT_VCPUS: usize = 1;
@@ -83,10 +85,24 @@ fn size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
     }
 }
 
-fn guest<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<GuestSpec, D::Error> {
+fn from_str<'de, D: Deserializer<'de>, T: FromStr<Err = String>>(
+    d: D,
+) -> std::result::Result<T, D::Error> {
     String::deserialize(d)?
         .parse()
         .map_err(serde::de::Error::custom)
+}
+
+/// Per-vCPU settings: `[[vcpu]]` tables in TOML, `--rt-vcpu` on the CLI.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VcpuSettings {
+    /// Which vCPU; defaults to the table's position.
+    #[serde(default)]
+    pub id: Option<usize>,
+    /// Make this a real-time vCPU.
+    #[serde(default)]
+    pub rt: Option<RtPolicy>,
 }
 
 /// One VM's configuration.
@@ -94,7 +110,7 @@ fn guest<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<GuestSpec, D::E
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// The guest to boot, `builtin:NAME`.
-    #[serde(deserialize_with = "guest")]
+    #[serde(deserialize_with = "from_str")]
     pub guest: GuestSpec,
     /// Number of vCPUs.
     #[serde(default = "default_vcpus")]
@@ -111,9 +127,30 @@ pub struct VmConfig {
     /// The KVM device node.
     #[serde(default = "default_kvm_device")]
     pub kvm_device: PathBuf,
+    /// Per-vCPU settings.
+    #[serde(default)]
+    pub vcpu: Vec<VcpuSettings>,
+    /// Refuse to start if any real-time setting cannot be applied.
+    #[serde(default)]
+    pub rt_strict: bool,
+    /// Lock all VMM and guest memory (mlockall) when RT vCPUs exist.
+    #[serde(default)]
+    pub mlock: bool,
+    /// RT bandwidth cap of the RT vCPUs' cgroup, `RUNTIME_US/PERIOD_US`.
+    #[serde(default, deserialize_with = "from_str")]
+    pub rt_bandwidth: RtBandwidth,
+    /// Timer advance of waits on RT vCPUs: `auto`, `off` or e.g. `20us`.
+    #[serde(default = "default_advance", deserialize_with = "from_str")]
+    pub timer_advance: AdvanceMode,
     /// What to do about accesses to ports and MMIO no device claims.
     #[serde(skip)]
     pub unhandled_io: UnhandledIo,
+}
+
+fn default_advance() -> AdvanceMode {
+    AdvanceMode::Adaptive {
+        max_ns: DEFAULT_MAX_ADVANCE_NS,
+    }
 }
 
 fn default_vcpus() -> usize {
@@ -136,7 +173,39 @@ impl VmConfig {
             cmdline: String::new(),
             serial_log: None,
             kvm_device: default_kvm_device(),
+            vcpu: Vec::new(),
+            rt_strict: false,
+            mlock: false,
+            rt_bandwidth: RtBandwidth::default(),
+            timer_advance: default_advance(),
             unhandled_io: UnhandledIo::Fatal,
+        }
+    }
+
+    /// Makes vCPU `index` real-time with `policy` (replacing earlier settings for it).
+    pub fn set_rt(&mut self, index: usize, policy: RtPolicy) {
+        self.vcpu.retain(|v| v.id != Some(index));
+        self.vcpu.push(VcpuSettings {
+            id: Some(index),
+            rt: Some(policy),
+        });
+    }
+
+    /// The real-time policy of vCPU `index`, if it is an RT vCPU.
+    pub fn rt_policy(&self, index: usize) -> Option<RtPolicy> {
+        self.vcpu
+            .iter()
+            .enumerate()
+            .find(|(pos, v)| v.id.unwrap_or(*pos) == index)
+            .and_then(|(_, v)| v.rt)
+    }
+
+    /// The timer advance waits on vCPU `index` use.
+    pub fn advance_for(&self, index: usize) -> AdvanceMode {
+        if self.rt_policy(index).is_some() {
+            self.timer_advance
+        } else {
+            AdvanceMode::Off
         }
     }
 
@@ -185,6 +254,23 @@ impl VmConfig {
         {
             return Err(Error::Config("cmdline must be printable ASCII".into()));
         }
+        let mut seen = std::collections::BTreeSet::new();
+        for (pos, v) in self.vcpu.iter().enumerate() {
+            let id = v.id.unwrap_or(pos);
+            if id >= self.vcpus {
+                return Err(Error::Config(format!(
+                    "settings for vCPU {id}, but the VM has vCPUs 0..={}",
+                    self.vcpus - 1
+                )));
+            }
+            if !seen.insert(id) {
+                return Err(Error::Config(format!("vCPU {id} is configured twice")));
+            }
+            if let Some(rt) = &v.rt {
+                rt.validate()
+                    .map_err(|e| Error::Config(format!("vCPU {id}: {e}")))?;
+            }
+        }
         Ok(())
     }
 }
@@ -232,7 +318,7 @@ mod tests {
     #[test]
     fn toml_config_rejects_bad_input_with_the_key_named() {
         let err = |t: &str| VmConfig::from_toml(t).unwrap_err().to_string();
-        assert!(err("guest = \"builtin:hello\"\nvcpu = 2").contains("unknown field `vcpu`"));
+        assert!(err("guest = \"builtin:hello\"\ncpus = 2").contains("unknown field `cpus`"));
         assert!(err("guest = \"builtin:hello\"\nvcpus = 0").contains("vcpus = 0"));
         assert!(err("guest = \"builtin:hello\"\nvcpus = 65").contains("vcpus = 65"));
         assert!(err("guest = \"builtin:hello\"\nmemory = \"1Q\"").contains("unknown unit"));
@@ -240,5 +326,41 @@ mod tests {
         assert!(err("guest = \"hello\"").contains("builtin:NAME"));
         assert!(err("vcpus = 1").contains("missing field `guest`"));
         assert!(err("guest = \"builtin:hello\"\nvcpus = \"two\"").contains("vcpus"));
+        assert!(
+            err("guest = \"builtin:hello\"\n[[vcpu]]\nid = 3\nrt = { priority = 80 }")
+                .contains("vCPU 3")
+        );
+        assert!(
+            err("guest = \"builtin:hello\"\n[[vcpu]]\nrt = { priority = 0 }")
+                .contains("out of range")
+        );
+        assert!(
+            err("guest = \"builtin:hello\"\n[[vcpu]]\nrt = { prio = 5 }")
+                .contains("unknown field `prio`")
+        );
+        assert!(
+            err("guest = \"builtin:hello\"\ntimer_advance = \"soon\"").contains("timer advance")
+        );
+        assert!(err("guest = \"builtin:hello\"\nrt_bandwidth = \"9/10\"").contains("RT bandwidth"));
+    }
+
+    #[test]
+    fn rt_vcpus_come_from_toml_tables() {
+        let c = VmConfig::from_toml(
+            "guest = \"builtin:hello\"\nvcpus = 2\ntimer_advance = \"20us\"\nrt_strict = true\n\
+             [[vcpu]]\nid = 1\nrt = { priority = 80, cpu = 0 }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.rt_policy(1),
+            Some(RtPolicy {
+                priority: 80,
+                cpu: Some(0)
+            })
+        );
+        assert_eq!(c.rt_policy(0), None);
+        assert_eq!(c.advance_for(1), AdvanceMode::Fixed(20_000));
+        assert_eq!(c.advance_for(0), AdvanceMode::Off);
+        assert!(c.rt_strict);
     }
 }

@@ -34,6 +34,9 @@ pub enum Error {
     /// The guest image could not be loaded.
     #[error("guest image: {0}")]
     GuestImage(String),
+    /// A real-time setting could not be applied and `rt_strict` was asked for.
+    #[error("{0}")]
+    Realtime(String),
     /// A host resource (thread, file, eventfd, signal) failed.
     #[error("{what}: {source}")]
     Host {

@@ -8,6 +8,8 @@
 //! - [`devices`]: the port/MMIO bus, serial console, reset controller.
 //! - [`exit`]: why a VM ended, and the process status that follows.
 //! - [`host`]: facts about the host that decide how timing results read.
+//! - [`rpc`]: the VMRPC server (ping, clock, long-polling timers, log, report).
+//! - [`realtime`]: RT vCPUs: SCHED_FIFO, pinning, RT-bandwidth cgroups, report.
 //! - [`signals`]: SIGINT/SIGTERM to a clean shutdown.
 
 pub mod boot;
@@ -17,6 +19,8 @@ pub mod error;
 pub mod exit;
 pub mod host;
 pub mod memory;
+pub mod realtime;
+pub mod rpc;
 pub mod signals;
 pub mod vcpu;
 pub mod vm;

@@ -2,12 +2,15 @@
 //! state the VMM can observe and change (pause, resume, stop).
 //!
 //! Port and MMIO exits go to the device buses; the rtvm ports (exit, panic,
-//! vCPU off, and later the VMRPC doorbell) are the vCPU's own control channel
-//! and are handled right here, in the thread that took the exit.
+//! vCPU off, NOP, and the VMRPC doorbell) are the vCPU's own control channel
+//! and are handled right here, in the thread that took the exit — so a VMRPC
+//! long poll parks this vCPU only.
 //!
-//! Stopping a vCPU that sits in `KVM_RUN` (or, later, in a long poll) is done
-//! by a signal: the handler sets `kvm_run.immediate_exit`, so a signal that
-//! lands just before the thread enters `KVM_RUN` is not lost either.
+//! Getting the attention of a vCPU thread takes two means, because it may be
+//! in `KVM_RUN` or parked in a long poll: a signal, whose handler sets
+//! `kvm_run.immediate_exit` (so a signal that lands just before the thread
+//! enters `KVM_RUN` is not lost either), and a wake eventfd the long poll
+//! waits on beside its timer.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,12 +20,18 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use rtvm_abi::port;
+use rtvm_abi::{port, vmrpc};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::Bus;
 use crate::error::{Error, Result};
 use crate::exit::{ExitSignal, VmExitReason};
+use crate::memory::GuestRam;
+use crate::realtime::{self, RtCgroups, RtItem, RtPolicy};
+use crate::rpc::timer::{AdvanceMode, Interrupted, Park};
+use crate::rpc::wait::Waiter;
+use crate::rpc::{Doorbell, RpcServer, SampleStreams, VcpuFacts};
 
 /// Offset from SIGRTMIN of the signal that kicks a vCPU out of `KVM_RUN`.
 const KICK_SIGNAL_OFFSET: i32 = 0;
@@ -34,6 +43,8 @@ pub enum VcpuState {
     Created,
     /// Running guest code (or handling an exit).
     Running,
+    /// Parked in the host in a VMRPC long poll.
+    Waiting,
     /// Parked by the VMM; resumes on request.
     Paused,
     /// Left its run loop for good.
@@ -68,6 +79,8 @@ struct Shared {
 struct Control {
     shared: Mutex<Shared>,
     changed: Condvar,
+    /// Written on every request, for a thread parked in a long poll.
+    wake: EventFd,
 }
 
 impl Control {
@@ -90,6 +103,14 @@ pub struct VcpuContext {
     pub unhandled_io: UnhandledIo,
     /// vCPUs that have not finished; the last one to finish ends the VM.
     pub live: Arc<AtomicUsize>,
+    pub count: usize,
+    pub ram: Arc<GuestRam>,
+    pub streams: Arc<SampleStreams>,
+    pub advance: AdvanceMode,
+    pub rt: Option<RtPolicy>,
+    pub cgroups: Option<Arc<RtCgroups>>,
+    /// Where the thread reports its real-time setup before it runs the guest.
+    pub started: std::sync::mpsc::Sender<(usize, Vec<RtItem>)>,
 }
 
 /// What the run loop does after an exit was handled.
@@ -101,6 +122,8 @@ enum Flow {
     EndVm(VmExitReason),
     /// End the VM with a fatal error; the RIP is added by the run loop.
     Fatal(String),
+    /// A VMRPC doorbell with this value.
+    Doorbell(u32),
 }
 
 /// The VMM's handle on a running vCPU thread.
@@ -149,6 +172,8 @@ impl VcpuHandle {
                 request: Request::Run,
             }),
             changed: Condvar::new(),
+            wake: EventFd::new(EFD_NONBLOCK)
+                .map_err(Error::host("creating a vCPU wake eventfd"))?,
         });
         let index = ctx.index;
         let thread_control = control.clone();
@@ -195,6 +220,8 @@ impl VcpuHandle {
             shared.request = request;
         }
         self.control.changed.notify_all();
+        // A full counter still wakes the waiter, so an error is harmless.
+        let _ = self.control.wake.write(1);
         self.kick();
     }
 
@@ -249,7 +276,39 @@ impl Drop for VcpuHandle {
 
 fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
     KVM_RUN.with(|r| r.set(fd.get_kvm_run()));
-    let finished = run_loop(&mut fd, &ctx, control);
+    let rt_items =
+        realtime::apply_to_current_thread(ctx.index, ctx.rt.as_ref(), ctx.cgroups.as_deref());
+    // The VMM may be gone already (start failed); then nothing waits for this.
+    let _ = ctx.started.send((ctx.index, rt_items));
+    let facts = VcpuFacts {
+        index: ctx.index,
+        count: ctx.count,
+        realtime: ctx.rt.is_some(),
+        tsc_khz: fd.get_tsc_khz().map(u64::from).unwrap_or(0),
+    };
+    let mut rpc = RpcServer::new(facts, ctx.ram.clone(), ctx.streams.clone(), ctx.advance);
+    let finished = match Waiter::new() {
+        Ok(waiter) => run_loop(&mut fd, &ctx, control, &mut rpc, &waiter),
+        Err(e) => {
+            ctx.exit.request(VmExitReason::Fatal {
+                vcpu: ctx.index,
+                what: e.to_string(),
+                rip: None,
+            });
+            false
+        }
+    };
+    if let Some(cgroups) = &ctx.cgroups {
+        cgroups.leave();
+    }
+    if ctx.advance != AdvanceMode::Off {
+        tracing::info!(
+            "vCPU {}: timer advance at the end: {} ns ({})",
+            ctx.index,
+            rpc.timer_advance(),
+            ctx.advance
+        );
+    }
     KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
     control.set_state(VcpuState::Exited);
     if finished && ctx.live.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -259,7 +318,13 @@ fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
 
 /// Runs the vCPU until it is stopped or the VM ends. Returns true if the
 /// vCPU finished on its own (vCPU-off port).
-fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext, control: &Control) -> bool {
+fn run_loop(
+    fd: &mut VcpuFd,
+    ctx: &VcpuContext,
+    control: &Control,
+    rpc: &mut RpcServer,
+    waiter: &Waiter,
+) -> bool {
     control.set_state(VcpuState::Running);
     loop {
         if !obey_requests(control) {
@@ -277,6 +342,15 @@ fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext, control: &Control) -> bool {
         };
         match flow {
             Flow::Continue => {}
+            Flow::Doorbell(value) => {
+                let mut park = VcpuPark { waiter, control };
+                if let Doorbell::BadPage(status) = rpc.on_doorbell(value, &mut park) {
+                    // No call page to answer in: the status goes into EAX.
+                    if let Err(e) = set_eax(fd, vmrpc::DOORBELL_ERROR | status as u32) {
+                        return fatal(fd, ctx, format!("cannot answer a bad VMRPC doorbell: {e}"));
+                    }
+                }
+            }
             Flow::Off => {
                 tracing::debug!("vCPU {} finished", ctx.index);
                 return true;
@@ -285,16 +359,52 @@ fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext, control: &Control) -> bool {
                 ctx.exit.request(reason);
                 return false;
             }
-            Flow::Fatal(what) => {
-                let rip = fd.get_regs().ok().map(|r| r.rip);
-                let reason = VmExitReason::Fatal {
-                    vcpu: ctx.index,
-                    what,
-                    rip,
-                };
-                tracing::debug!("{reason}");
-                ctx.exit.request(reason);
-                return false;
+            Flow::Fatal(what) => return fatal(fd, ctx, what),
+        }
+    }
+}
+
+fn fatal(fd: &VcpuFd, ctx: &VcpuContext, what: String) -> bool {
+    let rip = fd.get_regs().ok().map(|r| r.rip);
+    let reason = VmExitReason::Fatal {
+        vcpu: ctx.index,
+        what,
+        rip,
+    };
+    tracing::debug!("{reason}");
+    ctx.exit.request(reason);
+    false
+}
+
+fn set_eax(fd: &VcpuFd, value: u32) -> std::result::Result<(), vmm_sys_util::errno::Error> {
+    let mut regs = fd.get_regs()?;
+    regs.rax = (regs.rax & !0xffff_ffff) | u64::from(value);
+    fd.set_regs(&regs)
+}
+
+/// How a vCPU thread parks in a long poll: on its timerfd and wake eventfd,
+/// pausing in place when asked and giving up only when asked to stop.
+struct VcpuPark<'a> {
+    waiter: &'a Waiter,
+    control: &'a Control,
+}
+
+impl Park for VcpuPark<'_> {
+    fn park_until(&mut self, deadline: u64) -> std::result::Result<(), Interrupted> {
+        self.control.set_state(VcpuState::Waiting);
+        loop {
+            match self.waiter.wait_until(deadline, &self.control.wake) {
+                crate::rpc::wait::Woken::Deadline => {
+                    self.control.set_state(VcpuState::Running);
+                    return Ok(());
+                }
+                crate::rpc::wait::Woken::Kicked => {
+                    let _ = self.control.wake.read();
+                    if !obey_requests(self.control) {
+                        return Err(Interrupted);
+                    }
+                    self.control.set_state(VcpuState::Waiting);
+                }
             }
         }
     }
@@ -336,6 +446,7 @@ fn le_value(data: &[u8]) -> u32 {
 
 fn handle_exit(ctx: &VcpuContext, exit: VcpuExit<'_>) -> Flow {
     match exit {
+        VcpuExit::IoOut(port::DOORBELL, data) if data.len() == 4 => Flow::Doorbell(le_value(data)),
         VcpuExit::IoOut(port, data) if port::is_rtvm(port) => handle_rtvm_port(ctx, port, data),
         VcpuExit::IoOut(port, data) => {
             if ctx.io_bus.write(port.into(), data) {
@@ -399,6 +510,7 @@ fn handle_rtvm_port(ctx: &VcpuContext, port: u16, data: &[u8]) -> Flow {
             code: value,
         }),
         port::VCPU_OFF => Flow::Off,
+        port::NOP => Flow::Continue,
         _ => unhandled(ctx, "port write", port.into(), Some(data)),
     }
 }

@@ -22,6 +22,8 @@ use crate::devices::{Bus, Console, ResetController, SerialDevice};
 use crate::error::{Error, Result};
 use crate::exit::{ExitSignal, VmExitReason};
 use crate::memory::{self, layout, GuestRam};
+use crate::realtime::{RtHost, RtHostSettings, RtReport};
+use crate::rpc::SampleStreams;
 use crate::signals;
 use crate::vcpu::{VcpuContext, VcpuHandle, VcpuState};
 
@@ -60,6 +62,10 @@ pub struct VmRun {
     pub guest_resident: Option<u64>,
     /// From the first vCPU start to the end of the guest.
     pub guest_time: Duration,
+    /// Samples the guest handed over with `Call::Report`, by stream.
+    pub streams: Vec<Vec<u64>>,
+    /// What real-time setup was tried and how it went.
+    pub rt_report: RtReport,
 }
 
 impl VmRun {
@@ -173,11 +179,28 @@ impl Vm {
         })
     }
 
-    /// Starts every vCPU thread.
+    /// Applies the real-time settings and starts every vCPU thread. With
+    /// `rt_strict`, a real-time step that fails stops the VM again and is
+    /// returned as an error.
     pub fn start(self) -> Result<RunningVm> {
-        let live = Arc::new(AtomicUsize::new(self.vcpu_fds.len()));
+        let count = self.vcpu_fds.len();
+        let rt_vcpus = (0..count)
+            .filter(|&i| self.config.rt_policy(i).is_some())
+            .count();
+        let mut rt_report = RtReport::default();
+        let rt_host = RtHost::setup(
+            RtHostSettings {
+                bandwidth: self.config.rt_bandwidth,
+                mlock: self.config.mlock,
+            },
+            rt_vcpus,
+            &mut rt_report,
+        );
+        let streams = Arc::new(SampleStreams::new());
+        let live = Arc::new(AtomicUsize::new(count));
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
         let started = Instant::now();
-        let mut vcpus = Vec::with_capacity(self.vcpu_fds.len());
+        let mut vcpus = Vec::with_capacity(count);
         for (index, fd) in self.vcpu_fds.into_iter().enumerate() {
             let ctx = VcpuContext {
                 index,
@@ -186,18 +209,58 @@ impl Vm {
                 exit: self.exit.clone(),
                 unhandled_io: self.config.unhandled_io,
                 live: live.clone(),
+                count,
+                ram: self.ram.clone(),
+                streams: streams.clone(),
+                advance: self.config.advance_for(index),
+                rt: self.config.rt_policy(index),
+                cgroups: rt_host.cgroups.clone(),
+                started: started_tx.clone(),
             };
             vcpus.push(VcpuHandle::spawn(fd, ctx)?);
         }
-        Ok(RunningVm {
+        drop(started_tx);
+        let mut per_vcpu: Vec<(usize, Vec<_>)> = started_rx.iter().take(count).collect();
+        per_vcpu.sort_by_key(|(i, _)| *i);
+        rt_report
+            .items
+            .extend(per_vcpu.into_iter().flat_map(|(_, items)| items));
+        if !rt_report.is_empty() {
+            tracing::info!("{rt_report}");
+            for failure in rt_report.failures() {
+                tracing::warn!(
+                    "real-time setting not applied: {}: {}",
+                    failure.what,
+                    failure.result.as_ref().unwrap_err()
+                );
+            }
+        }
+        let running = RunningVm {
             vcpus,
             exit: self.exit,
             console: self.console,
             ram: self.ram,
+            streams,
+            rt_report,
             started,
+            _rt_host: rt_host,
             _fd: self.fd,
             _kvm: self.kvm,
-        })
+        };
+        if self.config.rt_strict {
+            let failed = running.rt_report.failures().next().map(|failed| {
+                format!(
+                    "real-time setting not applied (--rt-strict): {}: {}",
+                    failed.what,
+                    failed.result.as_ref().unwrap_err()
+                )
+            });
+            if let Some(msg) = failed {
+                running.stop();
+                return Err(Error::Realtime(msg));
+            }
+        }
+        Ok(running)
     }
 
     /// Runs the VM to its end.
@@ -208,17 +271,27 @@ impl Vm {
 
 /// A VM whose vCPU threads run.
 pub struct RunningVm {
-    // Field order is drop order: vCPU threads end before the VM fd and RAM go.
+    // Field order is drop order: vCPU threads end, then the VM fd closes
+    // (which also ends KVM's worker threads), then guest RAM is unmapped,
+    // and last the RT cgroups, by then empty, are removed.
     vcpus: Vec<VcpuHandle>,
     exit: Arc<ExitSignal>,
     console: Console,
-    ram: Arc<GuestRam>,
+    streams: Arc<SampleStreams>,
+    rt_report: RtReport,
     started: Instant,
     _fd: VmFd,
     _kvm: Kvm,
+    ram: Arc<GuestRam>,
+    _rt_host: RtHost,
 }
 
 impl RunningVm {
+    /// What real-time setup was tried and how it went.
+    pub fn rt_report(&self) -> &RtReport {
+        &self.rt_report
+    }
+
     pub fn vcpus(&self) -> &[VcpuHandle] {
         &self.vcpus
     }
@@ -295,11 +368,16 @@ impl RunningVm {
             vcpu.join();
         }
         self.console.finish();
+        let streams = (0..rtvm_abi::vmrpc::STREAMS as usize)
+            .map(|s| self.streams.take(s))
+            .collect();
         VmRun {
             reason,
             process_rss,
             guest_resident,
             guest_time,
+            streams,
+            rt_report: self.rt_report,
         }
     }
 }

@@ -1,0 +1,373 @@
+//! VMRPC: how a guest calls the host like a procedure.
+//!
+//! # Protocol
+//!
+//! 1. The guest fills a **call page**: a 4 KiB-aligned page of its RAM laid out
+//!    as [`CallPage`] (all fields little-endian): `abi_version` =
+//!    [`crate::ABI_VERSION`], `call` = a [`Call`] number, `flags` =
+//!    [`flags`] bits, `args`. Buffers are passed as (guest-physical
+//!    address, length) argument pairs, or in the page's `payload`.
+//! 2. It rings the doorbell: a 32-bit `out` of the call page's page frame
+//!    number (address >> 12) to [`crate::port::DOORBELL`]. Every vCPU has a
+//!    call page announced in [`crate::VcpuBoot::call_page`]; any other page of
+//!    guest RAM works too, so a guest thread may keep its own.
+//! 3. The VM exit lands in the host thread of the vCPU that rang. It serves
+//!    the call (for a *long poll*, it first waits — the vCPU stays parked in
+//!    the host and the guest runs nothing meanwhile), writes `status` and
+//!    `results`, and resumes the vCPU after the `out` instruction. Other vCPUs
+//!    keep running throughout.
+//! 4. The guest reads `status` ([`Status`]) and `results`.
+//!
+//! If the doorbell value itself names no page of guest RAM, there is no page
+//! to write a status to: the host then sets EAX to
+//! [`DOORBELL_ERROR`]` | `[`Status::BadAddress`]. EAX is otherwise left as it
+//! was (the page frame number, which never has bit 31 set).
+//!
+//! # Time
+//!
+//! Times are host `CLOCK_MONOTONIC` nanoseconds ([`Call::Clock`]). A guest that
+//! wants to read the host clock without an exit maps it from its TSC with the
+//! `tsc_khz` that [`Call::VcpuInfo`] returns and one `Clock` call.
+
+/// Value the host puts in EAX when the doorbell names no page of guest RAM,
+/// or-ed with the status.
+pub const DOORBELL_ERROR: u32 = 1 << 31;
+
+/// Size of a call page.
+pub const CALL_PAGE_SIZE: usize = 4096;
+/// Number of argument words.
+pub const ARGS: usize = 6;
+/// Number of result words.
+pub const RESULTS: usize = 4;
+/// Offset of the payload area in the call page.
+pub const PAYLOAD_OFFSET: usize = 128;
+/// Size of the payload area.
+pub const PAYLOAD_SIZE: usize = CALL_PAGE_SIZE - PAYLOAD_OFFSET;
+/// Size of the part of the call page the host reads to decode a call.
+pub const REQUEST_SIZE: usize = 16 + ARGS * 8;
+
+/// Layout of a call page. Offsets: `abi_version` 0, `call` 4, `flags` 8,
+/// `status` 12, `args` 16..64, `results` 64..96, reserved 96..128,
+/// `payload` 128..4096.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CallPage {
+    pub abi_version: u32,
+    pub call: u32,
+    pub flags: u32,
+    /// Written by the host.
+    pub status: u32,
+    pub args: [u64; ARGS],
+    /// Written by the host.
+    pub results: [u64; RESULTS],
+    pub reserved: [u64; 4],
+    pub payload: [u8; PAYLOAD_SIZE],
+}
+
+/// Byte offsets of the host-written fields.
+pub const STATUS_OFFSET: usize = 12;
+pub const RESULTS_OFFSET: usize = 64;
+
+/// Call flags.
+pub mod flags {
+    /// For waiting calls: the host may return up to its current timer advance
+    /// *before* the deadline, with `results[0]` = the deadline, so the guest
+    /// can spin the last stretch itself at CPL3 (where its TSC is native) and
+    /// resume exactly on time, without paying the VM re-entry after the wake.
+    /// Without it, a waiting call never returns before its deadline.
+    pub const EARLY_RETURN: u32 = 1 << 0;
+    /// Every flag this ABI version defines.
+    pub const ALL: u32 = EARLY_RETURN;
+}
+
+/// Call numbers. Stable: a number, once given, keeps its meaning.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// `results[0] = args[0]`: the round-trip floor of VMRPC.
+    Ping = 1,
+    /// `results[0]` = host CLOCK_MONOTONIC in ns.
+    Clock = 2,
+    /// Long poll: wait `args[0]` ns. Results as for `SleepUntil`.
+    Sleep = 3,
+    /// Long poll: wait until host CLOCK_MONOTONIC ≥ `args[0]` ns.
+    /// `results[0]` = the deadline, `results[1]` = host time when the host
+    /// handed control back, `results[2]` = the timer advance in use (ns).
+    SleepUntil = 4,
+    /// Start a periodic timer on this vCPU: period `args[0]` ns, first
+    /// deadline `args[1]` (0: now + period). `results[0]` = first deadline.
+    Periodic = 5,
+    /// Long poll: wait for the next deadline of the periodic timer.
+    /// `results[0]` = that deadline, `results[1]` = how late the host woke
+    /// the guest (ns, 0 when on time or early-return), `results[2]` = periods
+    /// missed (deadlines that passed before this call was made),
+    /// `results[3]` = the timer advance in use (ns).
+    WaitNext = 6,
+    /// `results[0]` = vCPU index, `results[1]` = [`vcpu_info`] flags,
+    /// `results[2]` = vCPU count, `results[3]` = TSC frequency in kHz (0 if unknown).
+    VcpuInfo = 7,
+    /// Write the guest buffer (`args[0]` address, `args[1]` length ≤
+    /// [`LOG_MAX`]) to the VMM's log.
+    Log = 8,
+    /// Hand `args[1]` u64 samples at guest address `args[0]` to the host,
+    /// appended to sample stream `args[2]` (< [`STREAMS`]); benchmarks
+    /// collect guest-side measurements this way. `results[0]` = samples
+    /// the stream now holds.
+    Report = 9,
+}
+
+impl Call {
+    /// The call with number `n`, if this ABI version defines it.
+    pub const fn from_u32(n: u32) -> Option<Call> {
+        Some(match n {
+            1 => Call::Ping,
+            2 => Call::Clock,
+            3 => Call::Sleep,
+            4 => Call::SleepUntil,
+            5 => Call::Periodic,
+            6 => Call::WaitNext,
+            7 => Call::VcpuInfo,
+            8 => Call::Log,
+            9 => Call::Report,
+            _ => return None,
+        })
+    }
+
+    /// Whether the call may park the vCPU in the host (a long poll).
+    pub const fn is_long_poll(self) -> bool {
+        matches!(self, Call::Sleep | Call::SleepUntil | Call::WaitNext)
+    }
+}
+
+/// Longest message for [`Call::Log`].
+pub const LOG_MAX: u64 = 1024;
+/// Number of sample streams for [`Call::Report`].
+pub const STREAMS: u64 = 8;
+/// Most samples one [`Call::Report`] may carry.
+pub const REPORT_MAX: u64 = 65536;
+
+/// Flags in `results[1]` of [`Call::VcpuInfo`].
+pub mod vcpu_info {
+    /// The vCPU's host thread runs with a real-time policy.
+    pub const REALTIME: u64 = 1 << 0;
+    /// Waiting calls on this vCPU use an adaptive timer advance.
+    pub const TIMER_ADVANCE: u64 = 1 << 1;
+}
+
+/// Status of a call. Stable numbers.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok = 0,
+    /// An address or address + length lies outside guest RAM (or overflows).
+    BadAddress = 1,
+    /// A handle is unknown, closed or not this VM's.
+    BadHandle = 2,
+    /// The configured policy forbids it.
+    NotPermitted = 3,
+    /// A wait reached its timeout before its event.
+    TimedOut = 4,
+    /// A wait was cut short because the VM is stopping.
+    Interrupted = 5,
+    /// The call number is unknown.
+    UnsupportedCall = 6,
+    /// The call page names another ABI version.
+    BadAbiVersion = 7,
+    /// Unknown flag bits are set.
+    BadFlags = 8,
+    /// An argument is out of range.
+    BadArgument = 9,
+    /// The call needs state this vCPU does not have (e.g. `WaitNext` with no
+    /// periodic timer).
+    NotConfigured = 10,
+    /// A limit on resources was reached.
+    NoResources = 11,
+}
+
+impl Status {
+    pub const fn from_u32(n: u32) -> Option<Status> {
+        Some(match n {
+            0 => Status::Ok,
+            1 => Status::BadAddress,
+            2 => Status::BadHandle,
+            3 => Status::NotPermitted,
+            4 => Status::TimedOut,
+            5 => Status::Interrupted,
+            6 => Status::UnsupportedCall,
+            7 => Status::BadAbiVersion,
+            8 => Status::BadFlags,
+            9 => Status::BadArgument,
+            10 => Status::NotConfigured,
+            11 => Status::NoResources,
+            _ => return None,
+        })
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::BadAddress => "bad address",
+            Status::BadHandle => "bad handle",
+            Status::NotPermitted => "not permitted",
+            Status::TimedOut => "timed out",
+            Status::Interrupted => "interrupted",
+            Status::UnsupportedCall => "unsupported call",
+            Status::BadAbiVersion => "bad ABI version",
+            Status::BadFlags => "bad flags",
+            Status::BadArgument => "bad argument",
+            Status::NotConfigured => "not configured",
+            Status::NoResources => "no resources",
+        }
+    }
+}
+
+/// A decoded, validated request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub call: Call,
+    pub flags: u32,
+    pub args: [u64; ARGS],
+}
+
+impl Request {
+    /// Decodes the first [`REQUEST_SIZE`] bytes of a call page. Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<Request, Status> {
+        let word = |at: usize, n: usize| -> Option<u64> {
+            let b = bytes.get(at..at.checked_add(n)?)?;
+            let mut v = [0u8; 8];
+            v[..n].copy_from_slice(b);
+            Some(u64::from_le_bytes(v))
+        };
+        let version = word(0, 4).ok_or(Status::BadAddress)? as u32;
+        if version != crate::ABI_VERSION {
+            return Err(Status::BadAbiVersion);
+        }
+        let number = word(4, 4).ok_or(Status::BadAddress)? as u32;
+        let call = Call::from_u32(number).ok_or(Status::UnsupportedCall)?;
+        let flags = word(8, 4).ok_or(Status::BadAddress)? as u32;
+        if flags & !flags::ALL != 0 {
+            return Err(Status::BadFlags);
+        }
+        if flags & flags::EARLY_RETURN != 0 && !call.is_long_poll() {
+            return Err(Status::BadFlags);
+        }
+        let mut args = [0u64; ARGS];
+        for (i, a) in args.iter_mut().enumerate() {
+            *a = word(16 + i * 8, 8).ok_or(Status::BadAddress)?;
+        }
+        Ok(Request { call, flags, args })
+    }
+
+    /// Encodes the request into the first [`REQUEST_SIZE`] bytes of `out`
+    /// (what a guest writes before ringing the doorbell).
+    pub fn encode(&self, out: &mut [u8; REQUEST_SIZE]) {
+        out[0..4].copy_from_slice(&crate::ABI_VERSION.to_le_bytes());
+        out[4..8].copy_from_slice(&(self.call as u32).to_le_bytes());
+        out[8..12].copy_from_slice(&self.flags.to_le_bytes());
+        out[12..16].copy_from_slice(&0u32.to_le_bytes());
+        for (i, a) in self.args.iter().enumerate() {
+            out[16 + i * 8..24 + i * 8].copy_from_slice(&a.to_le_bytes());
+        }
+    }
+}
+
+/// The guest-physical address of the call page a doorbell value names, if
+/// the whole page lies inside guest RAM of `ram_size` bytes.
+pub fn call_page_address(doorbell: u32, ram_size: u64) -> Option<u64> {
+    if doorbell & DOORBELL_ERROR != 0 {
+        return None;
+    }
+    let addr = u64::from(doorbell) << 12;
+    buffer_in_ram(addr, CALL_PAGE_SIZE as u64, ram_size).then_some(addr)
+}
+
+/// Whether `[addr, addr + len)` lies inside guest RAM of `ram_size` bytes
+/// starting at address 0. Overflow-safe.
+pub fn buffer_in_ram(addr: u64, len: u64, ram_size: u64) -> bool {
+    match addr.checked_add(len) {
+        Some(end) => end <= ram_size,
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(version: u32, call: u32, flags: u32, args: [u64; ARGS]) -> [u8; REQUEST_SIZE] {
+        let mut b = [0u8; REQUEST_SIZE];
+        b[0..4].copy_from_slice(&version.to_le_bytes());
+        b[4..8].copy_from_slice(&call.to_le_bytes());
+        b[8..12].copy_from_slice(&flags.to_le_bytes());
+        for (i, a) in args.iter().enumerate() {
+            b[16 + i * 8..24 + i * 8].copy_from_slice(&a.to_le_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn layout_matches_the_documented_offsets() {
+        assert_eq!(core::mem::size_of::<CallPage>(), CALL_PAGE_SIZE);
+        assert_eq!(core::mem::offset_of!(CallPage, status), STATUS_OFFSET);
+        assert_eq!(core::mem::offset_of!(CallPage, args), 16);
+        assert_eq!(core::mem::offset_of!(CallPage, results), RESULTS_OFFSET);
+        assert_eq!(core::mem::offset_of!(CallPage, payload), PAYLOAD_OFFSET);
+    }
+
+    #[test]
+    fn each_bad_request_class_has_its_status() {
+        let v = crate::ABI_VERSION;
+        assert_eq!(
+            Request::decode(&page(v + 1, 1, 0, [0; 6])),
+            Err(Status::BadAbiVersion)
+        );
+        assert_eq!(
+            Request::decode(&page(v, 0, 0, [0; 6])),
+            Err(Status::UnsupportedCall)
+        );
+        assert_eq!(
+            Request::decode(&page(v, 999, 0, [0; 6])),
+            Err(Status::UnsupportedCall)
+        );
+        assert_eq!(
+            Request::decode(&page(v, 1, 1 << 7, [0; 6])),
+            Err(Status::BadFlags)
+        );
+        assert_eq!(
+            Request::decode(&page(v, Call::Ping as u32, flags::EARLY_RETURN, [0; 6])),
+            Err(Status::BadFlags),
+            "early return only means something for waits"
+        );
+        assert_eq!(
+            Request::decode(&page(v, 1, 0, [0; 6])[..20]),
+            Err(Status::BadAddress)
+        );
+        let ok = Request::decode(&page(v, 4, flags::EARLY_RETURN, [7, 0, 0, 0, 0, 9])).unwrap();
+        assert_eq!(ok.call, Call::SleepUntil);
+        assert_eq!(ok.args[5], 9);
+    }
+
+    #[test]
+    fn doorbell_values_outside_ram_name_no_page() {
+        let ram = 64 << 20;
+        assert_eq!(call_page_address(0x3fff, ram), Some(0x3fff << 12));
+        assert_eq!(call_page_address(0x4000, ram), None);
+        assert_eq!(call_page_address(u32::MAX, u64::MAX), None);
+        assert!(!buffer_in_ram(u64::MAX - 1, 4, u64::MAX));
+        assert!(buffer_in_ram(ram - 8, 8, ram));
+        assert!(!buffer_in_ram(ram - 8, 9, ram));
+    }
+
+    #[test]
+    fn every_status_and_call_number_round_trips() {
+        for n in 0..64 {
+            if let Some(s) = Status::from_u32(n) {
+                assert_eq!(s as u32, n);
+                assert!(!s.name().is_empty());
+            }
+            if let Some(c) = Call::from_u32(n) {
+                assert_eq!(c as u32, n);
+            }
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! Properties of the VMRPC encoding that must hold for any input a guest
+//! can produce.
+
+use proptest::prelude::*;
+use rtvm_abi::vmrpc::{
+    self, buffer_in_ram, call_page_address, Call, Request, Status, REQUEST_SIZE,
+};
+
+fn any_call() -> impl Strategy<Value = Call> {
+    (1u32..=9).prop_map(|n| Call::from_u32(n).unwrap())
+}
+
+proptest! {
+    #[test]
+    fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let _ = Request::decode(&bytes);
+    }
+
+    #[test]
+    fn decoded_requests_are_always_valid(bytes in proptest::collection::vec(any::<u8>(), REQUEST_SIZE)) {
+        if let Ok(req) = Request::decode(&bytes) {
+            prop_assert_eq!(req.flags & !vmrpc::flags::ALL, 0);
+            prop_assert_eq!(Call::from_u32(req.call as u32), Some(req.call));
+        }
+    }
+
+    #[test]
+    fn encode_then_decode_round_trips(call in any_call(), args in any::<[u64; 6]>(), early in any::<bool>()) {
+        let flags = if early && call.is_long_poll() { vmrpc::flags::EARLY_RETURN } else { 0 };
+        let req = Request { call, flags, args };
+        let mut page = [0u8; REQUEST_SIZE];
+        req.encode(&mut page);
+        prop_assert_eq!(Request::decode(&page), Ok(req));
+    }
+
+    #[test]
+    fn unknown_flags_are_refused(call in any_call(), bit in 1u32..32) {
+        let req = Request { call, flags: 1 << bit, args: [0; 6] };
+        let mut page = [0u8; REQUEST_SIZE];
+        req.encode(&mut page);
+        prop_assert_eq!(Request::decode(&page), Err(Status::BadFlags));
+    }
+
+    #[test]
+    fn buffer_check_agrees_with_wide_arithmetic(addr in any::<u64>(), len in any::<u64>(), ram in any::<u64>()) {
+        let wide = addr as u128 + len as u128 <= ram as u128;
+        prop_assert_eq!(buffer_in_ram(addr, len, ram), wide);
+    }
+
+    #[test]
+    fn call_pages_lie_wholly_in_ram(doorbell in any::<u32>(), ram in 0u64..(1 << 45)) {
+        if let Some(addr) = call_page_address(doorbell, ram) {
+            prop_assert_eq!(addr % 4096, 0);
+            prop_assert!(addr + 4096 <= ram);
+        }
+    }
+}

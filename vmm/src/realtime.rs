@@ -1,0 +1,588 @@
+//! Real-time vCPUs: the host scheduling a vCPU thread needs to keep
+//! deadlines, and the bounds that keep a runaway real-time guest from
+//! freezing the host.
+//!
+//! Per RT vCPU thread: SCHED_FIFO at the configured priority, pinned to its
+//! CPU, timer slack 1 ns (the default 50 µs slack would be added to every
+//! wake-up). Per process, while an RT vCPU exists: `/dev/cpu_dma_latency`
+//! held at 0 (no deep C-states), optionally `mlockall`, and an RT-bandwidth
+//! cgroup: `<cpu controller>/rtvm/vm-<pid>-<n>/{rt,vmm}` with RT vCPU threads
+//! in `rt` (capped at `runtime/period` of each CPU) and the other vCPU
+//! threads in `vmm`. The VMM's control thread stays where it was started.
+//!
+//! Nothing here fails silently: every step is recorded in an [`RtReport`]
+//! with its outcome, shown at start and in bench output; with `strict`, any
+//! failed step makes the VM refuse to start.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::host::HostInfo;
+
+/// Scheduling of one real-time vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RtPolicy {
+    /// SCHED_FIFO priority, 1..=99.
+    pub priority: u8,
+    /// Host CPU to pin the vCPU thread to.
+    #[serde(default)]
+    pub cpu: Option<usize>,
+}
+
+impl RtPolicy {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=99).contains(&self.priority) {
+            return Err(format!(
+                "RT priority {} is out of range 1..=99",
+                self.priority
+            ));
+        }
+        if let Some(cpu) = self.cpu {
+            let cpus = host_cpus();
+            if cpu >= cpus {
+                return Err(format!(
+                    "RT CPU {cpu} does not exist (this host has CPUs 0..={})",
+                    cpus - 1
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn host_cpus() -> usize {
+    // SAFETY: plain sysconf query.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+    usize::try_from(n).unwrap_or(1).max(1)
+}
+
+/// `--rt-vcpu INDEX:prio=P[,cpu=C]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RtVcpuArg {
+    pub vcpu: usize,
+    pub policy: RtPolicy,
+}
+
+impl FromStr for RtVcpuArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage =
+            || format!("'{s}' is not of the form INDEX:prio=P[,cpu=C] (e.g. 1:prio=80,cpu=1)");
+        let (index, rest) = s.split_once(':').ok_or_else(usage)?;
+        let vcpu = index.trim().parse().map_err(|_| usage())?;
+        let mut priority = None;
+        let mut cpu = None;
+        for part in rest.split(',') {
+            let (k, v) = part.split_once('=').ok_or_else(usage)?;
+            let v: usize = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("'{part}': not a number"))?;
+            match k.trim() {
+                "prio" | "priority" => {
+                    priority = Some(
+                        u8::try_from(v)
+                            .map_err(|_| format!("RT priority {v} is out of range 1..=99"))?,
+                    )
+                }
+                "cpu" => cpu = Some(v),
+                other => return Err(format!("unknown RT setting '{other}' (use prio, cpu)")),
+            }
+        }
+        let policy = RtPolicy {
+            priority: priority.ok_or_else(usage)?,
+            cpu,
+        };
+        policy.validate()?;
+        Ok(RtVcpuArg { vcpu, policy })
+    }
+}
+
+/// RT bandwidth of the VM's `rt` group: `runtime_us` of every `period_us` on each CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RtBandwidth {
+    pub runtime_us: u64,
+    pub period_us: u64,
+}
+
+impl Default for RtBandwidth {
+    /// 40% of each CPU: leaves room for another rtvm VM under the kernel's
+    /// default 95% RT limit, and 60% for the host when a guest runs away.
+    fn default() -> Self {
+        RtBandwidth {
+            runtime_us: 40_000,
+            period_us: 100_000,
+        }
+    }
+}
+
+impl FromStr for RtBandwidth {
+    type Err = String;
+
+    /// `RUNTIME/PERIOD` in microseconds, e.g. `40000/100000`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = || format!("'{s}' is not RUNTIME_US/PERIOD_US (e.g. 40000/100000)");
+        let (r, p) = s.split_once('/').ok_or_else(usage)?;
+        let bw = RtBandwidth {
+            runtime_us: r.trim().parse().map_err(|_| usage())?,
+            period_us: p.trim().parse().map_err(|_| usage())?,
+        };
+        if bw.period_us < 1_000
+            || bw.period_us > 1_000_000
+            || bw.runtime_us == 0
+            || bw.runtime_us >= bw.period_us
+        {
+            return Err(format!(
+                "RT bandwidth {s}: need 0 < runtime < period and a period of 1000..=1000000 µs"
+            ));
+        }
+        Ok(bw)
+    }
+}
+
+/// One step of the real-time setup and how it went.
+#[derive(Clone, Debug)]
+pub struct RtItem {
+    pub what: String,
+    pub result: Result<(), String>,
+}
+
+/// Every real-time step tried for a VM.
+#[derive(Clone, Debug, Default)]
+pub struct RtReport {
+    pub preemption: String,
+    pub items: Vec<RtItem>,
+}
+
+impl RtReport {
+    pub fn record(&mut self, what: impl Into<String>, result: Result<(), String>) {
+        self.items.push(RtItem {
+            what: what.into(),
+            result,
+        });
+    }
+
+    pub fn failures(&self) -> impl Iterator<Item = &RtItem> {
+        self.items.iter().filter(|i| i.result.is_err())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+impl fmt::Display for RtReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "real-time setup (host preemption model: {}):",
+            self.preemption
+        )?;
+        for item in &self.items {
+            match &item.result {
+                Ok(()) => writeln!(f, "  [ok]     {}", item.what)?,
+                Err(why) => writeln!(f, "  [FAILED] {}: {why}", item.what)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The VM's RT cgroups (v1 cpu controller), removed when dropped.
+#[derive(Debug)]
+pub struct RtCgroups {
+    root: PathBuf,
+    vm: PathBuf,
+    rt: PathBuf,
+    vmm: PathBuf,
+}
+
+impl RtCgroups {
+    pub fn rt_tasks(&self) -> PathBuf {
+        self.rt.join("tasks")
+    }
+
+    pub fn vmm_tasks(&self) -> PathBuf {
+        self.vmm.join("tasks")
+    }
+
+    pub fn rt_group(&self) -> &Path {
+        &self.rt
+    }
+
+    /// Moves the calling thread back to the root group, so the groups are
+    /// empty once the VM is gone. (KVM's own worker threads, created by the
+    /// first KVM_RUN in the cgroup of that vCPU thread, leave when the VM fd
+    /// closes; `RunningVm` closes it before it removes the groups.)
+    pub fn leave(&self) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        if let Err(e) = write_file(&self.root.join("tasks"), tid) {
+            tracing::warn!("vCPU thread cannot leave its cgroup: {e}");
+        }
+    }
+}
+
+impl Drop for RtCgroups {
+    fn drop(&mut self) {
+        // The vCPU threads have left and been joined; an EBUSY can still
+        // happen for a moment while the kernel lets go of them.
+        for dir in [&self.rt, &self.vmm, &self.vm] {
+            let mut tries = 0;
+            while let Err(e) = fs::remove_dir(dir) {
+                tries += 1;
+                if e.raw_os_error() != Some(libc::EBUSY) || tries == 200 {
+                    tracing::warn!("cannot remove cgroup {}: {e}", dir.display());
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+fn write_file(path: &Path, value: impl fmt::Display) -> Result<(), String> {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(value.to_string().as_bytes()))
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+const CGROUP_V1_CPU: &str = "/sys/fs/cgroup/cpu";
+const CGROUP_V2_ROOT: &str = "/sys/fs/cgroup/cgroup.controllers";
+
+/// Removes the groups of rtvm processes that are gone (killed before they
+/// could clean up), so their RT bandwidth returns to the pool.
+fn remove_stale_groups(base: &Path) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("vm-"))
+            .and_then(|n| n.split('-').next())
+        else {
+            continue;
+        };
+        if Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        let dir = entry.path();
+        for child in ["rt", "vmm"] {
+            let _ = fs::remove_dir(dir.join(child));
+        }
+        match fs::remove_dir(&dir) {
+            Ok(()) => tracing::info!("removed stale cgroup {}", dir.display()),
+            Err(e) => tracing::debug!("stale cgroup {} stays: {e}", dir.display()),
+        }
+    }
+}
+
+/// Creates the VM's RT groups under the v1 cpu controller at `root`.
+fn create_cgroups_v1(root: &Path, bw: RtBandwidth) -> Result<RtCgroups, String> {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let base = root.join("rtvm");
+    if !base.exists() {
+        fs::create_dir(&base).map_err(|e| format!("creating {}: {e}", base.display()))?;
+    }
+    // The shared rtvm group takes the bandwidth the root group has.
+    let base_runtime = read_u64(&base.join("cpu.rt_runtime_us")).unwrap_or(0);
+    let base_period = read_u64(&base.join("cpu.rt_period_us")).unwrap_or(1_000_000);
+    let wanted = bw.runtime_us as f64 / bw.period_us as f64;
+    if (base_runtime as f64 / base_period as f64) < wanted {
+        let root_runtime = read_u64(&root.join("cpu.rt_runtime_us")).unwrap_or(0);
+        let root_period = read_u64(&root.join("cpu.rt_period_us")).unwrap_or(1_000_000);
+        write_file(&base.join("cpu.rt_period_us"), root_period)?;
+        write_file(&base.join("cpu.rt_runtime_us"), root_runtime)
+            .map_err(|e| format!("{e} (the host's RT bandwidth is held by other groups)"))?;
+    }
+    remove_stale_groups(&base);
+    let vm = base.join(format!(
+        "vm-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    fs::create_dir(&vm).map_err(|e| format!("creating {}: {e}", vm.display()))?;
+    let groups = RtCgroups {
+        root: root.to_path_buf(),
+        rt: vm.join("rt"),
+        vmm: vm.join("vmm"),
+        vm,
+    };
+    let setup = || -> Result<(), String> {
+        write_file(&groups.vm.join("cpu.rt_period_us"), bw.period_us)?;
+        write_file(&groups.vm.join("cpu.rt_runtime_us"), bw.runtime_us)
+            .map_err(|e| format!("{e} (other rtvm VMs may hold the RT bandwidth)"))?;
+        for dir in [&groups.rt, &groups.vmm] {
+            fs::create_dir(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            write_file(&dir.join("cpu.rt_period_us"), bw.period_us)?;
+        }
+        write_file(&groups.rt.join("cpu.rt_runtime_us"), bw.runtime_us)
+    };
+    match setup() {
+        Ok(()) => Ok(groups),
+        Err(e) => {
+            // Dropping removes what was created.
+            if !groups.rt.exists() {
+                let _ = fs::create_dir(&groups.rt);
+            }
+            if !groups.vmm.exists() {
+                let _ = fs::create_dir(&groups.vmm);
+            }
+            drop(groups);
+            Err(e)
+        }
+    }
+}
+
+/// Process-wide real-time state held while an RT vCPU exists.
+#[derive(Default)]
+pub struct RtHost {
+    pub cgroups: Option<Arc<RtCgroups>>,
+    _dma_latency: Option<File>,
+}
+
+/// What the whole VM asks of the host.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RtHostSettings {
+    pub bandwidth: RtBandwidth,
+    pub mlock: bool,
+}
+
+impl RtHost {
+    /// Applies the process-wide settings for a VM with `rt_vcpus` RT vCPUs.
+    pub fn setup(settings: RtHostSettings, rt_vcpus: usize, report: &mut RtReport) -> RtHost {
+        report.preemption = HostInfo::probe().preemption;
+        if rt_vcpus == 0 {
+            return RtHost::default();
+        }
+        let cgroups = if Path::new(CGROUP_V1_CPU).join("cpu.rt_runtime_us").exists() {
+            let bw = settings.bandwidth;
+            let what = format!(
+                "RT bandwidth cap {} of every {} µs for RT vCPUs (cgroup v1 cpu controller)",
+                bw.runtime_us, bw.period_us
+            );
+            match create_cgroups_v1(Path::new(CGROUP_V1_CPU), bw) {
+                Ok(g) => {
+                    report.record(format!("{what}: {}", g.rt_group().display()), Ok(()));
+                    Some(Arc::new(g))
+                }
+                Err(e) => {
+                    report.record(what, Err(e));
+                    None
+                }
+            }
+        } else if Path::new(CGROUP_V2_ROOT).exists() {
+            let system = read_u64(Path::new("/proc/sys/kernel/sched_rt_runtime_us"));
+            report.record(
+                "RT bandwidth cap for RT vCPUs",
+                Err(format!(
+                    "cgroup v2 has no per-group RT bandwidth on this kernel; only the system-wide RT throttle \
+                     applies (sched_rt_runtime_us = {})",
+                    system.map_or("unknown".into(), |v| v.to_string())
+                )),
+            );
+            None
+        } else {
+            report.record(
+                "RT bandwidth cap for RT vCPUs",
+                Err("no cgroup cpu controller is mounted".into()),
+            );
+            None
+        };
+
+        let dma_latency = OpenOptions::new()
+            .write(true)
+            .open("/dev/cpu_dma_latency")
+            .and_then(|mut f| f.write_all(&0i32.to_ne_bytes()).map(|_| f));
+        let dma_latency = match dma_latency {
+            Ok(f) => {
+                report.record(
+                    "/dev/cpu_dma_latency held at 0 µs (no deep C-states)",
+                    Ok(()),
+                );
+                Some(f)
+            }
+            Err(e) => {
+                report.record("/dev/cpu_dma_latency held at 0 µs", Err(e.to_string()));
+                None
+            }
+        };
+
+        if settings.mlock {
+            // SAFETY: plain syscall.
+            let rc = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) };
+            let result = if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error().to_string())
+            };
+            report.record("mlockall (guest RAM and VMM memory locked)", result);
+        }
+        RtHost {
+            cgroups,
+            _dma_latency: dma_latency,
+        }
+    }
+}
+
+/// Applies `policy` (or, for a non-RT vCPU, the `vmm` group) to the calling
+/// thread; returns what was tried.
+pub fn apply_to_current_thread(
+    index: usize,
+    policy: Option<&RtPolicy>,
+    cgroups: Option<&RtCgroups>,
+) -> Vec<RtItem> {
+    let mut items = Vec::new();
+    let mut record = |what: String, result: Result<(), String>| items.push(RtItem { what, result });
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    let Some(policy) = policy else {
+        if let Some(groups) = cgroups {
+            record(
+                format!("vCPU {index}: in cgroup {}", groups.vmm.display()),
+                write_file(&groups.vmm_tasks(), tid),
+            );
+        }
+        return items;
+    };
+    // The group needs its RT runtime before SCHED_FIFO is allowed in it, which
+    // create_cgroups_v1 gave it; so join first, then change the policy.
+    if let Some(groups) = cgroups {
+        record(
+            format!("vCPU {index}: in cgroup {}", groups.rt.display()),
+            write_file(&groups.rt_tasks(), tid),
+        );
+    }
+    let param = libc::sched_param {
+        sched_priority: i32::from(policy.priority),
+    };
+    // SAFETY: pid 0 is the calling thread; param is a live struct.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    record(
+        format!("vCPU {index}: SCHED_FIFO priority {}", policy.priority),
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error().to_string())
+        },
+    );
+    if let Some(cpu) = policy.cpu {
+        // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays in bounds as cpu was validated.
+        let rc = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        record(
+            format!("vCPU {index}: pinned to host CPU {cpu}"),
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error().to_string())
+            },
+        );
+    }
+    // SAFETY: plain prctl on the calling thread.
+    let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
+    record(
+        format!("vCPU {index}: timer slack 1 ns"),
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error().to_string())
+        },
+    );
+    items
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rt_vcpu_args_parse_and_validate() {
+        let a: RtVcpuArg = "1:prio=80,cpu=0".parse().unwrap();
+        assert_eq!(
+            a,
+            RtVcpuArg {
+                vcpu: 1,
+                policy: RtPolicy {
+                    priority: 80,
+                    cpu: Some(0)
+                }
+            }
+        );
+        let a: RtVcpuArg = "0:priority=10".parse().unwrap();
+        assert_eq!(a.policy.cpu, None);
+        assert!("1".parse::<RtVcpuArg>().is_err());
+        assert!("1:prio=0"
+            .parse::<RtVcpuArg>()
+            .unwrap_err()
+            .contains("out of range"));
+        assert!("1:prio=100"
+            .parse::<RtVcpuArg>()
+            .unwrap_err()
+            .contains("out of range"));
+        assert!("1:prio=300"
+            .parse::<RtVcpuArg>()
+            .unwrap_err()
+            .contains("out of range"));
+        assert!("1:prio=50,cpu=4096"
+            .parse::<RtVcpuArg>()
+            .unwrap_err()
+            .contains("does not exist"));
+        assert!("1:prio=50,core=1"
+            .parse::<RtVcpuArg>()
+            .unwrap_err()
+            .contains("unknown RT setting"));
+        assert!("x:prio=50".parse::<RtVcpuArg>().is_err());
+    }
+
+    #[test]
+    fn bandwidth_parses_and_rejects_nonsense() {
+        assert_eq!(
+            "40000/100000".parse(),
+            Ok(RtBandwidth {
+                runtime_us: 40_000,
+                period_us: 100_000
+            })
+        );
+        assert!("0/100000".parse::<RtBandwidth>().is_err());
+        assert!("100000/100000".parse::<RtBandwidth>().is_err());
+        assert!("10/100".parse::<RtBandwidth>().is_err());
+        assert!("half".parse::<RtBandwidth>().is_err());
+    }
+
+    #[test]
+    fn report_lists_failures() {
+        let mut r = RtReport {
+            preemption: "full".into(),
+            ..Default::default()
+        };
+        r.record("a", Ok(()));
+        r.record("b", Err("no permission".into()));
+        assert_eq!(r.failures().count(), 1);
+        let text = r.to_string();
+        assert!(
+            text.contains("[ok]     a") && text.contains("[FAILED] b: no permission"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,388 @@
+//! The VMRPC server: serves a guest's call in the host thread of the vCPU
+//! that rang the doorbell (see `rtvm_abi::vmrpc` for the protocol).
+//!
+//! Everything the guest supplies — the call page address, call number,
+//! flags, buffer addresses and lengths — is validated here before use; bad
+//! input gets its status code back in the call page and a log line, never a
+//! panic or a host access outside guest RAM (all guest memory access goes
+//! through `vm-memory`, which bounds-checks it again).
+
+pub mod timer;
+pub mod wait;
+
+use std::sync::{Arc, Mutex};
+
+use rtvm_abi::vmrpc::{
+    self, buffer_in_ram, call_page_address, vcpu_info, Call, Request, Status, REQUEST_SIZE,
+    RESULTS_OFFSET, STATUS_OFFSET,
+};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestRam;
+use timer::{AdvanceMode, Park, TimerService};
+
+/// Most samples one stream keeps; more is refused with `NoResources`, so a
+/// guest cannot grow the VMM's memory without bound.
+pub const STREAM_CAPACITY: usize = 4 << 20;
+
+/// Sample streams guests hand to the host with `Call::Report`.
+#[derive(Default)]
+pub struct SampleStreams {
+    streams: Mutex<Vec<Vec<u64>>>,
+}
+
+impl SampleStreams {
+    pub fn new() -> Self {
+        SampleStreams {
+            streams: Mutex::new(vec![Vec::new(); vmrpc::STREAMS as usize]),
+        }
+    }
+
+    fn append(&self, stream: usize, samples: &[u64]) -> Result<u64, Status> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &mut streams[stream];
+        if s.len() + samples.len() > STREAM_CAPACITY {
+            return Err(Status::NoResources);
+        }
+        s.extend_from_slice(samples);
+        Ok(s.len() as u64)
+    }
+
+    /// Takes the samples of `stream` out.
+    pub fn take(&self, stream: usize) -> Vec<u64> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams
+            .get_mut(stream)
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+}
+
+/// What became of a doorbell.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Doorbell {
+    /// Served; status and results are in the call page.
+    Served,
+    /// The doorbell named no page of guest RAM: the status goes into EAX.
+    BadPage(Status),
+}
+
+/// Static facts about the vCPU a server belongs to.
+#[derive(Clone, Copy, Debug)]
+pub struct VcpuFacts {
+    pub index: usize,
+    pub count: usize,
+    pub realtime: bool,
+    pub tsc_khz: u64,
+}
+
+/// The VMRPC server of one vCPU.
+pub struct RpcServer {
+    facts: VcpuFacts,
+    ram: Arc<GuestRam>,
+    streams: Arc<SampleStreams>,
+    timer: TimerService,
+}
+
+impl RpcServer {
+    pub fn new(
+        facts: VcpuFacts,
+        ram: Arc<GuestRam>,
+        streams: Arc<SampleStreams>,
+        advance: AdvanceMode,
+    ) -> Self {
+        RpcServer {
+            facts,
+            ram,
+            streams,
+            timer: TimerService::new(advance),
+        }
+    }
+
+    /// The timer advance this vCPU uses now (ns).
+    pub fn timer_advance(&self) -> u64 {
+        self.timer.advance().current()
+    }
+
+    /// Serves the call whose page the doorbell value names.
+    pub fn on_doorbell(&mut self, doorbell: u32, park: &mut dyn Park) -> Doorbell {
+        let Some(page) = call_page_address(doorbell, self.ram.size()) else {
+            tracing::warn!(
+                "vCPU {}: VMRPC doorbell {doorbell:#x} names no call page in guest RAM",
+                self.facts.index
+            );
+            return Doorbell::BadPage(Status::BadAddress);
+        };
+        let mut request = [0u8; REQUEST_SIZE];
+        let outcome = match self.ram.mem().read_slice(&mut request, GuestAddress(page)) {
+            Ok(()) => Request::decode(&request).and_then(|req| self.dispatch(&req, park)),
+            Err(_) => Err(Status::BadAddress),
+        };
+        let (status, results) = match outcome {
+            Ok(results) => (Status::Ok, results),
+            Err(status) => {
+                if status != Status::Interrupted {
+                    tracing::warn!(
+                        "vCPU {}: VMRPC call {} refused: {}",
+                        self.facts.index,
+                        u32::from_le_bytes(request[4..8].try_into().unwrap()),
+                        status.name()
+                    );
+                }
+                (status, [0; vmrpc::RESULTS])
+            }
+        };
+        let mut out = [0u8; vmrpc::RESULTS * 8];
+        for (chunk, r) in out.chunks_exact_mut(8).zip(results) {
+            chunk.copy_from_slice(&r.to_le_bytes());
+        }
+        let mem = self.ram.mem();
+        // The page was checked to lie in RAM, so these cannot fail; if they
+        // did, the guest would just see its pre-set status.
+        let _ = mem.write_slice(&out, GuestAddress(page + RESULTS_OFFSET as u64));
+        let _ = mem.write_obj(status as u32, GuestAddress(page + STATUS_OFFSET as u64));
+        Doorbell::Served
+    }
+
+    fn dispatch(&mut self, req: &Request, park: &mut dyn Park) -> Result<[u64; 4], Status> {
+        let a = req.args;
+        match req.call {
+            Call::Ping => Ok([a[0], 0, 0, 0]),
+            Call::Clock => Ok(self.timer.clock()),
+            Call::Sleep => self.timer.sleep(a[0], req.flags, park),
+            Call::SleepUntil => self.timer.sleep_until(a[0], req.flags, park),
+            Call::Periodic => self.timer.start_periodic(a[0], a[1]),
+            Call::WaitNext => self.timer.wait_next(req.flags, park),
+            Call::VcpuInfo => {
+                let mut flags = 0;
+                if self.facts.realtime {
+                    flags |= vcpu_info::REALTIME;
+                }
+                if self.timer.advance().is_enabled() {
+                    flags |= vcpu_info::TIMER_ADVANCE;
+                }
+                Ok([
+                    self.facts.index as u64,
+                    flags,
+                    self.facts.count as u64,
+                    self.facts.tsc_khz,
+                ])
+            }
+            Call::Log => self.log(a[0], a[1]),
+            Call::Report => self.report(a[0], a[1], a[2]),
+        }
+    }
+
+    /// Reads `len` bytes of guest memory at `addr`, after checking the range.
+    fn read_guest(&self, addr: u64, len: u64) -> Result<Vec<u8>, Status> {
+        if !buffer_in_ram(addr, len, self.ram.size()) {
+            return Err(Status::BadAddress);
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.ram
+            .mem()
+            .read_slice(&mut buf, GuestAddress(addr))
+            .map_err(|_| Status::BadAddress)?;
+        Ok(buf)
+    }
+
+    fn log(&self, addr: u64, len: u64) -> Result<[u64; 4], Status> {
+        if len > vmrpc::LOG_MAX {
+            return Err(Status::BadArgument);
+        }
+        let bytes = self.read_guest(addr, len)?;
+        tracing::info!(target: "guest", "vCPU {}: {}", self.facts.index, String::from_utf8_lossy(&bytes).trim_end());
+        Ok([len, 0, 0, 0])
+    }
+
+    fn report(&self, addr: u64, count: u64, stream: u64) -> Result<[u64; 4], Status> {
+        if stream >= vmrpc::STREAMS || count > vmrpc::REPORT_MAX {
+            return Err(Status::BadArgument);
+        }
+        let bytes = self.read_guest(addr, count * 8)?;
+        let samples: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let total = self.streams.append(stream as usize, &samples)?;
+        Ok([total, 0, 0, 0])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::timer::Interrupted;
+    use super::*;
+    use rtvm_abi::ABI_VERSION;
+
+    struct NoPark;
+    impl Park for NoPark {
+        fn park_until(&mut self, _: u64) -> Result<(), Interrupted> {
+            Err(Interrupted)
+        }
+    }
+
+    const PAGE: u64 = 0x10_0000;
+
+    fn server() -> RpcServer {
+        let ram = Arc::new(GuestRam::new(16 << 20).unwrap());
+        let facts = VcpuFacts {
+            index: 1,
+            count: 2,
+            realtime: true,
+            tsc_khz: 1_000_000,
+        };
+        RpcServer::new(facts, ram, Arc::new(SampleStreams::new()), AdvanceMode::Off)
+    }
+
+    fn call(
+        s: &mut RpcServer,
+        version: u32,
+        number: u32,
+        flags: u32,
+        args: [u64; 6],
+    ) -> (u32, [u64; 4]) {
+        let mem = s.ram.mem();
+        mem.write_obj(version, GuestAddress(PAGE)).unwrap();
+        mem.write_obj(number, GuestAddress(PAGE + 4)).unwrap();
+        mem.write_obj(flags, GuestAddress(PAGE + 8)).unwrap();
+        mem.write_obj(u32::MAX, GuestAddress(PAGE + 12)).unwrap();
+        for (i, a) in args.iter().enumerate() {
+            mem.write_obj(*a, GuestAddress(PAGE + 16 + 8 * i as u64))
+                .unwrap();
+        }
+        assert_eq!(
+            s.on_doorbell((PAGE >> 12) as u32, &mut NoPark),
+            Doorbell::Served
+        );
+        let mem = s.ram.mem();
+        let status: u32 = mem.read_obj(GuestAddress(PAGE + 12)).unwrap();
+        let results = std::array::from_fn(|i| {
+            mem.read_obj(GuestAddress(PAGE + 64 + 8 * i as u64))
+                .unwrap()
+        });
+        (status, results)
+    }
+
+    #[test]
+    fn ping_and_vcpu_info_answer() {
+        let mut s = server();
+        assert_eq!(
+            call(
+                &mut s,
+                ABI_VERSION,
+                Call::Ping as u32,
+                0,
+                [77, 0, 0, 0, 0, 0]
+            ),
+            (0, [77, 0, 0, 0])
+        );
+        let (status, r) = call(&mut s, ABI_VERSION, Call::VcpuInfo as u32, 0, [0; 6]);
+        assert_eq!((status, r), (0, [1, vcpu_info::REALTIME, 2, 1_000_000]));
+    }
+
+    #[test]
+    fn every_bad_argument_class_gets_its_status() {
+        let mut s = server();
+        let ram = 16u64 << 20;
+        let st = |s: &mut RpcServer, v, n, f, a| call(s, v, n, f, a).0;
+        assert_eq!(
+            st(&mut s, ABI_VERSION + 1, 1, 0, [0; 6]),
+            Status::BadAbiVersion as u32
+        );
+        assert_eq!(
+            st(&mut s, ABI_VERSION, 999, 0, [0; 6]),
+            Status::UnsupportedCall as u32
+        );
+        assert_eq!(
+            st(&mut s, ABI_VERSION, 1, 1 << 9, [0; 6]),
+            Status::BadFlags as u32
+        );
+        let log = Call::Log as u32;
+        assert_eq!(
+            st(&mut s, ABI_VERSION, log, 0, [ram, 16, 0, 0, 0, 0]),
+            Status::BadAddress as u32
+        );
+        assert_eq!(
+            st(&mut s, ABI_VERSION, log, 0, [u64::MAX - 7, 16, 0, 0, 0, 0]),
+            Status::BadAddress as u32
+        );
+        assert_eq!(
+            st(
+                &mut s,
+                ABI_VERSION,
+                log,
+                0,
+                [0, vmrpc::LOG_MAX + 1, 0, 0, 0, 0]
+            ),
+            Status::BadArgument as u32
+        );
+        let report = Call::Report as u32;
+        assert_eq!(
+            st(
+                &mut s,
+                ABI_VERSION,
+                report,
+                0,
+                [0, 1, vmrpc::STREAMS, 0, 0, 0]
+            ),
+            Status::BadArgument as u32
+        );
+        assert_eq!(
+            st(&mut s, ABI_VERSION, report, 0, [ram - 8, 2, 0, 0, 0, 0]),
+            Status::BadAddress as u32
+        );
+        assert_eq!(
+            st(&mut s, ABI_VERSION, report, 0, [0, u64::MAX, 0, 0, 0, 0]),
+            Status::BadArgument as u32
+        );
+        assert_eq!(
+            st(&mut s, ABI_VERSION, Call::WaitNext as u32, 0, [0; 6]),
+            Status::NotConfigured as u32
+        );
+        assert_eq!(
+            st(
+                &mut s,
+                ABI_VERSION,
+                Call::SleepUntil as u32,
+                0,
+                [u64::MAX, 0, 0, 0, 0, 0]
+            ),
+            Status::Interrupted as u32,
+            "a wait cut short says so"
+        );
+        assert_eq!(
+            s.on_doorbell((ram >> 12) as u32, &mut NoPark),
+            Doorbell::BadPage(Status::BadAddress)
+        );
+        assert_eq!(
+            s.on_doorbell(u32::MAX, &mut NoPark),
+            Doorbell::BadPage(Status::BadAddress)
+        );
+        // Still serving.
+        assert_eq!(
+            call(&mut s, ABI_VERSION, 1, 0, [5, 0, 0, 0, 0, 0]),
+            (0, [5, 0, 0, 0])
+        );
+    }
+
+    #[test]
+    fn reports_reach_their_stream() {
+        let mut s = server();
+        let mem = s.ram.mem();
+        for i in 0..3u64 {
+            mem.write_obj(100 + i, GuestAddress(0x20_0000 + 8 * i))
+                .unwrap();
+        }
+        let (status, r) = call(
+            &mut s,
+            ABI_VERSION,
+            Call::Report as u32,
+            0,
+            [0x20_0000, 3, 4, 0, 0, 0],
+        );
+        assert_eq!((status, r[0]), (0, 3));
+        assert_eq!(s.streams.take(4), vec![100, 101, 102]);
+        assert!(s.streams.take(4).is_empty());
+    }
+}
