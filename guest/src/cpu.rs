@@ -49,6 +49,19 @@ pub fn rdtsc() -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
+/// The time-stamp counter, read only once every earlier instruction has
+/// completed (`lfence` first), for timestamps that must not drift ahead of
+/// the work they measure. CPL3 only in practice: at CPL0 each read costs
+/// microseconds of emulation.
+pub fn rdtsc_ordered() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: lfence and rdtsc only order and read.
+    unsafe {
+        asm!("lfence", "rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
 /// Waits forever after a port write that ends this vCPU or the VM: the VMM
 /// stops the vCPU at the write, so this only guards against it not doing so.
 /// Never `hlt` with IF = 0: with the in-kernel irqchip it would never return

@@ -17,6 +17,7 @@ mod cpu;
 mod header;
 mod mem;
 mod vectors;
+mod vmrpc;
 mod workloads;
 
 use core::arch::asm;

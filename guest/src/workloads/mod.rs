@@ -2,11 +2,17 @@
 //! the guest header's name list is computed from it at compile time, so a
 //! new workload is a new module plus one entry here.
 
+mod bad_calls;
 mod bad_port;
 mod crash;
 mod exit;
 mod fault;
 mod hello;
+mod independence;
+mod periodic;
+mod rpc_bench;
+mod rpc_ping;
+mod sleep_test;
 mod spin;
 
 use rtvm_abi::{BootInfo, WORKLOAD_NAME_MAX};
@@ -81,6 +87,30 @@ pub const WORKLOADS: &[Workload] = &[
     Workload {
         name: "bad-port",
         run: bad_port::run,
+    },
+    Workload {
+        name: "rpc-ping",
+        run: rpc_ping::run,
+    },
+    Workload {
+        name: "sleep-test",
+        run: sleep_test::run,
+    },
+    Workload {
+        name: "periodic",
+        run: periodic::run,
+    },
+    Workload {
+        name: "independence",
+        run: independence::run,
+    },
+    Workload {
+        name: "bad-calls",
+        run: bad_calls::run,
+    },
+    Workload {
+        name: "rpc-bench",
+        run: rpc_bench::run,
     },
 ];
 

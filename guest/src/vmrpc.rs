@@ -1,0 +1,404 @@
+//! The guest's VMRPC client: calls to the host through this vCPU's call page
+//! and the doorbell port (see `rtvm_abi::vmrpc` for the contract).
+//!
+//! Everything here runs at CPL3: the doorbell `out` goes straight to the VMM
+//! (no trip through emulated CPL0), and `rdtsc` is native, so the host clock
+//! can be read from the TSC without an exit once it has been calibrated.
+//!
+//! An [`Rpc`] is made per workload run on each vCPU and owns that vCPU's
+//! call page for its lifetime (`&mut self` on every call keeps two calls from
+//! sharing the page); there is no global state.
+
+use crate::cpu;
+use crate::workloads::Ctx;
+use core::arch::asm;
+use core::fmt;
+use rtvm_abi::vmrpc::{
+    flags, vcpu_info, Call, CallPage, Status, ARGS, DOORBELL_ERROR, LOG_MAX, REPORT_MAX, RESULTS,
+};
+use rtvm_abi::{port, ABI_VERSION};
+
+/// What `status` holds until the host answers: no status has this number,
+/// so a call page the host never wrote is told apart from any answer.
+pub const UNANSWERED: u32 = 0xFFFF_FFFF;
+
+/// How many samples the clock calibration takes; it keeps the one with the
+/// shortest round trip, whose midpoint is the least uncertain.
+const CALIBRATION_SAMPLES: usize = 8;
+
+/// Samples per [`Batch`]: 4 KiB of stack, one `Report` call per batch.
+pub const BATCH: usize = 512;
+
+/// A failed call: the status number the host answered with (never `Ok`), or
+/// the one it put in EAX beside [`DOORBELL_ERROR`]. Kept as the raw number so
+/// that one this ABI version does not know can still be printed; `Display`
+/// names any number, `ok` included.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Error(pub u32);
+
+impl Error {
+    /// The status, if this ABI version defines the number.
+    pub fn status(self) -> Option<Status> {
+        Status::from_u32(self.0)
+    }
+}
+
+impl From<Status> for Error {
+    fn from(status: Status) -> Self {
+        Error(status as u32)
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self.status() {
+            Some(status) => f.write_str(status.name()),
+            None if self.0 == UNANSWERED => f.write_str("no answer (status left unwritten)"),
+            None => write!(f, "unknown status {}", self.0),
+        }
+    }
+}
+
+/// What `VcpuInfo` tells a vCPU about itself.
+#[derive(Clone, Copy, Debug)]
+pub struct VcpuInfo {
+    pub index: u64,
+    /// `rtvm_abi::vmrpc::vcpu_info` bits.
+    pub flags: u64,
+    pub count: u64,
+    /// TSC frequency in kHz; 0 if the host does not know it.
+    pub tsc_khz: u64,
+}
+
+impl VcpuInfo {
+    /// Whether waits should ask the host to return early and spin the rest:
+    /// only worth it when the host runs a timer advance, and only possible
+    /// when the guest can read the host clock from its TSC.
+    pub fn early_return(&self) -> bool {
+        self.flags & vcpu_info::TIMER_ADVANCE != 0 && self.tsc_khz != 0
+    }
+}
+
+/// The result of [`Rpc::wait_next`].
+#[derive(Clone, Copy, Debug)]
+pub struct WaitNext {
+    /// The deadline waited for (host ns).
+    pub deadline: u64,
+    /// Host time at return minus `deadline`, measured guest-side.
+    pub late_ns: u64,
+    /// Deadlines that had passed before the wait began.
+    pub missed: u64,
+}
+
+/// Rings the doorbell with `doorbell` and returns what the host left in EAX:
+/// `doorbell` itself, or [`DOORBELL_ERROR`] or-ed with a status.
+pub fn ring(doorbell: u32) -> u32 {
+    let mut eax = doorbell;
+    // SAFETY: the host reads and writes the call page during this `out`. No
+    // `nomem`, so the asm is a compiler memory barrier: the request writes
+    // stay before it and the answer reads after it.
+    unsafe {
+        asm!("out dx, eax", in("dx") port::DOORBELL, inout("eax") eax, options(nostack, preserves_flags))
+    };
+    eax
+}
+
+/// Writes a request, as given, into the call page at `page`, rings the
+/// doorbell with `doorbell` (normally `page >> 12`), and returns EAX after
+/// the `out`, the status and the results, whatever they are. For crafting
+/// malformed calls; [`Rpc::call`] is the checked way.
+///
+/// # Safety
+/// `page` must be a page of guest RAM that nothing else uses during the call.
+pub unsafe fn raw_call(
+    page: u64,
+    doorbell: u32,
+    version: u32,
+    number: u32,
+    flags: u32,
+    args: [u64; ARGS],
+) -> (u32, u32, [u64; RESULTS]) {
+    // Volatile: the host, not this program, reads these and writes the answer.
+    let p = page as *mut CallPage;
+    (&raw mut (*p).abi_version).write_volatile(version);
+    (&raw mut (*p).call).write_volatile(number);
+    (&raw mut (*p).flags).write_volatile(flags);
+    (&raw mut (*p).args).write_volatile(args);
+    (&raw mut (*p).status).write_volatile(UNANSWERED);
+    let eax = ring(doorbell);
+    let status = (&raw const (*p).status).read_volatile();
+    let results = (&raw const (*p).results).read_volatile();
+    (eax, status, results)
+}
+
+/// The VMRPC client of one vCPU.
+pub struct Rpc {
+    /// Guest-physical (= virtual) address of this vCPU's call page.
+    page: u64,
+    info: VcpuInfo,
+    /// A TSC reading and the host time it maps to (see `calibrate`).
+    tsc0: u64,
+    host0: u64,
+    /// Half the round trip of the calibration sample: how far the mapping's
+    /// offset can be off, since the host read its clock somewhere in it.
+    clock_error_ns: u64,
+}
+
+impl Rpc {
+    /// The client for the vCPU `ctx` runs on: asks the host about the vCPU
+    /// and calibrates the host clock against the TSC.
+    pub fn new(ctx: &Ctx) -> Rpc {
+        let mut rpc = Rpc {
+            page: ctx.info.vcpus[ctx.vcpu].call_page,
+            info: VcpuInfo {
+                index: 0,
+                flags: 0,
+                count: 0,
+                tsc_khz: 0,
+            },
+            tsc0: 0,
+            host0: 0,
+            clock_error_ns: 0,
+        };
+        rpc.info = rpc.vcpu_info();
+        // A mismatch means the host served this page on another vCPU's
+        // behalf (or mixed up pages): nothing measured here would mean much.
+        assert!(
+            rpc.info.index == ctx.vcpu as u64,
+            "VcpuInfo on vCPU {} answered index {}",
+            ctx.vcpu,
+            rpc.info.index
+        );
+        assert!(
+            rpc.info.count == ctx.vcpu_count() as u64,
+            "VcpuInfo answered {} vCPUs, the boot information {}",
+            rpc.info.count,
+            ctx.vcpu_count()
+        );
+        if rpc.info.tsc_khz != 0 {
+            rpc.calibrate();
+        }
+        rpc
+    }
+
+    /// Maps the TSC to host time: the host read its clock somewhere between
+    /// two TSC readings around a `Clock` call, so take the midpoint as the
+    /// moment it did, from the sample with the shortest round trip.
+    fn calibrate(&mut self) {
+        let mut best_window = u64::MAX;
+        for _ in 0..CALIBRATION_SAMPLES {
+            let t0 = cpu::rdtsc_ordered();
+            let host = self.clock();
+            let t1 = cpu::rdtsc_ordered();
+            let window = t1.wrapping_sub(t0);
+            if window < best_window {
+                best_window = window;
+                self.tsc0 = t0 + window / 2;
+                self.host0 = host;
+            }
+        }
+        self.clock_error_ns = self.ticks_to_ns(best_window / 2);
+    }
+
+    /// What the host said about this vCPU when the client was made.
+    pub fn info(&self) -> VcpuInfo {
+        self.info
+    }
+
+    /// The address of this vCPU's call page.
+    pub fn page(&self) -> u64 {
+        self.page
+    }
+
+    /// How far [`Rpc::host_now`] may be off the host clock (0 when it asks
+    /// the host each time), not counting TSC drift since the calibration.
+    pub fn clock_error_ns(&self) -> u64 {
+        self.clock_error_ns
+    }
+
+    /// TSC ticks in ns. Only for a vCPU whose `tsc_khz` is known (non-zero).
+    pub fn ticks_to_ns(&self, ticks: u64) -> u64 {
+        (u128::from(ticks) * 1_000_000 / u128::from(self.info.tsc_khz)) as u64
+    }
+
+    /// The host clock (CLOCK_MONOTONIC ns), from the TSC without an exit;
+    /// with a `Clock` call if the TSC frequency is unknown.
+    pub fn host_now(&mut self) -> u64 {
+        if self.info.tsc_khz == 0 {
+            return self.clock();
+        }
+        // Saturating: a TSC reading before the calibration point (another
+        // host CPU's TSC a little behind) maps to no earlier than it.
+        self.host0 + self.ticks_to_ns(cpu::rdtsc_ordered().saturating_sub(self.tsc0))
+    }
+
+    /// Makes a call and returns its results, or the status it failed with.
+    pub fn call(
+        &mut self,
+        call: Call,
+        flags: u32,
+        args: [u64; ARGS],
+    ) -> Result<[u64; RESULTS], Error> {
+        let doorbell = (self.page >> 12) as u32;
+        // SAFETY: the page is this vCPU's call page, reserved for it by the
+        // VMM, and `&mut self` keeps any other call off it meanwhile.
+        let (eax, status, results) =
+            unsafe { raw_call(self.page, doorbell, ABI_VERSION, call as u32, flags, args) };
+        if eax & DOORBELL_ERROR != 0 {
+            return Err(Error(eax & !DOORBELL_ERROR));
+        }
+        match status {
+            0 => Ok(results),
+            n => Err(Error(n)),
+        }
+    }
+
+    /// A call that must not fail: a failure means the host is broken (or
+    /// the caller passed nonsense), so panic, which reports it to the VMM.
+    fn must(&mut self, call: Call, flags: u32, args: [u64; ARGS]) -> [u64; RESULTS] {
+        self.call(call, flags, args)
+            .unwrap_or_else(|e| panic!("VMRPC {call:?} failed: {e}"))
+    }
+
+    /// The host echoes `x`.
+    pub fn ping(&mut self, x: u64) -> u64 {
+        self.must(Call::Ping, 0, [x, 0, 0, 0, 0, 0])[0]
+    }
+
+    /// Host CLOCK_MONOTONIC in ns, read by the host (one exit).
+    pub fn clock(&mut self) -> u64 {
+        self.must(Call::Clock, 0, [0; ARGS])[0]
+    }
+
+    pub fn vcpu_info(&mut self) -> VcpuInfo {
+        let [index, flags, count, tsc_khz] = self.must(Call::VcpuInfo, 0, [0; ARGS]);
+        VcpuInfo {
+            index,
+            flags,
+            count,
+            tsc_khz,
+        }
+    }
+
+    /// Writes `text` to the VMM's log, in pieces of at most `LOG_MAX` bytes
+    /// cut at character boundaries.
+    pub fn log(&mut self, mut text: &str) {
+        while !text.is_empty() {
+            let mut len = text.len().min(LOG_MAX as usize);
+            while !text.is_char_boundary(len) {
+                len -= 1;
+            }
+            let (piece, rest) = text.split_at(len);
+            self.must(
+                Call::Log,
+                0,
+                [piece.as_ptr() as u64, len as u64, 0, 0, 0, 0],
+            );
+            text = rest;
+        }
+    }
+
+    /// Appends `samples` to the host's sample stream `stream`, in calls of at
+    /// most `REPORT_MAX` samples. (Guest addresses are physical addresses:
+    /// memory is identity mapped.)
+    pub fn report(&mut self, stream: u64, samples: &[u64]) {
+        for chunk in samples.chunks(REPORT_MAX as usize) {
+            let args = [chunk.as_ptr() as u64, chunk.len() as u64, stream, 0, 0, 0];
+            self.must(Call::Report, 0, args);
+        }
+    }
+
+    /// Starts this vCPU's periodic timer; returns the first deadline.
+    pub fn periodic(&mut self, period_ns: u64, first_deadline: u64) -> u64 {
+        self.must(Call::Periodic, 0, [period_ns, first_deadline, 0, 0, 0, 0])[0]
+    }
+
+    /// The flags for a wait: early return when it pays (see `VcpuInfo`).
+    fn wait_flags(&self) -> u32 {
+        if self.info.early_return() {
+            flags::EARLY_RETURN
+        } else {
+            0
+        }
+    }
+
+    /// Spins at CPL3 until the host clock reaches `deadline`; returns how
+    /// late it got there. Native code, no exits: this is the last stretch
+    /// the host left to the guest with an early return.
+    fn spin_until(&mut self, deadline: u64) -> u64 {
+        loop {
+            let now = self.host_now();
+            if now >= deadline {
+                return now - deadline;
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Waits for the next deadline of the periodic timer. Never returns
+    /// before it: when the host returns early, spins the rest.
+    pub fn wait_next(&mut self) -> Result<WaitNext, Error> {
+        let wait_flags = self.wait_flags();
+        let results = self.call(Call::WaitNext, wait_flags, [0; ARGS])?;
+        let deadline = results[0];
+        // Without early return the host already waited; the spin then only
+        // measures (one pass), so lateness is counted the same way either way.
+        let late_ns = self.spin_until(deadline);
+        Ok(WaitNext {
+            deadline,
+            late_ns,
+            missed: results[2],
+        })
+    }
+
+    /// Waits until host time `deadline`; returns how late (ns, guest-side)
+    /// it returned. Never returns before the deadline. (With early return,
+    /// "before" is judged by `host_now`, whose offset is only known to
+    /// `clock_error_ns`; half an exit, but any host `Clock` read afterwards
+    /// costs a whole exit entry, so it always sees the deadline passed.)
+    pub fn sleep_until(&mut self, deadline: u64) -> Result<u64, Error> {
+        let wait_flags = self.wait_flags();
+        self.call(Call::SleepUntil, wait_flags, [deadline, 0, 0, 0, 0, 0])?;
+        Ok(self.spin_until(deadline))
+    }
+
+    /// Waits `ns` from now; returns how late it returned, as `sleep_until`.
+    #[expect(dead_code, reason = "library API; the workloads need their deadlines")]
+    pub fn sleep(&mut self, ns: u64) -> Result<u64, Error> {
+        let deadline = self.host_now() + ns;
+        self.sleep_until(deadline)
+    }
+}
+
+/// Samples collected in a fixed buffer and handed to the host one full
+/// batch at a time: a run of any length needs one batch of memory, and the
+/// `Report` exits stay out of the measured stretches as far as possible.
+pub struct Batch {
+    stream: u64,
+    len: usize,
+    samples: [u64; BATCH],
+}
+
+impl Batch {
+    pub fn new(stream: u64) -> Batch {
+        Batch {
+            stream,
+            len: 0,
+            samples: [0; BATCH],
+        }
+    }
+
+    pub fn push(&mut self, rpc: &mut Rpc, sample: u64) {
+        self.samples[self.len] = sample;
+        self.len += 1;
+        if self.len == BATCH {
+            self.flush(rpc);
+        }
+    }
+
+    /// Reports what is buffered (nothing if empty).
+    pub fn flush(&mut self, rpc: &mut Rpc) {
+        rpc.report(self.stream, &self.samples[..self.len]);
+        self.len = 0;
+    }
+}

@@ -1,0 +1,128 @@
+//! `periodic rt=V period=P count=N overrun_every=M`: a real-time task on
+//! vCPU V (default: the last) waits for N (default 1000) deadlines of a
+//! periodic host timer of period P ns (default 1 ms) and reports how late
+//! each wait returned (stream 0) and how many deadlines it missed (stream 1).
+//! Every Mth cycle (default 0: never) it overruns on purpose, busy for 3.5
+//! periods, and the next wait must then report exactly 3 missed deadlines.
+//!
+//! Meanwhile vCPU 0, if it is not the RT vCPU, keeps making calls
+//! (housekeeping) to show the other vCPUs and the VMM go on serving while
+//! the RT vCPU is parked in the host.
+
+use super::Ctx;
+use crate::cpu;
+use crate::vmrpc::{Batch, Rpc};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+/// Set by the RT task when it has finished, after `STATUS`.
+static DONE: AtomicBool = AtomicBool::new(false);
+/// The exit status the RT task asks for.
+static STATUS: AtomicU32 = AtomicU32::new(0);
+
+pub fn run(ctx: &Ctx) -> ! {
+    let rt = ctx.number_arg("rt", ctx.vcpu_count() as u64 - 1);
+    if rt >= ctx.vcpu_count() as u64 {
+        if ctx.is_first_vcpu() {
+            println!(
+                "periodic: rt={rt}, but there are only {} vCPUs",
+                ctx.vcpu_count()
+            );
+            cpu::exit(2);
+        }
+        cpu::vcpu_off();
+    }
+    if ctx.vcpu as u64 == rt {
+        rt_task(ctx)
+    } else if ctx.is_first_vcpu() {
+        housekeeping(ctx)
+    } else {
+        cpu::vcpu_off()
+    }
+}
+
+fn rt_task(ctx: &Ctx) -> ! {
+    let period = ctx.number_arg("period", 1_000_000);
+    let count = ctx.number_arg("count", 1000);
+    let overrun_every = ctx.number_arg("overrun_every", 0);
+    let mut rpc = Rpc::new(ctx);
+    let mut late = Batch::new(0);
+    let mut missed = Batch::new(1);
+    let (mut total_missed, mut max_late) = (0, 0);
+    // Overruns whose next wait did not report 3 missed deadlines, the first
+    // of them as (cycle, missed), and how many of them were in phase.
+    let (mut overruns, mut bad_overruns, mut first_bad, mut in_phase) = (0, 0, None, 0);
+    // The deadline of the cycle that overran, if the last one did.
+    let mut overran: Option<u64> = None;
+
+    rpc.periodic(period, 0);
+    for cycle in 1..=count {
+        let wait = rpc
+            .wait_next()
+            .unwrap_or_else(|e| panic!("WaitNext in cycle {cycle}: {e}"));
+        late.push(&mut rpc, wait.late_ns);
+        missed.push(&mut rpc, wait.missed);
+        total_missed += wait.missed;
+        max_late = max_late.max(wait.late_ns);
+        if let Some(overran) = overran.filter(|_| wait.missed != 3) {
+            bad_overruns += 1;
+            first_bad.get_or_insert((cycle, wait.missed));
+            // The count matches the deadline the host chose: it is right,
+            // only the call reached the host late (the vCPU was preempted).
+            if wait.deadline == overran + (wait.missed + 1) * period {
+                in_phase += 1;
+            }
+        }
+        overran = None;
+        if overrun_every != 0 && cycle % overrun_every == 0 && cycle < count {
+            // Busy until halfway between the 3rd and 4th deadline after this
+            // one (counted from the deadline, not from when the wait
+            // returned, so this cycle's lateness cannot shift the count):
+            // exactly 3 deadlines pass before the next wait.
+            overruns += 1;
+            overran = Some(wait.deadline);
+            let until = wait.deadline + 3 * period + period / 2;
+            while rpc.host_now() < until {
+                core::hint::spin_loop();
+            }
+        }
+    }
+    late.flush(&mut rpc);
+    missed.flush(&mut rpc);
+
+    println!("periodic: cycles={count} missed={total_missed} max_late_ns={max_late}");
+    let status = match first_bad {
+        Some((cycle, got)) => {
+            println!(
+                "periodic: {bad_overruns} of {overruns} overruns not reported as 3 missed \
+                 (first: cycle {cycle}, missed {got}) FAIL"
+            );
+            if in_phase > 0 {
+                println!(
+                    "periodic: {in_phase} of those counted right for when the call reached \
+                     the host, over half a period late: the vCPU was preempted (make it RT)"
+                );
+            }
+            1
+        }
+        None => 0,
+    };
+    if ctx.is_first_vcpu() {
+        cpu::exit(status);
+    }
+    STATUS.store(status, Ordering::Relaxed);
+    DONE.store(true, Ordering::Release);
+    cpu::vcpu_off()
+}
+
+/// vCPU 0's job while the RT task runs elsewhere: calls, and the VM's end.
+fn housekeeping(ctx: &Ctx) -> ! {
+    let mut rpc = Rpc::new(ctx);
+    let mut pings: u64 = 0;
+    while !DONE.load(Ordering::Acquire) {
+        let echo = rpc.ping(pings);
+        assert_eq!(echo, pings, "housekeeping ping echoed wrong");
+        pings += 1;
+    }
+    println!("housekeeping: {pings} pings while the RT task ran");
+    cpu::exit(STATUS.load(Ordering::Relaxed))
+}
