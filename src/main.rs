@@ -48,7 +48,7 @@ pub struct RunArgs {
     /// TOML file with the VM's options; flags given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// The guest: builtin:NAME (workloads: hello, exit, spin, fault, crash, bad-port).
+    /// The guest: builtin:NAME, a workload of the built-in guest (an unknown NAME lists them all).
     #[arg(long, value_name = "SPEC")]
     guest: Option<GuestSpec>,
     /// Number of vCPUs [default: 1].

@@ -189,8 +189,24 @@ fn config_file_errors_are_clear_and_exit_2() {
 
 #[test]
 fn bad_flags_are_clear_and_exit_2() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["run"], "--guest builtin:NAME or --config FILE"),
+        (
+            &["run", "--guest", "builtin:hello", "--rt-vcpu", "1"],
+            "INDEX:prio=P",
+        ),
+        (
+            &["run", "--guest", "builtin:hello", "--rt-vcpu", "0:prio=120"],
+            "out of range 1..=99",
+        ),
+        (
+            &["run", "--guest", "builtin:hello", "--rt-vcpu", "3:prio=50"],
+            "settings for vCPU 3",
+        ),
+        (
+            &["run", "--guest", "builtin:hello", "--timer-advance", "soon"],
+            "timer advance",
+        ),
         (&["run", "--guest", "hello"], "builtin:NAME"),
         (
             &["run", "--guest", "builtin:hello", "--memory", "12Q"],
@@ -312,6 +328,56 @@ fn bench_boot_reports_json() {
 }
 
 #[test]
+fn rt_vcpu_flag_applies_and_reports_rt_settings() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run(&[
+        "run",
+        "--guest",
+        "builtin:rpc-ping",
+        "--vcpus",
+        "2",
+        "--rt-vcpu",
+        "1:prio=55",
+        "--cmdline",
+        "count=5",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("real-time setup (host preemption model:"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("[ok]     vCPU 1: SCHED_FIFO priority 55"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bench_rpc_reports_json() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run(&["bench", "rpc", "--json", "--samples", "200"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for path in ["floor", "ping"] {
+        assert_eq!(json[path]["samples"], 200, "{json}");
+        for key in ["min_us", "avg_us", "p50_us", "p99_us", "p999_us", "max_us"] {
+            assert!(
+                json[path][key].as_f64().is_some_and(|v| v > 0.0),
+                "{path}.{key}: {json}"
+            );
+        }
+    }
+    let ratio = json["ratio_p50"].as_f64().unwrap();
+    assert!(ratio > 0.1 && ratio < 10.0, "{json}");
+    assert!(json["machine"]["preemption"].is_string());
+}
+
+#[test]
 fn demo_boots_two_vcpus_and_reports() {
     if !kvm_available() {
         return;
@@ -331,6 +397,7 @@ fn every_command_has_help() {
         &["demo", "--help"],
         &["bench", "--help"],
         &["bench", "boot", "--help"],
+        &["bench", "rpc", "--help"],
     ] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(0), "{args:?}");

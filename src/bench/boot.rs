@@ -1,21 +1,15 @@
-//! `rtvm bench …`: benchmarks. Each one measures in one run, on one machine,
-//! and reports figures beside their targets; nothing here is a pass/fail test.
+//! `rtvm bench boot`: process start to the guest's first console line, and
+//! the VMM's memory beyond the guest RAM the guest touched.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use clap::{Args, Subcommand};
+use clap::Args;
 use rtvm_vmm::host::HostInfo;
 
-use crate::EXIT_HOST_ERROR;
-
-#[derive(Subcommand)]
-pub enum BenchCommand {
-    /// Process start to the guest's first console line, and VMM memory overhead.
-    Boot(BootArgs),
-}
+use super::machine_json;
 
 #[derive(Args)]
 pub struct BootArgs {
@@ -33,18 +27,6 @@ pub struct BootArgs {
 /// Targets from the foundation issue (Firecracker's published figures).
 const TARGET_FIRST_OUTPUT_MS: f64 = 20.0;
 const TARGET_OVERHEAD_MIB: f64 = 5.0;
-
-pub fn run(cmd: &BenchCommand) -> ExitCode {
-    match cmd {
-        BenchCommand::Boot(args) => match boot(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("rtvm: error: bench boot: {e}");
-                ExitCode::from(EXIT_HOST_ERROR)
-            }
-        },
-    }
-}
 
 struct BootSample {
     first_output_ms: f64,
@@ -103,7 +85,7 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
-fn boot(args: &BootArgs) -> Result<(), String> {
+pub fn run(args: &BootArgs) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the rtvm binary: {e}"))?;
     let stats = std::env::temp_dir().join(format!("rtvm-bench-boot-{}.json", std::process::id()));
     let mut samples = Vec::with_capacity(args.runs as usize);
@@ -136,13 +118,7 @@ fn boot(args: &BootArgs) -> Result<(), String> {
                 "first_output_ms": TARGET_FIRST_OUTPUT_MS,
                 "vmm_overhead_mib": TARGET_OVERHEAD_MIB,
             },
-            "machine": {
-                "cpu": host.cpu_model,
-                "cpus": host.cpus,
-                "kernel": host.kernel,
-                "preemption": host.preemption,
-                "kvm_module": host.kvm_module,
-            },
+            "machine": machine_json(&host),
         });
         println!("{json}");
     } else {

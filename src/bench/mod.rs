@@ -1,0 +1,48 @@
+//! `rtvm bench …`: benchmarks. Each one measures its paths side by side in
+//! one run, on one machine, and reports figures and ratios beside their
+//! targets; nothing here is a pass/fail test.
+
+mod boot;
+mod rpc;
+pub mod stats;
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use rtvm_vmm::host::HostInfo;
+use serde_json::{json, Value};
+
+use crate::EXIT_HOST_ERROR;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Process start to the guest's first console line, and VMM memory overhead.
+    Boot(boot::BootArgs),
+    /// VMRPC null-call round trip vs the raw port-I/O exit floor, from guest CPL3.
+    Rpc(rpc::RpcArgs),
+}
+
+pub fn run(cmd: &BenchCommand) -> ExitCode {
+    let result = match cmd {
+        BenchCommand::Boot(args) => boot::run(args),
+        BenchCommand::Rpc(args) => rpc::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rtvm: error: bench: {e}");
+            ExitCode::from(EXIT_HOST_ERROR)
+        }
+    }
+}
+
+/// The `machine` object of every bench's JSON.
+pub fn machine_json(host: &HostInfo) -> Value {
+    json!({
+        "cpu": host.cpu_model,
+        "cpus": host.cpus,
+        "kernel": host.kernel,
+        "preemption": host.preemption,
+        "kvm_module": host.kvm_module,
+    })
+}

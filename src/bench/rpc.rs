@@ -1,0 +1,101 @@
+//! `rtvm bench rpc`: the VMRPC null call (`ping`) against the raw exit floor
+//! (an `out` to the NOP port, which the VMM answers with nothing), measured
+//! interleaved from guest CPL3 with the guest's TSC, in one VM.
+
+use clap::Args;
+use rtvm_vmm::host::HostInfo;
+use rtvm_vmm::realtime::{RtBandwidth, RtPolicy};
+use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig};
+use serde_json::json;
+
+use super::machine_json;
+use super::stats::Stats;
+
+#[derive(Args)]
+pub struct RpcArgs {
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Samples of each path.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(10..=1_000_000))]
+    samples: u64,
+    /// Run the measuring vCPU as a real-time vCPU (SCHED_FIFO 80, pinned to
+    /// the last CPU). The guest never stops calling, so its RT bandwidth is
+    /// raised to 90% for the run; the cap would otherwise throttle it.
+    #[arg(long)]
+    rt: bool,
+}
+
+/// The target from the VMRPC issue: a call costs at most 5% over a bare exit.
+const TARGET_RATIO_P50: f64 = 1.05;
+const FLOOR_STREAM: usize = 0;
+const PING_STREAM: usize = 1;
+
+pub fn run(args: &RpcArgs) -> Result<(), String> {
+    let host = HostInfo::probe();
+    let mut config = VmConfig::new(GuestSpec::Builtin("rpc-bench".into()));
+    config.cmdline = format!("count={}", args.samples);
+    if args.rt {
+        config.set_rt(
+            0,
+            RtPolicy {
+                priority: 80,
+                cpu: Some(host.cpus - 1),
+            },
+        );
+        config.rt_bandwidth = RtBandwidth {
+            runtime_us: 90_000,
+            period_us: 100_000,
+        };
+    }
+    let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let vm = Vm::new(&config, Console::capture(output.clone())).map_err(|e| e.to_string())?;
+    let run = vm.run().map_err(|e| e.to_string())?;
+    if !run.reason.is_clean() || run.reason.exit_code() != 0 {
+        let console = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
+        return Err(format!(
+            "the benchmark guest failed: {}\n{console}",
+            run.reason
+        ));
+    }
+    let floor =
+        Stats::from_ns(&run.streams[FLOOR_STREAM]).ok_or("the guest reported no floor samples")?;
+    let ping =
+        Stats::from_ns(&run.streams[PING_STREAM]).ok_or("the guest reported no ping samples")?;
+    let ratio_p50 = ping.p50_us / floor.p50_us;
+    let rt: Vec<String> = run
+        .rt_report
+        .items
+        .iter()
+        .map(|i| match &i.result {
+            Ok(()) => format!("ok: {}", i.what),
+            Err(e) => format!("FAILED: {}: {e}", i.what),
+        })
+        .collect();
+
+    if args.json {
+        let mut machine = machine_json(&host);
+        machine["rt"] = json!(rt);
+        let out = json!({
+            "floor": floor.to_json(),
+            "ping": ping.to_json(),
+            "ratio_p50": ratio_p50,
+            "target_ratio_p50": TARGET_RATIO_P50,
+            "machine": machine,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "rtvm bench rpc: {} interleaved samples per path, from guest CPL3 ({} on {}, preemption {})",
+            args.samples, host.kvm_module, host.cpu_model, host.preemption
+        );
+        println!("{}", Stats::TABLE_HEADER);
+        println!("{}", floor.table_row("floor (bare exit)"));
+        println!("{}", ping.table_row("ping (VMRPC)"));
+        println!("ratio of p50s ping/floor: {ratio_p50:.3} (target <= {TARGET_RATIO_P50})");
+        for line in rt {
+            println!("  rt {line}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,366 @@
+//! VMRPC and VM long polling, through real guests: the built-in guest's
+//! workload runs on one side, the assertion on what the VMM saw on the other.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rtvm_vmm::realtime::{RtBandwidth, RtPolicy};
+use rtvm_vmm::rpc::timer::AdvanceMode;
+use rtvm_vmm::testing::kvm_available;
+use rtvm_vmm::vcpu::VcpuState;
+use rtvm_vmm::{Console, Error, GuestSpec, RunningVm, Vm, VmConfig, VmExitReason, VmRun};
+
+fn config(workload: &str, vcpus: usize, cmdline: &str) -> VmConfig {
+    let mut c = VmConfig::new(GuestSpec::Builtin(workload.into()));
+    c.vcpus = vcpus;
+    c.memory = 32 << 20;
+    c.cmdline = cmdline.into();
+    c
+}
+
+fn start(config: &VmConfig) -> (RunningVm, Arc<Mutex<Vec<u8>>>) {
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let vm = Vm::new(config, Console::capture(out.clone())).expect("VM set up");
+    (vm.start().expect("VM started"), out)
+}
+
+fn text(out: &Arc<Mutex<Vec<u8>>>) -> String {
+    String::from_utf8_lossy(&out.lock().unwrap()).into_owned()
+}
+
+/// Runs to the end (at most 60 s); returns the run and the console.
+fn run(config: &VmConfig) -> (VmRun, String) {
+    let (running, out) = start(config);
+    let ended = running.wait_timeout(Duration::from_secs(60));
+    let run = running.stop();
+    assert!(
+        ended.is_some(),
+        "guest did not end within 60 s; console:\n{}",
+        text(&out)
+    );
+    (run, text(&out))
+}
+
+fn assert_exit_0(run: &VmRun, console: &str) {
+    assert_eq!(
+        run.reason,
+        VmExitReason::GuestExit {
+            vcpu: run_exit_vcpu(run),
+            status: 0
+        },
+        "console:\n{console}"
+    );
+}
+
+fn run_exit_vcpu(run: &VmRun) -> usize {
+    match run.reason {
+        VmExitReason::GuestExit { vcpu, .. } => vcpu,
+        _ => usize::MAX,
+    }
+}
+
+/// The last host CPU: RT vCPUs in tests are pinned there.
+fn last_cpu() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
+}
+
+fn rt(priority: u8) -> RtPolicy {
+    RtPolicy {
+        priority,
+        cpu: Some(last_cpu()),
+    }
+}
+
+/// Held by tests that run RT vCPUs: each VM reserves 40% of a CPU of RT
+/// bandwidth, and the host grants 95% in all, so they take turns.
+static RT_BANDWIDTH: Mutex<()> = Mutex::new(());
+
+fn rt_turn() -> std::sync::MutexGuard<'static, ()> {
+    RT_BANDWIDTH.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[test]
+fn ping_is_answered() {
+    if !kvm_available() {
+        return;
+    }
+    let (run, out) = run(&config("rpc-ping", 1, "count=500"));
+    assert_exit_0(&run, &out);
+    assert!(out.contains("rpc-ping: 500 calls answered"), "{out}");
+}
+
+#[test]
+fn sleep_until_wakes_after_never_before_the_deadline() {
+    if !kvm_available() {
+        return;
+    }
+    let _turn = rt_turn();
+    // A plain vCPU (host arms its timer at the deadline) and an RT vCPU with
+    // the adaptive advance (early return, then a CPL3 spin in the guest).
+    let plain = config("sleep-test", 1, "count=20 ns=2000000");
+    let mut realtime = plain.clone();
+    realtime.set_rt(0, rt(70));
+    for c in [plain, realtime] {
+        let (run, out) = run(&c);
+        assert_exit_0(&run, &out);
+        assert!(out.contains("sleep-test: 20 sleeps, none early"), "{out}");
+    }
+}
+
+#[test]
+fn periodic_counts_missed_periods_when_the_task_overruns() {
+    if !kvm_available() {
+        return;
+    }
+    let _turn = rt_turn();
+    let mut c = config(
+        "periodic",
+        2,
+        "rt=1 period=2000000 count=60 overrun_every=20",
+    );
+    c.set_rt(1, rt(70));
+    let (run, out) = run(&c);
+    assert_exit_0(&run, &out);
+    assert!(out.contains("periodic: cycles=60"), "{out}");
+    assert!(out.contains("housekeeping:"), "vCPU 0 kept working: {out}");
+    let missed = &run.streams[1];
+    assert_eq!(missed.len(), 60, "one missed count per cycle");
+    // Cycles 20 and 40 overran by 3.5 periods: the following waits report 3.
+    assert_eq!(missed[20], 3, "{missed:?}");
+    assert_eq!(missed[40], 3, "{missed:?}");
+    assert_eq!(run.streams[0].len(), 60, "one lateness sample per cycle");
+}
+
+#[test]
+fn a_parked_vcpu_does_not_stall_the_others() {
+    if !kvm_available() {
+        return;
+    }
+    let (running, out) = start(&config("independence", 2, "ns=1000000000"));
+    let parked = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(5));
+        running.vcpus()[1].state() == VcpuState::Waiting
+    });
+    assert!(parked, "vCPU 1 is seen parked in its long poll");
+    let ended = running.wait_timeout(Duration::from_secs(30));
+    let run = running.stop();
+    let out = text(&out);
+    assert!(ended.is_some(), "{out}");
+    assert_exit_0(&run, &out);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("independence:"))
+        .expect("result line");
+    let pings: u64 = line
+        .split_whitespace()
+        .nth(4)
+        .and_then(|n| n.parse().ok())
+        .expect(line);
+    let slept_ms: u64 = line
+        .split_whitespace()
+        .nth(10)
+        .and_then(|n| n.parse().ok())
+        .expect(line);
+    assert!(pings >= 1000, "vCPU 0 answered thousands of pings: {line}");
+    assert!(slept_ms >= 1000, "{line}");
+}
+
+/// Starts a guest whose vCPU 0 parks in a 30 s sleep and waits until it does.
+fn parked_guest() -> RunningVm {
+    let (running, _) = start(&config("sleep-test", 1, "count=1 ns=30000000000"));
+    let parked = (0..400).any(|_| {
+        std::thread::sleep(Duration::from_millis(5));
+        running.vcpus()[0].state() == VcpuState::Waiting
+    });
+    assert!(parked, "vCPU 0 parks in its long poll");
+    running
+}
+
+#[test]
+fn shutdown_while_parked_is_prompt() {
+    if !kvm_available() {
+        return;
+    }
+    let running = parked_guest();
+    let start = Instant::now();
+    let run = running.stop();
+    let took = start.elapsed();
+    assert_eq!(run.reason, VmExitReason::Stopped);
+    assert!(took < Duration::from_millis(100), "stop took {took:?}");
+}
+
+#[test]
+fn a_parked_vcpu_pauses_and_resumes_its_wait() {
+    if !kvm_available() {
+        return;
+    }
+    let running = parked_guest();
+    assert!(running.pause(Duration::from_secs(2)));
+    assert_eq!(running.vcpus()[0].state(), VcpuState::Paused);
+    running.resume();
+    assert!(running.vcpus()[0].wait_for(VcpuState::Waiting, Duration::from_secs(2)));
+    assert_eq!(
+        running.wait_timeout(Duration::from_millis(100)),
+        None,
+        "still sleeping"
+    );
+    running.stop();
+}
+
+#[test]
+fn every_bad_argument_class_gets_its_status_and_the_vmm_stays_up() {
+    if !kvm_available() {
+        return;
+    }
+    let (run, out) = run(&config("bad-calls", 1, ""));
+    assert!(!out.contains("FAIL"), "{out}");
+    assert_exit_0(&run, &out);
+    let answered = out
+        .lines()
+        .filter(|l| l.starts_with("bad-calls:") && l.ends_with(" ok"))
+        .count();
+    assert!(answered >= 14, "{answered} classes: {out}");
+    assert!(
+        out.contains(&format!("bad-calls: all {answered} classes answered")),
+        "{out}"
+    );
+}
+
+#[test]
+fn report_lists_the_applied_rt_settings() {
+    if !kvm_available() {
+        return;
+    }
+    let _turn = rt_turn();
+    let mut c = config("rpc-ping", 2, "count=10");
+    c.set_rt(1, rt(60));
+    let (run, _) = run(&c);
+    let report = run.rt_report.to_string();
+    for expected in [
+        "vCPU 1: SCHED_FIFO priority 60",
+        "vCPU 1: timer slack 1 ns",
+        "cpu_dma_latency",
+    ] {
+        let item = run
+            .rt_report
+            .items
+            .iter()
+            .find(|i| i.what.contains(expected));
+        let item = item.unwrap_or_else(|| panic!("{expected} missing from\n{report}"));
+        assert!(item.result.is_ok(), "{report}");
+    }
+    assert!(
+        report.contains(&format!("vCPU 1: pinned to host CPU {}", last_cpu())),
+        "{report}"
+    );
+    assert!(
+        !report.contains("vCPU 0: SCHED_FIFO"),
+        "vCPU 0 is not RT: {report}"
+    );
+    assert!(report.contains("preemption model"), "{report}");
+    if std::path::Path::new("/sys/fs/cgroup/cpu/cpu.rt_runtime_us").exists() {
+        let cap = run
+            .rt_report
+            .items
+            .iter()
+            .find(|i| i.what.starts_with("RT bandwidth cap"));
+        assert!(
+            cap.is_some_and(|i| i.result.is_ok()),
+            "cgroup v1 cap applied: {report}"
+        );
+    }
+}
+
+#[test]
+fn rt_strict_refuses_to_start_when_a_setting_fails() {
+    if !kvm_available() {
+        return;
+    }
+    let _turn = rt_turn();
+    let mut c = config("rpc-ping", 1, "count=10");
+    c.set_rt(0, rt(60));
+    // More RT bandwidth than the host grants any group (95% by default).
+    c.rt_bandwidth = RtBandwidth {
+        runtime_us: 99_000,
+        period_us: 100_000,
+    };
+    c.rt_strict = true;
+    let vm = Vm::new(&c, Console::default()).unwrap();
+    match vm.start() {
+        Err(Error::Realtime(msg)) => assert!(
+            msg.contains("--rt-strict") && msg.contains("RT bandwidth"),
+            "{msg}"
+        ),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(running) => {
+            running.stop();
+            panic!("started although the RT bandwidth cannot be granted");
+        }
+    }
+    // Without --rt-strict the same VM runs, and the report says what failed.
+    c.rt_strict = false;
+    let (run, out) = run(&c);
+    assert_exit_0(&run, &out);
+    assert!(run
+        .rt_report
+        .failures()
+        .any(|f| f.what.contains("RT bandwidth")));
+}
+
+/// CPU time the calling thread used, in ns.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and a live timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[test]
+fn a_spinning_rt_vcpu_leaves_the_host_cpu_time() {
+    if !kvm_available() {
+        return;
+    }
+    let _turn = rt_turn();
+    let cpu = last_cpu();
+    let mut c = config("spin", 1, "");
+    c.set_rt(
+        0,
+        RtPolicy {
+            priority: 10,
+            cpu: Some(cpu),
+        },
+    );
+    c.timer_advance = AdvanceMode::Off;
+    let (running, _) = start(&c);
+    assert!(running.vcpus()[0].wait_for(VcpuState::Running, Duration::from_secs(5)));
+    // A SCHED_OTHER thread on the same CPU as the spinning SCHED_FIFO vCPU.
+    let share = std::thread::spawn(move || {
+        // SAFETY: a zeroed cpu_set_t is valid; cpu is a CPU of this host.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+        let (wall, cpu0) = (Instant::now(), thread_cpu_ns());
+        while wall.elapsed() < Duration::from_secs(1) {
+            std::hint::black_box(0u64);
+        }
+        (thread_cpu_ns() - cpu0) as f64 / wall.elapsed().as_nanos() as f64
+    })
+    .join()
+    .unwrap();
+    let run = running.stop();
+    assert_eq!(run.reason, VmExitReason::Stopped);
+    eprintln!(
+        "host SCHED_OTHER thread beside a spinning RT vCPU: {:.1}% of its CPU",
+        share * 100.0
+    );
+    assert!(
+        share >= 0.05,
+        "the host thread got {:.1}% of its CPU",
+        share * 100.0
+    );
+}
