@@ -27,7 +27,8 @@
 //!
 //! Times are host `CLOCK_MONOTONIC` nanoseconds ([`Call::Clock`]). A guest that
 //! wants to read the host clock without an exit maps it from its TSC with the
-//! `tsc_khz` that [`Call::VcpuInfo`] returns and one `Clock` call.
+//! `tsc_khz` that [`Call::VcpuInfo`] returns and the (host time, guest TSC)
+//! pair one `Clock` call returns.
 
 /// Value the host puts in EAX when the doorbell names no page of guest RAM,
 /// or-ed with the status.
@@ -86,7 +87,11 @@ pub mod flags {
 pub enum Call {
     /// `results[0] = args[0]`: the round-trip floor of VMRPC.
     Ping = 1,
-    /// `results[0]` = host CLOCK_MONOTONIC in ns.
+    /// `results[0]` = host CLOCK_MONOTONIC in ns; `results[1]` = this
+    /// vCPU's TSC at that same moment and `results[2]` = how far that pairing
+    /// may be off, in ns (both 0 if the host cannot tell). With the pair and
+    /// `tsc_khz`, a guest reads host time from its TSC, free of the
+    /// uncertainty of an exit round trip.
     Clock = 2,
     /// Long poll: wait `args[0]` ns. Results as for `SleepUntil`.
     Sleep = 3,

@@ -31,7 +31,8 @@ use crate::memory::GuestRam;
 use crate::realtime::{self, RtCgroups, RtItem, RtPolicy};
 use crate::rpc::timer::{AdvanceMode, Interrupted, Park};
 use crate::rpc::wait::Waiter;
-use crate::rpc::{Doorbell, RpcServer, SampleStreams, VcpuFacts};
+use crate::rpc::{host_tsc, Doorbell, RpcServer, SampleStreams, TscOffset, VcpuFacts};
+use kvm_bindings::{kvm_msr_entry, Msrs};
 
 /// Offset from SIGRTMIN of the signal that kicks a vCPU out of `KVM_RUN`.
 const KICK_SIGNAL_OFFSET: i32 = 0;
@@ -285,6 +286,11 @@ fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
         count: ctx.count,
         realtime: ctx.rt.is_some(),
         tsc_khz: fd.get_tsc_khz().map(u64::from).unwrap_or(0),
+        tsc_offset: None,
+    };
+    let facts = VcpuFacts {
+        tsc_offset: measure_tsc_offset(&fd, facts.tsc_khz),
+        ..facts
     };
     let mut rpc = RpcServer::new(facts, ctx.ram.clone(), ctx.streams.clone(), ctx.advance);
     let finished = match Waiter::new() {
@@ -374,6 +380,39 @@ fn fatal(fd: &VcpuFd, ctx: &VcpuContext, what: String) -> bool {
     tracing::debug!("{reason}");
     ctx.exit.request(reason);
     false
+}
+
+/// Guest TSC minus host TSC: the guest's IA32_TSC read through KVM between
+/// two host TSC reads; the error is half that window.
+fn measure_tsc_offset(fd: &VcpuFd, tsc_khz: u64) -> Option<TscOffset> {
+    const MSR_IA32_TSC: u32 = 0x10;
+    if tsc_khz == 0 {
+        return None;
+    }
+    let mut best: Option<(u64, i64)> = None;
+    for _ in 0..5 {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            ..Default::default()
+        }])
+        .ok()?;
+        let before = host_tsc();
+        let read = fd.get_msrs(&mut msrs).ok()?;
+        let after = host_tsc();
+        if read != 1 {
+            return None;
+        }
+        let window = after.wrapping_sub(before);
+        let offset = msrs.as_slice()[0].data.wrapping_sub(before + window / 2) as i64;
+        if best.is_none_or(|(w, _)| window < w) {
+            best = Some((window, offset));
+        }
+    }
+    let (window, ticks) = best?;
+    Some(TscOffset {
+        ticks,
+        error_ns: (window / 2) * 1_000_000 / tsc_khz,
+    })
 }
 
 fn set_eax(fd: &VcpuFd, value: u32) -> std::result::Result<(), vmm_sys_util::errno::Error> {

@@ -74,6 +74,22 @@ pub struct VcpuFacts {
     pub count: usize,
     pub realtime: bool,
     pub tsc_khz: u64,
+    /// Guest TSC minus host TSC, and how precisely that is known (ns).
+    pub tsc_offset: Option<TscOffset>,
+}
+
+/// How the vCPU's TSC relates to the host's. rtvm never changes the guest
+/// TSC frequency, so an offset is all there is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TscOffset {
+    pub ticks: i64,
+    pub error_ns: u64,
+}
+
+/// The host TSC.
+pub fn host_tsc() -> u64 {
+    // SAFETY: rdtsc has no preconditions on x86-64.
+    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 /// The VMRPC server of one vCPU.
@@ -148,7 +164,7 @@ impl RpcServer {
         let a = req.args;
         match req.call {
             Call::Ping => Ok([a[0], 0, 0, 0]),
-            Call::Clock => Ok(self.timer.clock()),
+            Call::Clock => Ok(self.clock()),
             Call::Sleep => self.timer.sleep(a[0], req.flags, park),
             Call::SleepUntil => self.timer.sleep_until(a[0], req.flags, park),
             Call::Periodic => self.timer.start_periodic(a[0], a[1]),
@@ -170,6 +186,22 @@ impl RpcServer {
             }
             Call::Log => self.log(a[0], a[1]),
             Call::Report => self.report(a[0], a[1], a[2]),
+        }
+    }
+
+    fn clock(&self) -> [u64; 4] {
+        match self.facts.tsc_offset {
+            Some(offset) => {
+                let tsc = host_tsc();
+                let now = wait::now_ns();
+                [
+                    now,
+                    tsc.wrapping_add_signed(offset.ticks),
+                    offset.error_ns.max(1),
+                    0,
+                ]
+            }
+            None => [wait::now_ns(), 0, 0, 0],
         }
     }
 
@@ -231,6 +263,10 @@ mod tests {
             count: 2,
             realtime: true,
             tsc_khz: 1_000_000,
+            tsc_offset: Some(TscOffset {
+                ticks: -1000,
+                error_ns: 5,
+            }),
         };
         RpcServer::new(facts, ram, Arc::new(SampleStreams::new()), AdvanceMode::Off)
     }
@@ -364,6 +400,21 @@ mod tests {
             call(&mut s, ABI_VERSION, 1, 0, [5, 0, 0, 0, 0, 0]),
             (0, [5, 0, 0, 0])
         );
+    }
+
+    #[test]
+    fn clock_pairs_host_time_with_the_guest_tsc() {
+        let mut s = server();
+        let before = (wait::now_ns(), host_tsc());
+        let (status, r) = call(&mut s, ABI_VERSION, Call::Clock as u32, 0, [0; 6]);
+        let after = (wait::now_ns(), host_tsc());
+        assert_eq!(status, 0);
+        assert!(r[0] >= before.0 && r[0] <= after.0);
+        assert!(
+            r[1] + 1000 >= before.1 && r[1] + 1000 <= after.1,
+            "guest TSC = host TSC - 1000"
+        );
+        assert_eq!(r[2], 5);
     }
 
     #[test]

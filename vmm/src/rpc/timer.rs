@@ -161,10 +161,6 @@ impl TimerService {
         &self.advance
     }
 
-    pub fn clock(&self) -> [u64; 4] {
-        [now_ns(), 0, 0, 0]
-    }
-
     pub fn sleep(
         &mut self,
         ns: u64,
@@ -227,14 +223,19 @@ impl TimerService {
         call_flags: u32,
         park: &mut dyn Park,
     ) -> Result<u64, Status> {
-        let advance = self.advance.current();
-        let wake_at = deadline.saturating_sub(advance);
-        let slept = now_ns() < wake_at;
+        // Spinning is bounded to a quarter of the wait, so a short period
+        // cannot turn a waiting RT vCPU into a busy one (and run it into its
+        // RT bandwidth cap) however noisy the host.
+        let now = now_ns();
+        let full = self.advance.current();
+        let wake_at = deadline.saturating_sub(full.min(deadline.saturating_sub(now) / 4));
         park.park_until(wake_at)
             .map_err(|Interrupted| Status::Interrupted)?;
         let woke = now_ns();
-        if slept {
-            self.advance.observe(woke as i64 - deadline as i64);
+        if now < wake_at {
+            // Learn the wake-up latency as if the full advance had been used.
+            let latency = woke.saturating_sub(wake_at) as i64;
+            self.advance.observe(latency - full as i64);
         }
         if call_flags & flags::EARLY_RETURN != 0 && self.advance.is_enabled() {
             return Ok(woke);
