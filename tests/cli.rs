@@ -378,15 +378,156 @@ fn bench_rpc_reports_json() {
 }
 
 #[test]
-fn demo_boots_two_vcpus_and_reports() {
+fn demo_boots_and_compares_timer_paths() {
     if !kvm_available() {
         return;
     }
-    let out = run(&["demo"]);
+    let dir = temp_path("demo");
+    let out = output_within(
+        rtvm().args(["demo", "--seconds", "3", "--out-dir", dir.to_str().unwrap()]),
+        Duration::from_secs(120),
+    );
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
-    assert!(stdout.contains("vCPUs that answered:  2 of 2"), "{stdout}");
+    assert!(stdout.contains("boot: 2 of 2 vCPUs answered"), "{stdout}");
     assert!(stdout.contains("preemption model"), "{stdout}");
+    for path in ["host", "guest_interrupt", "guest_longpoll"] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(path)),
+            "table row for {path}: {stdout}"
+        );
+        let hist = std::fs::read_to_string(dir.join(format!("{path}.hist"))).unwrap();
+        assert!(
+            hist.contains("# Histogram") && hist.contains("# Max Latencies:"),
+            "{hist}"
+        );
+    }
+    assert!(std::fs::read_to_string(dir.join("timer-latency.svg"))
+        .unwrap()
+        .starts_with("<svg"));
+    assert!(
+        stdout.contains("A guest task waiting through VM long polling woke with a p99 lateness"),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bench_timer_reports_json_histograms_and_plot() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = temp_path("timer");
+    let plot = dir.join("plot.svg");
+    let out = output_within(
+        rtvm().args([
+            "bench",
+            "timer",
+            "--json",
+            "--seconds",
+            "3",
+            "--with-noadvance",
+            "--histogram-dir",
+            dir.to_str().unwrap(),
+            "--plot",
+            plot.to_str().unwrap(),
+        ]),
+        Duration::from_secs(120),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for path in [
+        "host",
+        "guest_interrupt",
+        "guest_longpoll",
+        "guest_longpoll_noadvance",
+    ] {
+        let samples = json[path]["samples"].as_u64().unwrap_or(0);
+        assert!(samples >= 500, "{path}: {json}");
+        for key in ["min_us", "avg_us", "p50_us", "p99_us", "p999_us", "max_us"] {
+            assert!(json[path][key].as_f64().is_some(), "{path}.{key}: {json}");
+        }
+        assert!(dir.join(format!("{path}.hist")).exists());
+    }
+    assert!(
+        json["guest_longpoll_host_side"]["samples"]
+            .as_u64()
+            .unwrap()
+            >= 500,
+        "{json}"
+    );
+    assert!(
+        json["ratios"]["longpoll_p99_over_host_p99"]["value"]
+            .as_f64()
+            .is_some(),
+        "{json}"
+    );
+    assert!(json["machine"]["rt"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|i| i.as_str().unwrap().contains("SCHED_FIFO"))));
+    assert!(std::fs::read_to_string(&plot)
+        .unwrap()
+        .contains("guest_longpoll"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bench_timer_frames_counts_deadline_misses() {
+    if !kvm_available() {
+        return;
+    }
+    let out = output_within(
+        rtvm().args([
+            "bench",
+            "timer",
+            "--json",
+            "--workload",
+            "frames",
+            "--seconds",
+            "3",
+        ]),
+        Duration::from_secs(120),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for path in ["host", "guest_interrupt", "guest_longpoll"] {
+        assert!(json["frames"][path]["deadline_misses"].is_u64(), "{json}");
+        assert!(json["frames"][path]["jitter_us"].is_f64(), "{json}");
+        assert!(
+            json[path]["samples"].as_u64().unwrap() >= 50,
+            "60 frames a second: {json}"
+        );
+    }
+    assert_eq!(
+        json["settings"]["period_us"].as_f64().unwrap().round(),
+        16667.0
+    );
+}
+
+#[test]
+fn bench_timer_rejects_bad_settings() {
+    let out = run(&["bench", "timer", "--seconds", "0"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("--seconds"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&[
+        "bench",
+        "timer",
+        "--workload",
+        "frames",
+        "--frame-work-us",
+        "20000",
+    ]);
+    assert!(
+        text(&out.stderr).contains("does not fit"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&["bench", "timer", "--period-us", "5"]);
+    assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]
@@ -398,6 +539,7 @@ fn every_command_has_help() {
         &["bench", "--help"],
         &["bench", "boot", "--help"],
         &["bench", "rpc", "--help"],
+        &["bench", "timer", "--help"],
     ] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(0), "{args:?}");

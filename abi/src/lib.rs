@@ -140,6 +140,10 @@ pub mod selector {
 /// runs on an IST stack, because the guest kernel is compiled with a red zone
 /// and an interrupt must never push onto the stack it arrived on.
 pub mod ist {
+    /// No stack switch by IST: the system-call gate, entered from CPL3 only,
+    /// switches to the TSS's RSP0 stack like any privilege change. (It must
+    /// not share IST1 with the timer interrupt it waits for.)
+    pub const NONE: u8 = 0;
     /// All vectors but the ones below.
     pub const DEFAULT: u8 = 1;
     /// #DF (8), so a fault while handling a fault still has a stack.
@@ -155,9 +159,20 @@ pub mod ist {
             8 => DOUBLE_FAULT,
             2 => NMI,
             18 => MACHINE_CHECK,
+            crate::vector::SYSCALL => NONE,
             _ => DEFAULT,
         }
     }
+}
+
+/// Interrupt vectors with a fixed meaning in the built-in guest.
+pub mod vector {
+    /// The guest kernel's system call (`int 0x80`): the only gate CPL3 code
+    /// may use (DPL 3). The built-in guest uses it only for the
+    /// conventional interrupt-driven timer path it is measured against.
+    pub const SYSCALL: u8 = 0x80;
+    /// The LAPIC timer (TSC-deadline mode) of the built-in guest.
+    pub const TIMER: u8 = 0x40;
 }
 
 /// `GuestHeader::magic`: "RTVMGST1" little-endian.

@@ -77,8 +77,17 @@ pub mod flags {
     /// resume exactly on time, without paying the VM re-entry after the wake.
     /// Without it, a waiting call never returns before its deadline.
     pub const EARLY_RETURN: u32 = 1 << 0;
+    /// For waiting calls: the argument named by the call carries the
+    /// guest's own measurement of the previous early-return wait: when it
+    /// got control back, in signed ns after that wait's deadline (two's
+    /// complement), taken before spinning. This is the lateness that counts,
+    /// VM re-entry included, and the host tunes its timer advance by it
+    /// (as KVM's `lapic_timer_advance` measures at guest entry).
+    pub const FEEDBACK: u32 = 1 << 1;
+    /// Flags that only waiting calls may carry.
+    pub const WAIT_ONLY: u32 = EARLY_RETURN | FEEDBACK;
     /// Every flag this ABI version defines.
-    pub const ALL: u32 = EARLY_RETURN;
+    pub const ALL: u32 = EARLY_RETURN | FEEDBACK;
 }
 
 /// Call numbers. Stable: a number, once given, keeps its meaning.
@@ -93,16 +102,18 @@ pub enum Call {
     /// `tsc_khz`, a guest reads host time from its TSC, free of the
     /// uncertainty of an exit round trip.
     Clock = 2,
-    /// Long poll: wait `args[0]` ns. Results as for `SleepUntil`.
+    /// Long poll: wait `args[0]` ns (`args[1]`: feedback). Results as for `SleepUntil`.
     Sleep = 3,
-    /// Long poll: wait until host CLOCK_MONOTONIC ≥ `args[0]` ns.
+    /// Long poll: wait until host CLOCK_MONOTONIC ≥ `args[0]` ns
+    /// (`args[1]`: [`flags::FEEDBACK`]).
     /// `results[0]` = the deadline, `results[1]` = host time when the host
     /// handed control back, `results[2]` = the timer advance in use (ns).
     SleepUntil = 4,
     /// Start a periodic timer on this vCPU: period `args[0]` ns, first
     /// deadline `args[1]` (0: now + period). `results[0]` = first deadline.
     Periodic = 5,
-    /// Long poll: wait for the next deadline of the periodic timer.
+    /// Long poll: wait for the next deadline of the periodic timer
+    /// (`args[0]`: [`flags::FEEDBACK`]).
     /// `results[0]` = that deadline, `results[1]` = how late the host woke
     /// the guest (ns, 0 when on time or early-return), `results[2]` = periods
     /// missed (deadlines that passed before this call was made),
@@ -115,7 +126,7 @@ pub enum Call {
     /// [`LOG_MAX`]) to the VMM's log.
     Log = 8,
     /// Hand `args[1]` u64 samples at guest address `args[0]` to the host,
-    /// appended to sample stream `args[2]` (< [`STREAMS`]); benchmarks
+    /// appended to sample stream `args[2]` (< [`HOST_STREAM`]); benchmarks
     /// collect guest-side measurements this way. `results[0]` = samples
     /// the stream now holds.
     Report = 9,
@@ -146,8 +157,12 @@ impl Call {
 
 /// Longest message for [`Call::Log`].
 pub const LOG_MAX: u64 = 1024;
-/// Number of sample streams for [`Call::Report`].
+/// Number of sample streams.
 pub const STREAMS: u64 = 8;
+/// The last stream is the host's own: the lateness (ns) of every
+/// [`Call::WaitNext`] as the host saw it when it handed control back, to
+/// cross-check what the guest measures. Guests cannot report to it.
+pub const HOST_STREAM: u64 = STREAMS - 1;
 /// Most samples one [`Call::Report`] may carry.
 pub const REPORT_MAX: u64 = 65536;
 
@@ -253,7 +268,7 @@ impl Request {
         if flags & !flags::ALL != 0 {
             return Err(Status::BadFlags);
         }
-        if flags & flags::EARLY_RETURN != 0 && !call.is_long_poll() {
+        if flags & flags::WAIT_ONLY != 0 && !call.is_long_poll() {
             return Err(Status::BadFlags);
         }
         let mut args = [0u64; ARGS];

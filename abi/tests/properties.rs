@@ -26,7 +26,7 @@ proptest! {
 
     #[test]
     fn encode_then_decode_round_trips(call in any_call(), args in any::<[u64; 6]>(), early in any::<bool>()) {
-        let flags = if early && call.is_long_poll() { vmrpc::flags::EARLY_RETURN } else { 0 };
+        let flags = if early && call.is_long_poll() { vmrpc::flags::WAIT_ONLY } else { 0 };
         let req = Request { call, flags, args };
         let mut page = [0u8; REQUEST_SIZE];
         req.encode(&mut page);
@@ -34,7 +34,7 @@ proptest! {
     }
 
     #[test]
-    fn unknown_flags_are_refused(call in any_call(), bit in 1u32..32) {
+    fn unknown_flags_are_refused(call in any_call(), bit in 2u32..32) {
         let req = Request { call, flags: 1 << bit, args: [0; 6] };
         let mut page = [0u8; REQUEST_SIZE];
         req.encode(&mut page);

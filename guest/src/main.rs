@@ -7,7 +7,8 @@
 //! switch the local APIC to x2APIC mode, and `iretq` to CPL3, where the
 //! workload runs natively and talks to the VMM through ports.
 //! The only other CPL0 code is the vector handlers, which report a fault and
-//! end the VM.
+//! end the VM, and the system call and timer interrupt of `syscall`, a few
+//! instructions for the interrupt-driven timer path (`timer-irq`).
 #![no_std]
 #![no_main]
 
@@ -16,6 +17,7 @@ mod console;
 mod cpu;
 mod header;
 mod mem;
+mod syscall;
 mod vectors;
 mod vmrpc;
 mod workloads;

@@ -1,15 +1,19 @@
 //! The handlers the VMM points the IDT at, and the table listing them.
 //!
-//! The guest never enables interrupts, so every vector that arrives is a CPU
-//! exception (or a stray interrupt) it cannot recover from: the handler
-//! reports it on the console and ends the VM through the PANIC port. The VMM
-//! gives every vector an IST stack, so a handler never pushes onto the
-//! (red-zoned) stack it interrupted.
+//! Three vectors have handlers of their own, in `syscall`: the system call
+//! (`vector::SYSCALL`), the LAPIC timer (`vector::TIMER`), which only ever
+//! arrives inside a system call's `sti; hlt`, and #UD, which completes an
+//! `int 0x80` the host refused and passes any other #UD on to the stub
+//! here. Every other vector is a CPU exception (or a stray interrupt) the
+//! guest cannot recover from: the handler here reports it on the console
+//! and ends the VM through the PANIC port. The VMM gives every vector but the system call an IST stack, so a
+//! handler never pushes onto the (red-zoned) stack it interrupted; the system
+//! call, entered from CPL3 only, switches to the kernel stack instead.
 
 use crate::console::{self, Console};
 use crate::cpu;
 use core::arch::{asm, global_asm};
-use rtvm_abi::{panic_code, port};
+use rtvm_abi::{panic_code, port, vector};
 
 /// The stack a vector stub hands to `on_vector`: the general registers it
 /// saved, then what the stub and the CPU pushed. Lowest address first.
@@ -40,12 +44,14 @@ pub struct Frame {
     pub ss: u64,
 }
 
-// One stub per vector, then `rtvm_vector_table`, 256 stub addresses (the
-// guest header points the VMM at it). Each stub makes the stack uniform --
-// a 0 where the CPU pushes no error code, then the vector number -- and
-// joins the common path, which saves the general registers and calls
-// `on_vector` with the stack 16-byte aligned (the CPU aligns the IST stack,
-// and 22 quadwords are pushed by then).
+// One stub per vector, then `rtvm_vector_table`, 256 handler addresses (the
+// guest header points the VMM at it): the stubs, but for the three vectors
+// `syscall` handles (their stubs stay, to keep the table uniform; #UD's
+// is where `syscall`'s #UD handler sends a #UD it does not handle).
+// Each stub makes the stack uniform -- a 0 where the CPU pushes no error
+// code, then the vector number -- and joins the common path, which saves
+// the general registers and calls `on_vector` with the stack 16-byte aligned
+// (the CPU aligns the IST stack, and 22 quadwords are pushed by then).
 global_asm!(
     ".pushsection .text.rtvm_vectors, \"ax\"",
     ".altmacro",
@@ -61,7 +67,15 @@ global_asm!(
     "    jmp rtvm_vector_common",
     ".endm",
     ".macro rtvm_vector_entry n",
+    "    .if \\n == 6",
+    "    .quad rtvm_ud_entry",
+    "    .elseif \\n == {timer}",
+    "    .quad rtvm_timer_entry",
+    "    .elseif \\n == {syscall}",
+    "    .quad rtvm_syscall_entry",
+    "    .else",
     "    .quad rtvm_vector_\\n",
+    "    .endif",
     ".endm",
     "",
     ".set rtvm_vector, 0",
@@ -69,6 +83,9 @@ global_asm!(
     "    rtvm_vector_stub %rtvm_vector",
     "    .set rtvm_vector, rtvm_vector + 1",
     ".endr",
+    "",
+    // `syscall`'s #UD handler passes every #UD but its own on to this stub.
+    ".globl rtvm_vector_6",
     "",
     "rtvm_vector_common:",
     "    push rax",
@@ -106,10 +123,13 @@ global_asm!(
     ".popsection",
     ".noaltmacro",
     on_vector = sym on_vector,
+    timer = const vector::TIMER,
+    syscall = const vector::SYSCALL,
 );
 
 /// Reports the vector in `frame` and ends the VM. Runs at CPL0, where every
-/// instruction is emulated, but only once per VM.
+/// instruction is emulated, but only once per VM. Never returns: the stubs
+/// have no way back (the vectors that return are handled in `syscall`).
 extern "C" fn on_vector(frame: &Frame) -> ! {
     let cr2: u64;
     // SAFETY: reading CR2 has no side effects.

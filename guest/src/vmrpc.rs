@@ -142,6 +142,10 @@ pub struct Rpc {
     /// Half the round trip of the calibration sample: how far the mapping's
     /// offset can be off, since the host read its clock somewhere in it.
     clock_error_ns: u64,
+    /// When the previous early-return wait got control back, in signed ns
+    /// after its deadline: told to the host with the next wait so it tunes
+    /// its timer advance by what the guest actually saw.
+    feedback: Option<i64>,
 }
 
 impl Rpc {
@@ -159,6 +163,7 @@ impl Rpc {
             tsc0: 0,
             host0: 0,
             clock_error_ns: 0,
+            feedback: None,
         };
         rpc.info = rpc.vcpu_info();
         // A mismatch means the host served this page on another vCPU's
@@ -239,6 +244,16 @@ impl Rpc {
         // Saturating: a TSC reading before the calibration point (another
         // host CPU's TSC a little behind) maps to no earlier than it.
         self.host0 + self.ticks_to_ns(cpu::rdtsc_ordered().saturating_sub(self.tsc0))
+    }
+
+    /// The TSC value at which [`Rpc::host_now`] reaches `host_ns` (rounded
+    /// up, so a wait for it never ends before `host_ns` by `host_now`). For
+    /// programming the TSC-deadline timer. Only for a vCPU whose `tsc_khz`
+    /// is known (non-zero).
+    pub fn host_to_tsc(&self, host_ns: u64) -> u64 {
+        let ns = u128::from(host_ns.saturating_sub(self.host0));
+        let ticks = (ns * u128::from(self.info.tsc_khz)).div_ceil(1_000_000);
+        self.tsc0.saturating_add(ticks as u64)
     }
 
     /// Makes a call and returns its results, or the status it failed with.
@@ -322,33 +337,40 @@ impl Rpc {
         self.must(Call::Periodic, 0, [period_ns, first_deadline, 0, 0, 0, 0])[0]
     }
 
-    /// The flags for a wait: early return when it pays (see `VcpuInfo`).
-    fn wait_flags(&self) -> u32 {
-        if self.info.early_return() {
-            flags::EARLY_RETURN
-        } else {
-            0
+    /// The flags and feedback argument for a wait: early return when it
+    /// pays (see `VcpuInfo`), with the previous wait's arrival as feedback.
+    fn wait_flags(&self) -> (u32, u64) {
+        if !self.info.early_return() {
+            return (0, 0);
+        }
+        match self.feedback {
+            Some(arrival) => (flags::EARLY_RETURN | flags::FEEDBACK, arrival as u64),
+            None => (flags::EARLY_RETURN, 0),
         }
     }
 
     /// Spins at CPL3 until the host clock reaches `deadline`; returns how
     /// late it got there. Native code, no exits: this is the last stretch
-    /// the host left to the guest with an early return.
+    /// the host left to the guest with an early return. Records when control
+    /// came back (before the spin) as feedback for the next wait.
     fn spin_until(&mut self, deadline: u64) -> u64 {
-        loop {
-            let now = self.host_now();
-            if now >= deadline {
-                return now - deadline;
-            }
-            core::hint::spin_loop();
+        let arrival = self.host_now();
+        if self.info.early_return() {
+            self.feedback = Some(arrival.wrapping_sub(deadline) as i64);
         }
+        let mut now = arrival;
+        while now < deadline {
+            core::hint::spin_loop();
+            now = self.host_now();
+        }
+        now - deadline
     }
 
     /// Waits for the next deadline of the periodic timer. Never returns
     /// before it: when the host returns early, spins the rest.
     pub fn wait_next(&mut self) -> Result<WaitNext, Error> {
-        let wait_flags = self.wait_flags();
-        let results = self.call(Call::WaitNext, wait_flags, [0; ARGS])?;
+        let (wait_flags, feedback) = self.wait_flags();
+        let results = self.call(Call::WaitNext, wait_flags, [feedback, 0, 0, 0, 0, 0])?;
         let deadline = results[0];
         // Without early return the host already waited; the spin then only
         // measures (one pass), so lateness is counted the same way either way.
@@ -366,8 +388,12 @@ impl Rpc {
     /// `clock_error_ns`; half an exit, but any host `Clock` read afterwards
     /// costs a whole exit entry, so it always sees the deadline passed.)
     pub fn sleep_until(&mut self, deadline: u64) -> Result<u64, Error> {
-        let wait_flags = self.wait_flags();
-        self.call(Call::SleepUntil, wait_flags, [deadline, 0, 0, 0, 0, 0])?;
+        let (wait_flags, feedback) = self.wait_flags();
+        self.call(
+            Call::SleepUntil,
+            wait_flags,
+            [deadline, feedback, 0, 0, 0, 0],
+        )?;
         Ok(self.spin_until(deadline))
     }
 

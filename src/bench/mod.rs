@@ -3,8 +3,11 @@
 //! targets; nothing here is a pass/fail test.
 
 mod boot;
+mod histogram;
+mod plot;
 mod rpc;
 pub mod stats;
+pub mod timer;
 
 use std::process::ExitCode;
 
@@ -20,12 +23,15 @@ pub enum BenchCommand {
     Boot(boot::BootArgs),
     /// VMRPC null-call round trip vs the raw port-I/O exit floor, from guest CPL3.
     Rpc(rpc::RpcArgs),
+    /// Timer lateness of one periodic task: host vs guest interrupt path vs guest long polling.
+    Timer(timer::TimerArgs),
 }
 
 pub fn run(cmd: &BenchCommand) -> ExitCode {
     let result = match cmd {
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Rpc(args) => rpc::run(args),
+        BenchCommand::Timer(args) => timer::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

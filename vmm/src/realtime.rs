@@ -150,7 +150,7 @@ impl FromStr for RtBandwidth {
 }
 
 /// One step of the real-time setup and how it went.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RtItem {
     pub what: String,
     pub result: Result<(), String>,
@@ -407,11 +407,7 @@ impl RtHost {
             None
         };
 
-        let dma_latency = OpenOptions::new()
-            .write(true)
-            .open("/dev/cpu_dma_latency")
-            .and_then(|mut f| f.write_all(&0i32.to_ne_bytes()).map(|_| f));
-        let dma_latency = match dma_latency {
+        let dma_latency = match hold_cpu_dma_latency() {
             Ok(f) => {
                 report.record(
                     "/dev/cpu_dma_latency held at 0 µs (no deep C-states)",
@@ -420,7 +416,7 @@ impl RtHost {
                 Some(f)
             }
             Err(e) => {
-                report.record("/dev/cpu_dma_latency held at 0 µs", Err(e.to_string()));
+                report.record("/dev/cpu_dma_latency held at 0 µs", Err(e));
                 None
             }
         };
@@ -470,18 +466,30 @@ pub fn apply_to_current_thread(
             write_file(&groups.rt_tasks(), tid),
         );
     }
+    items.extend(apply_thread_policy(&format!("vCPU {index}"), policy));
+    items
+}
+
+/// Applies an RT policy to the calling thread: SCHED_FIFO, pinning, 1 ns
+/// timer slack. `who` names the thread in the report ("vCPU 1", "host path").
+pub fn apply_thread_policy(who: &str, policy: &RtPolicy) -> Vec<RtItem> {
+    let mut items = Vec::new();
+    let mut record = |what: String, rc: libc::c_int| {
+        let result = if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error().to_string())
+        };
+        items.push(RtItem { what, result });
+    };
     let param = libc::sched_param {
         sched_priority: i32::from(policy.priority),
     };
     // SAFETY: pid 0 is the calling thread; param is a live struct.
     let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
     record(
-        format!("vCPU {index}: SCHED_FIFO priority {}", policy.priority),
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error().to_string())
-        },
+        format!("{who}: SCHED_FIFO priority {}", policy.priority),
+        rc,
     );
     if let Some(cpu) = policy.cpu {
         // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays in bounds as cpu was validated.
@@ -490,26 +498,21 @@ pub fn apply_to_current_thread(
             libc::CPU_SET(cpu, &mut set);
             libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
         };
-        record(
-            format!("vCPU {index}: pinned to host CPU {cpu}"),
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error().to_string())
-            },
-        );
+        record(format!("{who}: pinned to host CPU {cpu}"), rc);
     }
     // SAFETY: plain prctl on the calling thread.
     let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
-    record(
-        format!("vCPU {index}: timer slack 1 ns"),
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error().to_string())
-        },
-    );
+    record(format!("{who}: timer slack 1 ns"), rc);
     items
+}
+
+/// Holds `/dev/cpu_dma_latency` at 0 µs (no deep C-states) while the file lives.
+pub fn hold_cpu_dma_latency() -> Result<File, String> {
+    OpenOptions::new()
+        .write(true)
+        .open("/dev/cpu_dma_latency")
+        .and_then(|mut f| f.write_all(&0i32.to_ne_bytes()).map(|_| f))
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -12,8 +12,10 @@ mod independence;
 mod periodic;
 mod rpc_bench;
 mod rpc_ping;
+mod rt;
 mod sleep_test;
 mod spin;
+mod timer_irq;
 
 use rtvm_abi::{BootInfo, WORKLOAD_NAME_MAX};
 
@@ -111,6 +113,10 @@ pub const WORKLOADS: &[Workload] = &[
     Workload {
         name: "rpc-bench",
         run: rpc_bench::run,
+    },
+    Workload {
+        name: "timer-irq",
+        run: timer_irq::run,
     },
 ];
 

@@ -1,49 +1,29 @@
-//! `periodic rt=V period=P count=N overrun_every=M`: a real-time task on
-//! vCPU V (default: the last) waits for N (default 1000) deadlines of a
-//! periodic host timer of period P ns (default 1 ms) and reports how late
-//! each wait returned (stream 0) and how many deadlines it missed (stream 1).
-//! Every Mth cycle (default 0: never) it overruns on purpose, busy for 3.5
-//! periods, and the next wait must then report exactly 3 missed deadlines.
+//! `periodic rt=V period=P count=N overrun_every=M work=W housekeeping=H`:
+//! a real-time task on vCPU V (default: the last) waits for N (default 1000)
+//! deadlines of a periodic host timer of period P ns (default 1 ms), VMRPC
+//! `WaitNext` (the long poll), and reports how late each wait returned
+//! (stream 0) and how many deadlines it missed (stream 1). After each wake
+//! it is busy for W ns (default 0). Every Mth cycle (default 0: never) it
+//! overruns on purpose, busy for 3.5 periods, and the next wait must then
+//! report exactly 3 missed deadlines.
 //!
-//! Meanwhile vCPU 0, if it is not the RT vCPU, keeps making calls
-//! (housekeeping) to show the other vCPUs and the VMM go on serving while
+//! Meanwhile vCPU 0, if it is not the RT vCPU, does housekeeping H (default
+//! `ping`; see `rt`) to show the other vCPUs and the VMM go on serving while
 //! the RT vCPU is parked in the host.
 
+use super::rt::{self, Housekeeping};
 use super::Ctx;
-use crate::cpu;
 use crate::vmrpc::{Batch, Rpc};
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-
-/// Set by the RT task when it has finished, after `STATUS`.
-static DONE: AtomicBool = AtomicBool::new(false);
-/// The exit status the RT task asks for.
-static STATUS: AtomicU32 = AtomicU32::new(0);
 
 pub fn run(ctx: &Ctx) -> ! {
-    let rt = ctx.number_arg("rt", ctx.vcpu_count() as u64 - 1);
-    if rt >= ctx.vcpu_count() as u64 {
-        if ctx.is_first_vcpu() {
-            println!(
-                "periodic: rt={rt}, but there are only {} vCPUs",
-                ctx.vcpu_count()
-            );
-            cpu::exit(2);
-        }
-        cpu::vcpu_off();
-    }
-    if ctx.vcpu as u64 == rt {
-        rt_task(ctx)
-    } else if ctx.is_first_vcpu() {
-        housekeeping(ctx)
-    } else {
-        cpu::vcpu_off()
-    }
+    rt::run(ctx, "periodic", Housekeeping::Ping, rt_task)
 }
 
-fn rt_task(ctx: &Ctx) -> ! {
+fn rt_task(ctx: &Ctx) -> u32 {
     let period = ctx.number_arg("period", 1_000_000);
     let count = ctx.number_arg("count", 1000);
     let overrun_every = ctx.number_arg("overrun_every", 0);
+    let work = ctx.number_arg("work", 0);
     let mut rpc = Rpc::new(ctx);
     let mut late = Batch::new(0);
     let mut missed = Batch::new(1);
@@ -63,6 +43,10 @@ fn rt_task(ctx: &Ctx) -> ! {
         missed.push(&mut rpc, wait.missed);
         total_missed += wait.missed;
         max_late = max_late.max(wait.late_ns);
+        if work != 0 {
+            // From the wake, as `timer-irq` does.
+            rt::busy_until(&mut rpc, wait.deadline + wait.late_ns + work);
+        }
         if let Some(overran) = overran.filter(|_| wait.missed != 3) {
             bad_overruns += 1;
             first_bad.get_or_insert((cycle, wait.missed));
@@ -80,17 +64,14 @@ fn rt_task(ctx: &Ctx) -> ! {
             // exactly 3 deadlines pass before the next wait.
             overruns += 1;
             overran = Some(wait.deadline);
-            let until = wait.deadline + 3 * period + period / 2;
-            while rpc.host_now() < until {
-                core::hint::spin_loop();
-            }
+            rt::busy_until(&mut rpc, wait.deadline + 3 * period + period / 2);
         }
     }
     late.flush(&mut rpc);
     missed.flush(&mut rpc);
 
     println!("periodic: cycles={count} missed={total_missed} max_late_ns={max_late}");
-    let status = match first_bad {
+    match first_bad {
         Some((cycle, got)) => {
             println!(
                 "periodic: {bad_overruns} of {overruns} overruns not reported as 3 missed \
@@ -105,24 +86,5 @@ fn rt_task(ctx: &Ctx) -> ! {
             1
         }
         None => 0,
-    };
-    if ctx.is_first_vcpu() {
-        cpu::exit(status);
     }
-    STATUS.store(status, Ordering::Relaxed);
-    DONE.store(true, Ordering::Release);
-    cpu::vcpu_off()
-}
-
-/// vCPU 0's job while the RT task runs elsewhere: calls, and the VM's end.
-fn housekeeping(ctx: &Ctx) -> ! {
-    let mut rpc = Rpc::new(ctx);
-    let mut pings: u64 = 0;
-    while !DONE.load(Ordering::Acquire) {
-        let echo = rpc.ping(pings);
-        assert_eq!(echo, pings, "housekeeping ping echoed wrong");
-        pings += 1;
-    }
-    println!("housekeeping: {pings} pings while the RT task ran");
-    cpu::exit(STATUS.load(Ordering::Relaxed))
 }

@@ -42,6 +42,8 @@ const TSS_LIMIT: u32 = (TSS_SIZE + IO_BITMAP_SIZE - 1) as u32;
 const TSS_TYPE_BUSY: u8 = 0xb;
 /// Present, DPL 0, 64-bit interrupt gate (IF cleared on entry).
 const GATE_INTERRUPT: u8 = 0x8e;
+/// The same with DPL 3: reachable with `int` from CPL3.
+const GATE_INTERRUPT_USER: u8 = 0xee;
 
 fn write<T: vm_memory::ByteValued>(mem: &GuestMemoryMmap, val: T, addr: u64) -> Result<()> {
     mem.write_obj(val, GuestAddress(addr))
@@ -117,15 +119,23 @@ pub fn write_gdt_and_tss(mem: &GuestMemoryMmap, area: u64) -> Result<()> {
 /// Size of the GDT, minus one.
 pub const GDT_LIMIT: u16 = (selector::TSS as usize + 16 - 1) as u16;
 
+fn gate_type(vector: u8) -> u8 {
+    if vector == rtvm_abi::vector::SYSCALL {
+        GATE_INTERRUPT_USER
+    } else {
+        GATE_INTERRUPT
+    }
+}
+
 /// Writes the shared IDT: gate N goes to `handlers[N]` on the IST stack the
-/// ABI assigns to N.
+/// ABI assigns to N; only the system-call gate is open to CPL3.
 pub fn write_idt(mem: &GuestMemoryMmap, handlers: &[u64; 256]) -> Result<()> {
     for (vector, &handler) in handlers.iter().enumerate() {
         let ist = ist::for_vector(vector as u8) as u64;
         let low = (handler & 0xffff)
             | ((selector::KERNEL_CODE as u64) << 16)
             | (ist << 32)
-            | ((GATE_INTERRUPT as u64) << 40)
+            | ((gate_type(vector as u8) as u64) << 40)
             | (((handler >> 16) & 0xffff) << 48);
         let addr = layout::IDT + vector as u64 * 16;
         write(mem, low, addr)?;
@@ -252,5 +262,10 @@ mod tests {
         let handler = (low & 0xffff) | (((low >> 48) & 0xffff) << 16) | (high << 32);
         assert_eq!(handler, handlers[8]);
         assert_eq!((low >> 32) & 7, ist::DOUBLE_FAULT as u64);
+        assert_eq!((low >> 45) & 3, 0, "DPL 0");
+        let syscall = layout::IDT + rtvm_abi::vector::SYSCALL as u64 * 16;
+        let low: u64 = mem.read_obj(GuestAddress(syscall)).unwrap();
+        assert_eq!((low >> 45) & 3, 3, "the system-call gate is open to CPL3");
+        assert_eq!((low >> 32) & 7, 0, "and switches to RSP0, not an IST stack");
     }
 }

@@ -19,7 +19,7 @@ use rtvm_abi::vmrpc::{
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::GuestRam;
-use timer::{AdvanceMode, Park, TimerService};
+use timer::{AdvanceMode, Park, TimerService, WaitOptions};
 
 /// Most samples one stream keeps; more is refused with `NoResources`, so a
 /// guest cannot grow the VMM's memory without bound.
@@ -165,10 +165,24 @@ impl RpcServer {
         match req.call {
             Call::Ping => Ok([a[0], 0, 0, 0]),
             Call::Clock => Ok(self.clock()),
-            Call::Sleep => self.timer.sleep(a[0], req.flags, park),
-            Call::SleepUntil => self.timer.sleep_until(a[0], req.flags, park),
+            Call::Sleep => self
+                .timer
+                .sleep(a[0], WaitOptions::from_call(req.flags, a[1]), park),
+            Call::SleepUntil => {
+                self.timer
+                    .sleep_until(a[0], WaitOptions::from_call(req.flags, a[1]), park)
+            }
             Call::Periodic => self.timer.start_periodic(a[0], a[1]),
-            Call::WaitNext => self.timer.wait_next(req.flags, park),
+            Call::WaitNext => {
+                let results = self
+                    .timer
+                    .wait_next(WaitOptions::from_call(req.flags, a[0]), park)?;
+                // Full stream: the cross-check simply stops growing.
+                let _ = self
+                    .streams
+                    .append(vmrpc::HOST_STREAM as usize, &[results[1]]);
+                Ok(results)
+            }
             Call::VcpuInfo => {
                 let mut flags = 0;
                 if self.facts.realtime {
@@ -228,7 +242,7 @@ impl RpcServer {
     }
 
     fn report(&self, addr: u64, count: u64, stream: u64) -> Result<[u64; 4], Status> {
-        if stream >= vmrpc::STREAMS || count > vmrpc::REPORT_MAX {
+        if stream >= vmrpc::HOST_STREAM || count > vmrpc::REPORT_MAX {
             return Err(Status::BadArgument);
         }
         let bytes = self.read_guest(addr, count * 8)?;
@@ -360,7 +374,7 @@ mod tests {
                 ABI_VERSION,
                 report,
                 0,
-                [0, 1, vmrpc::STREAMS, 0, 0, 0]
+                [0, 1, vmrpc::HOST_STREAM, 0, 0, 0]
             ),
             Status::BadArgument as u32
         );

@@ -80,13 +80,26 @@ impl std::fmt::Display for AdvanceMode {
 /// stretches on every wait.
 pub const DEFAULT_MAX_ADVANCE_NS: u64 = 500_000;
 
+/// The share of waits the adaptive advance aims to have arrive on time.
+pub const ADVANCE_TARGET_QUANTILE: f64 = 0.99;
+
 /// The advance state of one vCPU.
+///
+/// The adaptive advance tracks the [`ADVANCE_TARGET_QUANTILE`] of the
+/// latency a wait would have with no advance at all (host wake-up, plus VM
+/// re-entry when the guest reports its arrival), by stochastic quantile
+/// estimation: a sample above the estimate raises it by `q·step`, one below
+/// lowers it by `(1−q)·step`, which settles where a share `q` of samples lie
+/// below. So 99% of waits reach their deadline early and end in a short
+/// spin, whatever the shape of the host's latency tail. The step follows the
+/// latencies' own spread, so it works at bare-metal microseconds and nested
+/// tens of microseconds alike.
 #[derive(Clone, Debug)]
 pub struct TimerAdvance {
     mode: AdvanceMode,
     ns: f64,
     mean: f64,
-    jitter: f64,
+    spread: f64,
 }
 
 impl TimerAdvance {
@@ -99,7 +112,7 @@ impl TimerAdvance {
             mode,
             ns,
             mean: 0.0,
-            jitter: 0.0,
+            spread: 0.0,
         }
     }
 
@@ -112,18 +125,23 @@ impl TimerAdvance {
         self.ns.round() as u64
     }
 
-    /// Learns from one wait: `arrival` is when control reached the point
-    /// the advance is meant to get there on time (signed ns after the deadline).
-    pub fn observe(&mut self, arrival_ns: i64) {
+    /// Learns from one wait's latency: how late control would have arrived
+    /// had there been no advance (ns; negative is impossible but harmless).
+    pub fn observe(&mut self, latency_ns: i64) {
         let AdvanceMode::Adaptive { max_ns } = self.mode else {
             return;
         };
-        let a = arrival_ns as f64;
-        self.mean += (a - self.mean) / 16.0;
-        self.jitter += ((a - self.mean).abs() - self.jitter) / 16.0;
-        // Aim to arrive a little early: spinning a few µs is cheap, being late is not.
-        let target = -2.0 * self.jitter;
-        self.ns = (self.ns + (a - target) / 4.0).clamp(0.0, max_ns as f64);
+        let x = latency_ns as f64;
+        self.mean += (x - self.mean) / 32.0;
+        self.spread += ((x - self.mean).abs() - self.spread) / 32.0;
+        let step = (self.spread / 2.0).clamp(100.0, 5_000.0);
+        let q = ADVANCE_TARGET_QUANTILE;
+        let delta = if x > self.ns {
+            q * step
+        } else {
+            -(1.0 - q) * step
+        };
+        self.ns = (self.ns + delta).clamp(0.0, max_ns as f64);
     }
 }
 
@@ -142,8 +160,34 @@ const MIN_PERIOD_NS: u64 = 1_000;
 /// Timer state of one vCPU.
 pub struct TimerService {
     advance: TimerAdvance,
+    /// The advance the previous wait used, which the guest's feedback on
+    /// that wait is relative to.
+    last_advance: u64,
     periodic: Option<Periodic>,
 }
+
+/// How a waiting call wants to be served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WaitOptions {
+    /// `flags::EARLY_RETURN`: hand back before the deadline, by up to the advance.
+    pub early_return: bool,
+    /// `flags::FEEDBACK`: the guest-measured arrival of its previous wait.
+    pub feedback: Option<i64>,
+}
+
+impl WaitOptions {
+    /// From a call's flags and the argument that carries its feedback.
+    pub fn from_call(call_flags: u32, feedback_arg: u64) -> Self {
+        WaitOptions {
+            early_return: call_flags & flags::EARLY_RETURN != 0,
+            feedback: (call_flags & flags::FEEDBACK != 0).then_some(feedback_arg as i64),
+        }
+    }
+}
+
+/// Feedback beyond this (ns) is clamped: one wild sample must not throw
+/// the advance far off.
+const MAX_FEEDBACK_NS: i64 = 10_000_000;
 
 /// A wait that was cut short by the VMM (pause requests are handled inside
 /// the wait; only a stop cuts it short).
@@ -153,6 +197,7 @@ impl TimerService {
     pub fn new(mode: AdvanceMode) -> Self {
         TimerService {
             advance: TimerAdvance::new(mode),
+            last_advance: 0,
             periodic: None,
         }
     }
@@ -164,23 +209,23 @@ impl TimerService {
     pub fn sleep(
         &mut self,
         ns: u64,
-        call_flags: u32,
+        opts: WaitOptions,
         park: &mut dyn Park,
     ) -> Result<[u64; 4], Status> {
         if ns > MAX_PERIOD_NS {
             return Err(Status::BadArgument);
         }
-        self.sleep_until(now_ns() + ns, call_flags, park)
+        self.sleep_until(now_ns() + ns, opts, park)
     }
 
     /// Waits until `deadline`; results: deadline, host time at return, advance.
     pub fn sleep_until(
         &mut self,
         deadline: u64,
-        call_flags: u32,
+        opts: WaitOptions,
         park: &mut dyn Park,
     ) -> Result<[u64; 4], Status> {
-        let returned = self.wait_for(deadline, call_flags, park)?;
+        let returned = self.wait_for(deadline, opts, park)?;
         Ok([deadline, returned, self.advance.current(), 0])
     }
 
@@ -199,7 +244,11 @@ impl TimerService {
 
     /// Waits for the next periodic deadline. Deadlines that passed before the
     /// call are counted as missed and skipped, so the task stays in phase.
-    pub fn wait_next(&mut self, call_flags: u32, park: &mut dyn Park) -> Result<[u64; 4], Status> {
+    pub fn wait_next(
+        &mut self,
+        opts: WaitOptions,
+        park: &mut dyn Park,
+    ) -> Result<[u64; 4], Status> {
         let mut p = self.periodic.ok_or(Status::NotConfigured)?;
         let now = now_ns();
         let mut missed = 0;
@@ -210,7 +259,7 @@ impl TimerService {
         let deadline = p.next;
         p.next += p.period;
         self.periodic = Some(p);
-        let returned = self.wait_for(deadline, call_flags, park)?;
+        let returned = self.wait_for(deadline, opts, park)?;
         let late = returned.saturating_sub(deadline);
         Ok([deadline, late, missed, self.advance.current()])
     }
@@ -220,24 +269,32 @@ impl TimerService {
     fn wait_for(
         &mut self,
         deadline: u64,
-        call_flags: u32,
+        opts: WaitOptions,
         park: &mut dyn Park,
     ) -> Result<u64, Status> {
         // Spinning is bounded to a quarter of the wait, so a short period
         // cannot turn a waiting RT vCPU into a busy one (and run it into its
         // RT bandwidth cap) however noisy the host.
         let now = now_ns();
-        let full = self.advance.current();
-        let wake_at = deadline.saturating_sub(full.min(deadline.saturating_sub(now) / 4));
+        let advance = self.advance.current().min(deadline.saturating_sub(now) / 4);
+        let wake_at = deadline.saturating_sub(advance);
         park.park_until(wake_at)
             .map_err(|Interrupted| Status::Interrupted)?;
         let woke = now_ns();
-        if now < wake_at {
-            // Learn the wake-up latency as if the full advance had been used.
-            let latency = woke.saturating_sub(wake_at) as i64;
-            self.advance.observe(latency - full as i64);
+        match opts.feedback {
+            // What the guest saw of the previous wait is what counts: its
+            // arrival after the deadline, plus the advance that wait used.
+            Some(arrival) => {
+                let latency =
+                    arrival.clamp(-MAX_FEEDBACK_NS, MAX_FEEDBACK_NS) + self.last_advance as i64;
+                self.advance.observe(latency);
+            }
+            // Otherwise learn the host's own wake-up latency.
+            None if now < wake_at => self.advance.observe(woke.saturating_sub(wake_at) as i64),
+            None => {}
         }
-        if call_flags & flags::EARLY_RETURN != 0 && self.advance.is_enabled() {
+        self.last_advance = advance;
+        if opts.early_return && self.advance.is_enabled() {
             return Ok(woke);
         }
         // Never hand back before the deadline.
@@ -271,21 +328,18 @@ mod tests {
     }
 
     #[test]
-    fn adaptive_advance_grows_with_lateness_and_stays_bounded() {
-        let mut a = TimerAdvance::new(AdvanceMode::Adaptive { max_ns: 100_000 });
-        for _ in 0..200 {
-            // Always 40 µs late: the advance must grow toward that.
-            a.observe(40_000 - a.current() as i64);
+    fn adaptive_advance_settles_on_the_latency_quantile_and_stays_bounded() {
+        let mut a = TimerAdvance::new(AdvanceMode::Adaptive { max_ns: 1_000_000 });
+        // Latencies 20..=119 µs, uniformly: the 99th percentile is ~119 µs.
+        for i in 0..20_000u64 {
+            a.observe((20_000 + (i * 7919 % 100) * 1_000) as i64);
         }
-        assert!(
-            a.current() >= 35_000 && a.current() <= 100_000,
-            "{}",
-            a.current()
-        );
-        for _ in 0..200 {
+        let adv = a.current();
+        assert!((110_000..=125_000).contains(&adv), "advance {adv}");
+        for _ in 0..5_000 {
             a.observe(10_000_000);
         }
-        assert_eq!(a.current(), 100_000, "bounded by max");
+        assert_eq!(a.current(), 1_000_000, "bounded by max");
         let mut off = TimerAdvance::new(AdvanceMode::Off);
         off.observe(50_000);
         assert_eq!(off.current(), 0);
@@ -296,11 +350,25 @@ mod tests {
     }
 
     #[test]
+    fn guest_feedback_drives_the_advance() {
+        let mut t = TimerService::new(AdvanceMode::Adaptive { max_ns: 500_000 });
+        let early = WaitOptions::from_call(flags::EARLY_RETURN | flags::FEEDBACK, 30_000);
+        for _ in 0..300 {
+            let deadline = now_ns() + 400_000;
+            t.sleep_until(deadline, early, &mut SleepPark).unwrap();
+        }
+        // Every wait reported arriving 30 µs late on top of its advance.
+        assert!(t.advance().current() >= 30_000, "{}", t.advance().current());
+    }
+
+    #[test]
     fn sleep_until_never_returns_before_the_deadline() {
         let mut t = TimerService::new(AdvanceMode::Adaptive { max_ns: 500_000 });
         for _ in 0..20 {
             let deadline = now_ns() + 300_000;
-            let r = t.sleep_until(deadline, 0, &mut SleepPark).unwrap();
+            let r = t
+                .sleep_until(deadline, WaitOptions::default(), &mut SleepPark)
+                .unwrap();
             assert!(r[1] >= deadline && now_ns() >= deadline);
         }
     }
@@ -310,7 +378,11 @@ mod tests {
         let mut t = TimerService::new(AdvanceMode::Fixed(200_000));
         let deadline = now_ns() + 1_000_000;
         let r = t
-            .sleep_until(deadline, flags::EARLY_RETURN, &mut SleepPark)
+            .sleep_until(
+                deadline,
+                WaitOptions::from_call(flags::EARLY_RETURN, 0),
+                &mut SleepPark,
+            )
             .unwrap();
         assert!(r[1] + 200_000 >= deadline, "not earlier than the advance");
         assert_eq!(r[2], 200_000);
@@ -320,18 +392,19 @@ mod tests {
     fn periodic_counts_missed_periods_and_keeps_phase() {
         let mut t = TimerService::new(AdvanceMode::Off);
         assert_eq!(
-            t.wait_next(0, &mut SleepPark).unwrap_err(),
+            t.wait_next(WaitOptions::default(), &mut SleepPark)
+                .unwrap_err(),
             Status::NotConfigured
         );
         assert_eq!(t.start_periodic(0, 0).unwrap_err(), Status::BadArgument);
         let period = 1_000_000;
         let first = t.start_periodic(period, 0).unwrap()[0];
-        let r = t.wait_next(0, &mut SleepPark).unwrap();
+        let r = t.wait_next(WaitOptions::default(), &mut SleepPark).unwrap();
         assert_eq!((r[0], r[2]), (first, 0));
         // Overrun by 3.5 periods: three deadlines pass unserved.
         let until = r[0] + 3 * period + period / 2;
         while now_ns() < until {}
-        let r = t.wait_next(0, &mut SleepPark).unwrap();
+        let r = t.wait_next(WaitOptions::default(), &mut SleepPark).unwrap();
         assert_eq!(r[2], 3, "missed periods");
         assert_eq!(r[0], first + 4 * period, "next deadline stays in phase");
     }

@@ -1,0 +1,702 @@
+//! `rtvm bench timer`: the same periodic task, with absolute deadlines,
+//! measured back to back on one machine along each path a real-time task
+//! could take:
+//!
+//! - `host`: a host thread at the same SCHED_FIFO priority and CPU sleeping
+//!   with `clock_nanosleep(TIMER_ABSTIME)` — what cyclictest measures;
+//! - `guest_interrupt`: the conventional path in the built-in guest: its
+//!   kernel programs the LAPIC TSC-deadline timer, halts, and the interrupt
+//!   wakes the task (`timer-irq` workload);
+//! - `guest_longpoll`: the task on an RT vCPU waiting through VMRPC long
+//!   polling with the adaptive timer advance (`periodic` workload);
+//! - `guest_longpoll_noadvance` (optional): the same without the advance.
+//!
+//! Lateness = wake time − deadline, in host CLOCK_MONOTONIC ns; in the guest
+//! it is taken at CPL3 from the TSC mapped to host time by the VMM's
+//! (host time, guest TSC) pair, and for long polling also cross-checked by
+//! the host's own record of when it handed control back.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use rtvm_abi::vmrpc::HOST_STREAM;
+use rtvm_vmm::host::HostInfo;
+use rtvm_vmm::realtime::{self, RtItem, RtPolicy};
+use rtvm_vmm::rpc::timer::{AdvanceMode, DEFAULT_MAX_ADVANCE_NS};
+use rtvm_vmm::rpc::wait::now_ns;
+use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig};
+use serde_json::{json, Value};
+
+use super::histogram::Histogram;
+use super::machine_json;
+use super::plot::latency_svg;
+use super::stats::Stats;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// A cyclictest-like periodic task (period from --period-us).
+    Periodic,
+    /// Frame pacing, the media-player case: a frame every 16.667 ms, each
+    /// followed by --frame-work-us of rendering.
+    Frames,
+}
+
+#[derive(Args, Clone)]
+pub struct TimerArgs {
+    /// Total measuring time in seconds, split evenly between the paths.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Period of the task, in µs (periodic workload).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=1_000_000))]
+    pub period_us: u64,
+    /// Load the host (a busy SCHED_OTHER thread per CPU) and guest vCPU 0
+    /// (busy housekeeping) for every path; guest_longpoll is first also
+    /// measured without load, as the baseline for its growth.
+    #[arg(long)]
+    pub load: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write a cyclictest-format histogram per path into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub histogram_dir: Option<PathBuf>,
+    /// Draw the latency distributions into an SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Also run cyclictest (Debian rt-tests) on the host, as a reference for `host`.
+    #[arg(long)]
+    pub with_cyclictest: bool,
+    /// Also measure long polling with the timer advance off.
+    #[arg(long)]
+    pub with_noadvance: bool,
+    /// What the task does.
+    #[arg(long, value_enum, default_value_t = Workload::Periodic)]
+    pub workload: Workload,
+    /// Rendering time per frame in µs (frames workload).
+    #[arg(long, default_value_t = 2000)]
+    pub frame_work_us: u64,
+    /// SCHED_FIFO priority of the measuring thread/vCPU.
+    #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub priority: u8,
+    /// Host CPU the measuring thread/vCPU is pinned to [default: the last CPU].
+    #[arg(long)]
+    pub cpu: Option<usize>,
+}
+
+/// Frame period of the frames workload (60 Hz).
+const FRAME_PERIOD_NS: u64 = 16_666_667;
+/// A frame more than this late is a visible miss.
+const FRAME_MISS_NS: u64 = 1_000_000;
+/// Targets from the timer-evaluation issue.
+const TARGET_LONGPOLL_OVER_HOST_P99: f64 = 1.0;
+const TARGET_LONGPOLL_OVER_INTERRUPT_P99: f64 = 0.5;
+const TARGET_LOAD_GROWTH_P99: f64 = 1.5;
+
+/// One path's measurement.
+pub struct PathResult {
+    pub name: &'static str,
+    pub late_ns: Vec<u64>,
+    pub missed: u64,
+    /// The host's own record of its wake-ups (long polling only).
+    pub host_side_ns: Vec<u64>,
+    pub stats: Stats,
+}
+
+/// Everything one run of the bench measured.
+pub struct TimerReport {
+    pub paths: Vec<PathResult>,
+    pub rt: Vec<RtItem>,
+    pub host: HostInfo,
+    pub period_ns: u64,
+    pub work_ns: u64,
+    pub seconds_per_path: f64,
+    pub load: bool,
+    pub workload: Workload,
+}
+
+impl TimerReport {
+    pub fn path(&self, name: &str) -> Option<&PathResult> {
+        self.paths.iter().find(|p| p.name == name)
+    }
+
+    fn p99(&self, name: &str) -> Option<f64> {
+        self.path(name).map(|p| p.stats.p99_us)
+    }
+
+    /// (name, value, target) of each ratio the issue sets a target for.
+    pub fn ratios(&self) -> Vec<(&'static str, f64, f64)> {
+        let mut out = Vec::new();
+        if let (Some(lp), Some(host)) = (self.p99("guest_longpoll"), self.p99("host")) {
+            out.push((
+                "longpoll_p99_over_host_p99",
+                lp / host,
+                TARGET_LONGPOLL_OVER_HOST_P99,
+            ));
+        }
+        if let (Some(lp), Some(irq)) = (self.p99("guest_longpoll"), self.p99("guest_interrupt")) {
+            out.push((
+                "longpoll_p99_over_interrupt_p99",
+                lp / irq,
+                TARGET_LONGPOLL_OVER_INTERRUPT_P99,
+            ));
+        }
+        if let (Some(lp), Some(quiet)) = (
+            self.p99("guest_longpoll"),
+            self.p99("guest_longpoll_noload"),
+        ) {
+            out.push((
+                "longpoll_p99_load_over_noload",
+                lp / quiet,
+                TARGET_LOAD_GROWTH_P99,
+            ));
+        }
+        out
+    }
+}
+
+fn last_cpu() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
+}
+
+fn sleep_until(deadline: u64) {
+    let ts = libc::timespec {
+        tv_sec: (deadline / 1_000_000_000) as libc::time_t,
+        tv_nsec: (deadline % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: valid clock id, flags and a live timespec; EINTR just retries.
+    while unsafe {
+        libc::clock_nanosleep(
+            libc::CLOCK_MONOTONIC,
+            libc::TIMER_ABSTIME,
+            &ts,
+            std::ptr::null_mut(),
+        )
+    } == libc::EINTR
+    {}
+}
+
+fn spin_for(ns: u64) {
+    let until = now_ns() + ns;
+    while now_ns() < until {
+        std::hint::spin_loop();
+    }
+}
+
+/// The `host` path: the task as a plain host thread, like cyclictest's.
+fn host_path(
+    policy: RtPolicy,
+    period: u64,
+    count: u64,
+    work: u64,
+    rt: &Mutex<Vec<RtItem>>,
+) -> PathResult {
+    let (late, missed, items) = std::thread::spawn(move || {
+        let items = realtime::apply_thread_policy("host path thread", &policy);
+        let mut late = Vec::with_capacity(count as usize);
+        let mut missed = 0;
+        let mut next = now_ns() + period;
+        for _ in 0..count {
+            // Same rule as the guest paths: deadlines already gone are
+            // counted as missed and skipped.
+            let now = now_ns();
+            if now >= next {
+                let gone = (now - next) / period + 1;
+                missed += gone;
+                next += gone * period;
+            }
+            sleep_until(next);
+            late.push(now_ns().saturating_sub(next));
+            spin_for(work);
+            next += period;
+        }
+        (late, missed, items)
+    })
+    .join()
+    .expect("host path thread");
+    rt.lock().unwrap().extend(items);
+    let stats = Stats::from_ns(&late).expect("samples");
+    PathResult {
+        name: "host",
+        late_ns: late,
+        missed,
+        host_side_ns: Vec::new(),
+        stats,
+    }
+}
+
+/// A guest path: `workload` on RT vCPU 1, vCPU 0 idle or busy.
+#[allow(clippy::too_many_arguments)]
+fn guest_path(
+    name: &'static str,
+    workload: &str,
+    advance: AdvanceMode,
+    policy: RtPolicy,
+    period: u64,
+    count: u64,
+    work: u64,
+    busy_vcpu0: bool,
+    rt: &Mutex<Vec<RtItem>>,
+) -> Result<PathResult, String> {
+    let mut config = VmConfig::new(GuestSpec::Builtin(workload.into()));
+    config.vcpus = 2;
+    config.set_rt(1, policy);
+    config.timer_advance = advance;
+    let housekeeping = if busy_vcpu0 { "busy" } else { "none" };
+    config.cmdline =
+        format!("rt=1 period={period} count={count} work={work} housekeeping={housekeeping}");
+    let console = Arc::new(Mutex::new(Vec::new()));
+    let vm = Vm::new(&config, Console::capture(console.clone())).map_err(|e| e.to_string())?;
+    let run = vm.run().map_err(|e| e.to_string())?;
+    if run.reason.exit_code() != 0 {
+        let text = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
+        return Err(format!(
+            "{name}: the guest did not finish cleanly ({}):\n{text}",
+            run.reason
+        ));
+    }
+    rt.lock().unwrap().extend(
+        run.rt_report
+            .items
+            .iter()
+            .filter(|i| i.what.starts_with("vCPU 1"))
+            .cloned(),
+    );
+    let mut streams = run.streams;
+    let late = std::mem::take(&mut streams[0]);
+    let missed = streams[1].iter().sum();
+    let host_side = std::mem::take(&mut streams[HOST_STREAM as usize]);
+    let stats =
+        Stats::from_ns(&late).ok_or_else(|| format!("{name}: the guest reported no samples"))?;
+    Ok(PathResult {
+        name,
+        late_ns: late,
+        missed,
+        host_side_ns: host_side,
+        stats,
+    })
+}
+
+/// cyclictest on the host for the same time, as a reference for `host`.
+fn cyclictest_path(policy: RtPolicy, period: u64, seconds: f64) -> Result<PathResult, String> {
+    let out = std::process::Command::new("cyclictest")
+        .args(["-q", "-m", "-t1"])
+        .arg(format!("-p{}", policy.priority))
+        .arg(format!("-a{}", policy.cpu.unwrap_or_else(last_cpu)))
+        .arg(format!("-i{}", period / 1000))
+        .arg(format!("-D{}", seconds.ceil() as u64))
+        .arg("-h10000")
+        .output()
+        .map_err(|e| {
+            format!("cannot run cyclictest ({e}); on Debian it is in the rt-tests package")
+        })?;
+    if !out.status.success() {
+        return Err(format!(
+            "cyclictest failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let mut late = Vec::new();
+    for (us, count) in Histogram::parse_cyclictest(&String::from_utf8_lossy(&out.stdout)) {
+        late.extend(std::iter::repeat_n(us * 1000, count as usize));
+    }
+    let stats = Stats::from_ns(&late).ok_or("cyclictest reported no samples")?;
+    Ok(PathResult {
+        name: "host_cyclictest",
+        late_ns: late,
+        missed: 0,
+        host_side_ns: Vec::new(),
+        stats,
+    })
+}
+
+/// Busy SCHED_OTHER threads on every CPU until dropped.
+struct HostLoad {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl HostLoad {
+    fn start() -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..=last_cpu())
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 1u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                })
+            })
+            .collect();
+        HostLoad { stop, threads }
+    }
+}
+
+impl Drop for HostLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs every path and returns the report.
+pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
+    let host = HostInfo::probe();
+    let cpu = args.cpu.unwrap_or_else(last_cpu);
+    let policy = RtPolicy {
+        priority: args.priority,
+        cpu: Some(cpu),
+    };
+    policy.validate()?;
+    if !(args.seconds > 0.0 && args.seconds <= 86_400.0) {
+        return Err(format!(
+            "--seconds {}: must be between 0 and 86400",
+            args.seconds
+        ));
+    }
+    let (period, work) = match args.workload {
+        Workload::Periodic => (args.period_us * 1000, 0),
+        Workload::Frames => (FRAME_PERIOD_NS, args.frame_work_us * 1000),
+    };
+    if work >= period {
+        return Err(format!(
+            "--frame-work-us {} does not fit in a {} µs frame",
+            args.frame_work_us,
+            period / 1000
+        ));
+    }
+    // With --load, long polling is first measured quiet, as the baseline
+    // its growth under load is judged against; then every path runs loaded.
+    let mut names = Vec::new();
+    if args.load {
+        names.push("guest_longpoll_noload");
+    }
+    names.extend(["host", "guest_interrupt", "guest_longpoll"]);
+    if args.with_noadvance {
+        names.push("guest_longpoll_noadvance");
+    }
+    if args.with_cyclictest {
+        names.push("host_cyclictest");
+    }
+    let per_path = args.seconds / names.len() as f64;
+    let count = ((per_path * 1e9) / period as f64).ceil().max(10.0) as u64;
+
+    let progress = ProgressBar::new((args.seconds * 10.0) as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{msg:>26} [{bar:30}] {elapsed}/{duration}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let ticking = Arc::new(AtomicBool::new(true));
+    let ticker = {
+        let (progress, ticking) = (progress.clone(), ticking.clone());
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while ticking.load(Ordering::Relaxed) {
+                progress.set_position((start.elapsed().as_secs_f64() * 10.0) as u64);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+
+    let rt = Mutex::new(Vec::new());
+    let _dma = match realtime::hold_cpu_dma_latency() {
+        Ok(f) => {
+            rt.lock().unwrap().push(RtItem {
+                what: "/dev/cpu_dma_latency held at 0 µs".into(),
+                result: Ok(()),
+            });
+            Some(f)
+        }
+        Err(e) => {
+            rt.lock().unwrap().push(RtItem {
+                what: "/dev/cpu_dma_latency held at 0 µs".into(),
+                result: Err(e),
+            });
+            None
+        }
+    };
+    let adaptive = AdvanceMode::Adaptive {
+        max_ns: DEFAULT_MAX_ADVANCE_NS,
+    };
+    let mut paths = Vec::new();
+    let mut load: Option<HostLoad> = None;
+    let result = (|| {
+        for &name in &names {
+            progress.set_message(name);
+            if args.load && name != "guest_longpoll_noload" && load.is_none() {
+                load = Some(HostLoad::start());
+            }
+            let busy = load.is_some();
+            let path = match name {
+                "host" => host_path(policy, period, count, work, &rt),
+                "guest_interrupt" => guest_path(
+                    name,
+                    "timer-irq",
+                    AdvanceMode::Off,
+                    policy,
+                    period,
+                    count,
+                    work,
+                    busy,
+                    &rt,
+                )?,
+                "guest_longpoll" | "guest_longpoll_noload" => guest_path(
+                    name, "periodic", adaptive, policy, period, count, work, busy, &rt,
+                )?,
+                "guest_longpoll_noadvance" => guest_path(
+                    name,
+                    "periodic",
+                    AdvanceMode::Off,
+                    policy,
+                    period,
+                    count,
+                    work,
+                    busy,
+                    &rt,
+                )?,
+                "host_cyclictest" => cyclictest_path(policy, period, per_path)?,
+                _ => unreachable!("path names are fixed above"),
+            };
+            paths.push(path);
+        }
+        Ok::<(), String>(())
+    })();
+    drop(load);
+    ticking.store(false, Ordering::Relaxed);
+    let _ = ticker.join();
+    progress.finish_and_clear();
+    result?;
+    // Every guest path reports the same settings for its own VM; keep one
+    // of each, with the per-VM cgroup name made generic.
+    let mut rt_items: Vec<RtItem> = Vec::new();
+    for mut item in rt.into_inner().unwrap() {
+        if let Some(at) = item.what.find("/rtvm/vm-") {
+            let rest = &item.what[at + "/rtvm/vm-".len()..];
+            let end = rest.find('/').unwrap_or(rest.len());
+            item.what = format!("{}/rtvm/vm-*{}", &item.what[..at], &rest[end..]);
+        }
+        if !rt_items
+            .iter()
+            .any(|i| i.what == item.what && i.result == item.result)
+        {
+            rt_items.push(item);
+        }
+    }
+    Ok(TimerReport {
+        paths,
+        rt: rt_items,
+        host,
+        period_ns: period,
+        work_ns: work,
+        seconds_per_path: per_path,
+        load: args.load,
+        workload: args.workload,
+    })
+}
+
+fn jitter_us(samples: &[u64]) -> f64 {
+    let n = samples.len().max(1) as f64;
+    let mean = samples.iter().map(|&s| s as f64).sum::<f64>() / n;
+    (samples
+        .iter()
+        .map(|&s| (s as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n)
+        .sqrt()
+        / 1e3
+}
+
+impl TimerReport {
+    pub fn to_json(&self) -> Value {
+        let mut out = json!({});
+        for p in &self.paths {
+            out[p.name] = p.stats.to_json();
+        }
+        let missed: serde_json::Map<String, Value> = self
+            .paths
+            .iter()
+            .map(|p| (p.name.to_string(), json!(p.missed)))
+            .collect();
+        out["missed_periods"] = Value::Object(missed);
+        if let Some(lp) = self.path("guest_longpoll") {
+            if let Some(s) = Stats::from_ns(&lp.host_side_ns) {
+                out["guest_longpoll_host_side"] = s.to_json();
+            }
+        }
+        if self.workload == Workload::Frames {
+            let frames: serde_json::Map<String, Value> = self
+                .paths
+                .iter()
+                .map(|p| {
+                    let misses =
+                        p.late_ns.iter().filter(|&&l| l > FRAME_MISS_NS).count() as u64 + p.missed;
+                    (
+                        p.name.to_string(),
+                        json!({"deadline_misses": misses, "jitter_us": jitter_us(&p.late_ns)}),
+                    )
+                })
+                .collect();
+            out["frames"] = Value::Object(frames);
+        }
+        out["ratios"] = Value::Object(
+            self.ratios()
+                .into_iter()
+                .map(|(name, value, target)| {
+                    (name.to_string(), json!({"value": value, "target": target}))
+                })
+                .collect(),
+        );
+        out["settings"] = json!({
+            "workload": format!("{:?}", self.workload).to_lowercase(),
+            "period_us": self.period_ns as f64 / 1e3,
+            "work_us": self.work_ns as f64 / 1e3,
+            "seconds_per_path": self.seconds_per_path,
+            "load": self.load,
+        });
+        let mut machine = machine_json(&self.host);
+        machine["rt"] = json!(self
+            .rt
+            .iter()
+            .map(|i| match &i.result {
+                Ok(()) => format!("ok: {}", i.what),
+                Err(e) => format!("FAILED: {}: {e}", i.what),
+            })
+            .collect::<Vec<_>>());
+        out["machine"] = machine;
+        out
+    }
+
+    pub fn print_table(&self) {
+        println!(
+            "rtvm bench timer: {} workload, period {:.3} ms, {:.1} s per path{} ({} on {}, preemption {})",
+            format!("{:?}", self.workload).to_lowercase(),
+            self.period_ns as f64 / 1e6,
+            self.seconds_per_path,
+            if self.load { ", host and guest vCPU 0 loaded" } else { "" },
+            self.host.kvm_module,
+            self.host.cpu_model,
+            self.host.preemption,
+        );
+        println!("{}   missed", Stats::TABLE_HEADER);
+        for p in &self.paths {
+            println!("{} {:>8}", p.stats.table_row(p.name), p.missed);
+        }
+        if let Some(s) = self
+            .path("guest_longpoll")
+            .and_then(|lp| Stats::from_ns(&lp.host_side_ns))
+        {
+            println!(
+                "{}   (host's own record of its wake-ups)",
+                s.table_row("  longpoll, host")
+            );
+        }
+        if self.workload == Workload::Frames {
+            for p in &self.paths {
+                let misses =
+                    p.late_ns.iter().filter(|&&l| l > FRAME_MISS_NS).count() as u64 + p.missed;
+                println!(
+                    "frames {:<24} {misses} frames more than 1 ms late, jitter {:.1} µs",
+                    p.name,
+                    jitter_us(&p.late_ns)
+                );
+            }
+        }
+        for (name, value, target) in self.ratios() {
+            println!("{name}: {value:.2} (target <= {target})");
+        }
+        for item in &self.rt {
+            match &item.result {
+                Ok(()) => println!("  rt ok: {}", item.what),
+                Err(e) => println!("  rt FAILED: {}: {e}", item.what),
+            }
+        }
+    }
+
+    /// Writes `<dir>/<path>.hist` for every path.
+    pub fn write_histograms(&self, dir: &Path) -> Result<Vec<PathBuf>, String> {
+        fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let mut written = Vec::new();
+        for p in &self.paths {
+            let file = dir.join(format!("{}.hist", p.name));
+            let title = format!(
+                "rtvm bench timer: {}, period {} µs, lateness in µs",
+                p.name,
+                self.period_ns / 1000
+            );
+            fs::write(&file, Histogram::from_ns(&p.late_ns).to_cyclictest(&title))
+                .map_err(|e| format!("writing {}: {e}", file.display()))?;
+            written.push(file);
+        }
+        Ok(written)
+    }
+
+    pub fn write_plot(&self, file: &Path) -> Result<(), String> {
+        if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
+        let series: Vec<(&str, &[u64])> = self
+            .paths
+            .iter()
+            .map(|p| (p.name, p.late_ns.as_slice()))
+            .collect();
+        let title = format!(
+            "timer lateness, period {} µs ({})",
+            self.period_ns / 1000,
+            self.host.kvm_module
+        );
+        latency_svg(file, &title, &series)
+    }
+
+    /// One sentence on what the numbers mean.
+    pub fn summary(&self) -> String {
+        let (Some(lp), Some(host), Some(irq)) = (
+            self.p99("guest_longpoll"),
+            self.p99("host"),
+            self.p99("guest_interrupt"),
+        ) else {
+            return String::new();
+        };
+        format!(
+            "A guest task waiting through VM long polling woke with a p99 lateness of {lp:.0} µs: {:.2}x the bare \
+             host's ({host:.0} µs) and {:.2}x the conventional guest-interrupt path's ({irq:.0} µs).",
+            lp / host,
+            lp / irq
+        )
+    }
+}
+
+pub fn run(args: &TimerArgs) -> Result<(), String> {
+    let report = measure(args)?;
+    let hist = match &args.histogram_dir {
+        Some(dir) => report.write_histograms(dir)?,
+        None => Vec::new(),
+    };
+    if let Some(plot) = &args.plot {
+        report.write_plot(plot)?;
+    }
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        report.print_table();
+        println!("{}", report.summary());
+        for f in hist {
+            println!("histogram: {}", f.display());
+        }
+        if let Some(plot) = &args.plot {
+            println!("plot: {}", plot.display());
+        }
+    }
+    Ok(())
+}
