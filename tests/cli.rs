@@ -472,6 +472,38 @@ fn bench_timer_reports_json_histograms_and_plot() {
 }
 
 #[test]
+fn bench_timer_host_path_agrees_with_cyclictest() {
+    if !kvm_available() {
+        return;
+    }
+    // .ci/run installs rt-tests; cyclictest is the reference, not optional there.
+    let out = output_within(
+        rtvm().args([
+            "bench",
+            "timer",
+            "--json",
+            "--seconds",
+            "4",
+            "--with-cyclictest",
+        ]),
+        Duration::from_secs(120),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let ours = json["host"]["p50_us"].as_f64().unwrap();
+    let theirs = json["host_cyclictest"]["p50_us"].as_f64().unwrap();
+    assert!(
+        json["host_cyclictest"]["samples"].as_u64().unwrap() >= 500,
+        "{json}"
+    );
+    // Same kernel path, same priority and CPU: the medians agree within noise.
+    assert!(
+        ours < theirs * 3.0 + 5.0 && theirs < ours * 3.0 + 5.0,
+        "host p50 {ours} µs, cyclictest p50 {theirs} µs"
+    );
+}
+
+#[test]
 fn bench_timer_frames_counts_deadline_misses() {
     if !kvm_available() {
         return;

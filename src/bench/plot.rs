@@ -54,18 +54,36 @@ pub fn latency_svg(file: &Path, title: &str, paths: &[(&str, &[u64])]) -> Result
     let palette = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
     for (i, (name, counts)) in curves.iter().enumerate() {
         let color = palette[i % palette.len()];
-        let points = counts
-            .iter()
-            .enumerate()
-            .filter(|(_, &c)| c > 0)
-            .map(|(b, &c)| (b as f64 * width, c));
-        chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label(name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+        // Empty buckets cannot sit on a log axis: draw each run of
+        // consecutive non-empty buckets as its own line (a lone bucket as a
+        // dot), instead of lines jumping across the gaps.
+        let mut runs: Vec<Vec<(f64, u64)>> = Vec::new();
+        for (b, &c) in counts.iter().enumerate() {
+            match (c, runs.last_mut()) {
+                (0, _) => {}
+                (_, Some(run))
+                    if run
+                        .last()
+                        .is_some_and(|&(x, _)| x == (b as f64 - 1.0) * width) =>
+                {
+                    run.push((b as f64 * width, c))
+                }
+                _ => runs.push(vec![(b as f64 * width, c)]),
+            }
+        }
+        for (n, run) in runs.into_iter().enumerate() {
+            let drawn = if run.len() == 1 {
+                chart.draw_series(std::iter::once(Circle::new(run[0], 2, color.filled())))
+            } else {
+                chart.draw_series(LineSeries::new(run, color.stroke_width(2)))
+            }
+            .map_err(|e| err(&e))?;
+            if n == 0 {
+                drawn.label(name.as_str()).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            }
+        }
     }
     chart
         .configure_series_labels()
@@ -94,6 +112,6 @@ mod tests {
             texts.contains(&"host") && texts.contains(&"guest"),
             "legend names each path"
         );
-        assert!(svg.matches("<polyline").count() >= 2, "one curve per path");
+        assert!(svg.matches("<polyline").count() >= 2, "a curve per path");
     }
 }
