@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use rtvm_vmm::config::parse_size;
+use rtvm_vmm::config::{parse_byte_size, parse_size};
 use rtvm_vmm::realtime::{RtBandwidth, RtVcpuArg};
+use rtvm_vmm::rpc::fs::ShareConfig;
 use rtvm_vmm::rpc::timer::AdvanceMode;
 use rtvm_vmm::{Console, Error, GuestSpec, Vm, VmConfig, VmRun};
 
@@ -82,6 +83,18 @@ pub struct RunArgs {
     /// Timer advance of long polls on RT vCPUs: auto, off, or e.g. 20us [default: auto].
     #[arg(long, value_name = "MODE")]
     timer_advance: Option<AdvanceMode>,
+    /// Serve the guest's file calls from host directory DIR (DIR:ro for read-only).
+    #[arg(long, value_name = "DIR[:ro]")]
+    share: Option<ShareConfig>,
+    /// Most files the guest may hold open in the share [default: 64].
+    #[arg(long, value_name = "N", requires = "share")]
+    share_max_open: Option<usize>,
+    /// Most bytes one file call may move, e.g. 1M [default: 1M].
+    #[arg(long, value_name = "SIZE", requires = "share", value_parser = parse_byte_size)]
+    share_max_call: Option<u64>,
+    /// Most bytes the guest may write into the share in all, e.g. 1G [default: 1G].
+    #[arg(long, value_name = "SIZE", requires = "share", value_parser = parse_byte_size)]
+    share_max_written: Option<u64>,
     /// Write how the run ended and what it cost (RSS, times) as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
@@ -127,6 +140,20 @@ impl RunArgs {
         }
         if let Some(advance) = self.timer_advance {
             config.timer_advance = advance;
+        }
+        if let Some(share) = &self.share {
+            config.share = Some(share.clone());
+        }
+        if let Some(share) = &mut config.share {
+            if let Some(n) = self.share_max_open {
+                share.max_open_files = n;
+            }
+            if let Some(n) = self.share_max_call {
+                share.max_bytes_per_call = n;
+            }
+            if let Some(n) = self.share_max_written {
+                share.max_bytes_written = n;
+            }
         }
         config.validate()?;
         Ok(config)

@@ -189,7 +189,21 @@ fn config_file_errors_are_clear_and_exit_2() {
 
 #[test]
 fn bad_flags_are_clear_and_exit_2() {
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 11] = [
+        (
+            &[
+                "run",
+                "--guest",
+                "builtin:hello",
+                "--share",
+                "/nonexistent/dir",
+            ],
+            "cannot open share directory /nonexistent/dir",
+        ),
+        (
+            &["run", "--guest", "builtin:hello", "--share-max-open", "3"],
+            "--share",
+        ),
         (&["run"], "--guest builtin:NAME or --config FILE"),
         (
             &["run", "--guest", "builtin:hello", "--rt-vcpu", "1"],

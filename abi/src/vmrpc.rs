@@ -130,6 +130,49 @@ pub enum Call {
     /// collect guest-side measurements this way. `results[0]` = samples
     /// the stream now holds.
     Report = 9,
+
+    // Outsourced files: a host directory shared with the VM (the "share").
+    // Paths are (address, length) pairs of UTF-8 bytes, relative to the share
+    // root, at most [`PATH_MAX`] bytes; nothing resolves outside the share
+    // (`..`, absolute paths, symlinks leading out: `NotPermitted`). Handles
+    // are small integers, valid until closed. Without a share every call
+    // answers `NoShare`.
+    /// Open `args[0..2]` path with [`fs::open`] flags `args[2]` (READ or
+    /// WRITE required; unknown bits: `BadArgument`) and mode `args[3]`
+    /// (≤ 0o7777; 0: 0o644) for created files. Only regular files and
+    /// directories open. `results[0]` = handle.
+    FsOpen = 20,
+    /// Read up to `args[2]` bytes of handle `args[0]` into guest address
+    /// `args[1]`, at offset `args[3]` ([`fs::CURRENT`]: the file position).
+    /// `results[0]` = bytes read (0 at end of file).
+    FsRead = 21,
+    /// Write `args[2]` bytes at guest address `args[1]` to handle `args[0]`,
+    /// at offset `args[3]` ([`fs::CURRENT`]: the file position, or the end
+    /// for append). `results[0]` = bytes written. A write that would cross
+    /// the VM's total-bytes quota is refused whole (`QuotaExceeded`).
+    FsWrite = 22,
+    /// Flush handle `args[0]` to stable storage.
+    FsFsync = 23,
+    /// Close handle `args[0]`.
+    FsClose = 24,
+    /// Stat path `args[0..2]` (not following a final symlink). Results:
+    /// size, [`fs::kind`], modification time (ns since the epoch), mode bits.
+    FsStat = 25,
+    /// Stat handle `args[0]`; results as `FsStat`.
+    FsFstat = 26,
+    /// Make directory `args[0..2]` with mode `args[2]` (0: 0o755).
+    FsMkdir = 27,
+    /// Remove path `args[0..2]`; `args[2]` = [`fs::REMOVE_DIR`] for a
+    /// directory (other bits: `BadArgument`).
+    FsUnlink = 28,
+    /// Rename path `args[0..2]` to path `args[2..4]`, both inside the share.
+    FsRename = 29,
+    /// List directory `args[0..2]` from entry number `args[2]` into the guest
+    /// buffer `args[3]`, `args[4]` bytes long, as records `kind: u8,
+    /// name_len: u16 (LE), name`. Entries come sorted by name. Results: the
+    /// entry number to continue from (0: no more), bytes written, entries.
+    /// A buffer too small for even one record: `TooLarge`.
+    FsReaddir = 30,
 }
 
 impl Call {
@@ -145,6 +188,17 @@ impl Call {
             7 => Call::VcpuInfo,
             8 => Call::Log,
             9 => Call::Report,
+            20 => Call::FsOpen,
+            21 => Call::FsRead,
+            22 => Call::FsWrite,
+            23 => Call::FsFsync,
+            24 => Call::FsClose,
+            25 => Call::FsStat,
+            26 => Call::FsFstat,
+            27 => Call::FsMkdir,
+            28 => Call::FsUnlink,
+            29 => Call::FsRename,
+            30 => Call::FsReaddir,
             _ => return None,
         })
     }
@@ -165,6 +219,37 @@ pub const STREAMS: u64 = 8;
 pub const HOST_STREAM: u64 = STREAMS - 1;
 /// Most samples one [`Call::Report`] may carry.
 pub const REPORT_MAX: u64 = 65536;
+
+/// Longest path for the file calls, in bytes.
+pub const PATH_MAX: u64 = 1024;
+
+/// Constants of the file calls.
+pub mod fs {
+    /// `FsOpen` flags.
+    pub mod open {
+        pub const READ: u64 = 1 << 0;
+        pub const WRITE: u64 = 1 << 1;
+        pub const CREATE: u64 = 1 << 2;
+        pub const TRUNCATE: u64 = 1 << 3;
+        pub const APPEND: u64 = 1 << 4;
+        /// With `CREATE`: fail with `AlreadyExists` if the file exists.
+        pub const EXCLUSIVE: u64 = 1 << 5;
+        pub const ALL: u64 = READ | WRITE | CREATE | TRUNCATE | APPEND | EXCLUSIVE;
+        /// Flags that need a writable share.
+        pub const WRITE_CLASS: u64 = WRITE | CREATE | TRUNCATE | APPEND;
+    }
+    /// Offset meaning "the file position" for `FsRead`/`FsWrite`.
+    pub const CURRENT: u64 = u64::MAX;
+    /// `FsUnlink` flag: remove a directory.
+    pub const REMOVE_DIR: u64 = 1;
+    /// File kinds in stat results and directory records.
+    pub mod kind {
+        pub const OTHER: u64 = 0;
+        pub const FILE: u64 = 1;
+        pub const DIR: u64 = 2;
+        pub const SYMLINK: u64 = 3;
+    }
+}
 
 /// Flags in `results[1]` of [`Call::VcpuInfo`].
 pub mod vcpu_info {
@@ -200,8 +285,30 @@ pub enum Status {
     /// The call needs state this vCPU does not have (e.g. `WaitNext` with no
     /// periodic timer).
     NotConfigured = 10,
-    /// A limit on resources was reached.
+    /// A limit on resources was reached (the host's own, e.g. descriptors).
     NoResources = 11,
+    /// The path does not exist.
+    NotFound = 12,
+    /// The path exists already (exclusive create, mkdir, rename over a directory).
+    AlreadyExists = 13,
+    /// A directory was expected.
+    NotADirectory = 14,
+    /// A file was expected.
+    IsADirectory = 15,
+    /// The directory is not empty.
+    NotEmpty = 16,
+    /// The share is read-only.
+    ReadOnly = 17,
+    /// The VM has as many files open as its limit allows.
+    TooManyOpenFiles = 18,
+    /// More bytes in one call than the limit allows (split the request).
+    TooLarge = 19,
+    /// The VM has written as many bytes as its limit allows.
+    QuotaExceeded = 20,
+    /// No share is configured for this VM.
+    NoShare = 21,
+    /// The host's file system reported an error.
+    IoError = 22,
 }
 
 impl Status {
@@ -219,6 +326,17 @@ impl Status {
             9 => Status::BadArgument,
             10 => Status::NotConfigured,
             11 => Status::NoResources,
+            12 => Status::NotFound,
+            13 => Status::AlreadyExists,
+            14 => Status::NotADirectory,
+            15 => Status::IsADirectory,
+            16 => Status::NotEmpty,
+            17 => Status::ReadOnly,
+            18 => Status::TooManyOpenFiles,
+            19 => Status::TooLarge,
+            20 => Status::QuotaExceeded,
+            21 => Status::NoShare,
+            22 => Status::IoError,
             _ => return None,
         })
     }
@@ -237,6 +355,17 @@ impl Status {
             Status::BadArgument => "bad argument",
             Status::NotConfigured => "not configured",
             Status::NoResources => "no resources",
+            Status::NotFound => "not found",
+            Status::AlreadyExists => "already exists",
+            Status::NotADirectory => "not a directory",
+            Status::IsADirectory => "is a directory",
+            Status::NotEmpty => "directory not empty",
+            Status::ReadOnly => "read-only share",
+            Status::TooManyOpenFiles => "too many open files",
+            Status::TooLarge => "too large for one call",
+            Status::QuotaExceeded => "write quota exceeded",
+            Status::NoShare => "no share",
+            Status::IoError => "I/O error",
         }
     }
 }

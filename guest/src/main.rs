@@ -15,6 +15,8 @@
 #[macro_use]
 mod console;
 mod cpu;
+mod fmtbuf;
+mod fs;
 mod header;
 mod mem;
 mod syscall;

@@ -146,6 +146,10 @@ pub struct Rpc {
     /// after its deadline: told to the host with the next wait so it tunes
     /// its timer advance by what the guest actually saw.
     feedback: Option<i64>,
+    /// Bytes the file calls move per call when splitting a large request
+    /// (see `fs`): starts at `fs::FIRST_CHUNK` and halves whenever the host
+    /// answers `TooLarge`, so the host's unknown limit is learned once.
+    pub(crate) fs_chunk: usize,
 }
 
 impl Rpc {
@@ -164,6 +168,7 @@ impl Rpc {
             host0: 0,
             clock_error_ns: 0,
             feedback: None,
+            fs_chunk: crate::fs::FIRST_CHUNK,
         };
         rpc.info = rpc.vcpu_info();
         // A mismatch means the host served this page on another vCPU's

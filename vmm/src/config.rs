@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer};
 use crate::error::{Error, Result};
 use crate::memory::{MAX_RAM, MIN_RAM};
 use crate::realtime::{RtBandwidth, RtPolicy};
+use crate::rpc::fs::ShareConfig;
 use crate::rpc::timer::{AdvanceMode, DEFAULT_MAX_ADVANCE_NS};
 use crate::vcpu::UnhandledIo;
 
@@ -68,6 +69,29 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     };
     n.checked_mul(1 << shift)
         .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// A byte count: a size with a unit (`1M`, `64K`) or a bare number of bytes.
+pub(crate) fn byte_size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Bytes {
+        Text(String),
+        Count(u64),
+    }
+    match Bytes::deserialize(d)? {
+        Bytes::Text(s) => parse_byte_size(&s).map_err(serde::de::Error::custom),
+        Bytes::Count(n) => Ok(n),
+    }
+}
+
+/// A byte count for limits: `4096`, `64K`, `1M`, `1G` (a bare number is bytes).
+pub fn parse_byte_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t.parse().map_err(|_| format!("'{s}' is too large"));
+    }
+    parse_size(t)
 }
 
 fn size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
@@ -130,6 +154,9 @@ pub struct VmConfig {
     /// Per-vCPU settings.
     #[serde(default)]
     pub vcpu: Vec<VcpuSettings>,
+    /// The host directory the guest's file calls are served from (none by default).
+    #[serde(default)]
+    pub share: Option<ShareConfig>,
     /// Refuse to start if any real-time setting cannot be applied.
     #[serde(default)]
     pub rt_strict: bool,
@@ -174,6 +201,7 @@ impl VmConfig {
             serial_log: None,
             kvm_device: default_kvm_device(),
             vcpu: Vec::new(),
+            share: None,
             rt_strict: false,
             mlock: false,
             rt_bandwidth: RtBandwidth::default(),
@@ -253,6 +281,9 @@ impl VmConfig {
             .all(|b| b == b' ' || b.is_ascii_graphic())
         {
             return Err(Error::Config("cmdline must be printable ASCII".into()));
+        }
+        if let Some(share) = &self.share {
+            share.validate()?;
         }
         let mut seen = std::collections::BTreeSet::new();
         for (pos, v) in self.vcpu.iter().enumerate() {
@@ -342,6 +373,35 @@ mod tests {
             err("guest = \"builtin:hello\"\ntimer_advance = \"soon\"").contains("timer advance")
         );
         assert!(err("guest = \"builtin:hello\"\nrt_bandwidth = \"9/10\"").contains("RT bandwidth"));
+    }
+
+    #[test]
+    fn share_table_parses_with_limits() {
+        let c = VmConfig::from_toml(
+            "guest = \"builtin:hello\"\n[share]\npath = \"/tmp\"\nread_only = true\n\
+             max_open_files = 4\nmax_bytes_per_call = \"4K\"\nmax_bytes_written = 10000\n",
+        )
+        .unwrap();
+        let share = c.share.unwrap();
+        assert!(share.read_only);
+        assert_eq!(
+            (
+                share.max_open_files,
+                share.max_bytes_per_call,
+                share.max_bytes_written
+            ),
+            (4, 4096, 10000)
+        );
+        let err = VmConfig::from_toml(
+            "guest = \"builtin:hello\"\n[share]\npath = \"/tmp\"\nmax_open_files = 0",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("max_open_files"), "{err}");
+        assert!(VmConfig::from_toml(
+            "guest = \"builtin:hello\"\n[share]\npath = \"/tmp\"\nsize = 1"
+        )
+        .is_err());
     }
 
     #[test]

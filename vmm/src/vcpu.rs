@@ -107,6 +107,7 @@ pub struct VcpuContext {
     pub count: usize,
     pub ram: Arc<GuestRam>,
     pub streams: Arc<SampleStreams>,
+    pub files: Option<Arc<crate::rpc::fs::FileService>>,
     pub advance: AdvanceMode,
     pub rt: Option<RtPolicy>,
     pub cgroups: Option<Arc<RtCgroups>>,
@@ -292,7 +293,13 @@ fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
         tsc_offset: measure_tsc_offset(&fd, facts.tsc_khz),
         ..facts
     };
-    let mut rpc = RpcServer::new(facts, ctx.ram.clone(), ctx.streams.clone(), ctx.advance);
+    let mut rpc = RpcServer::new(
+        facts,
+        ctx.ram.clone(),
+        ctx.streams.clone(),
+        ctx.advance,
+        ctx.files.clone(),
+    );
     let finished = match Waiter::new() {
         Ok(waiter) => run_loop(&mut fd, &ctx, control, &mut rpc, &waiter),
         Err(e) => {

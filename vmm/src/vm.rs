@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::exit::{ExitSignal, VmExitReason};
 use crate::memory::{self, layout, GuestRam};
 use crate::realtime::{RtHost, RtHostSettings, RtReport};
+use crate::rpc::fs::FileService;
 use crate::rpc::SampleStreams;
 use crate::signals;
 use crate::vcpu::{VcpuContext, VcpuHandle, VcpuState};
@@ -50,6 +51,7 @@ pub struct Vm {
     exit: Arc<ExitSignal>,
     console: Console,
     config: VmConfig,
+    files: Option<Arc<FileService>>,
 }
 
 /// How a VM run ended and what it cost.
@@ -166,7 +168,14 @@ impl Vm {
             vcpu_fds.push(vcpu);
         }
 
+        let files = config
+            .share
+            .clone()
+            .map(FileService::new)
+            .transpose()?
+            .map(Arc::new);
         Ok(Vm {
+            files,
             kvm,
             fd,
             ram: Arc::new(ram),
@@ -212,6 +221,7 @@ impl Vm {
                 count,
                 ram: self.ram.clone(),
                 streams: streams.clone(),
+                files: self.files.clone(),
                 advance: self.config.advance_for(index),
                 rt: self.config.rt_policy(index),
                 cgroups: rt_host.cgroups.clone(),

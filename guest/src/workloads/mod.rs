@@ -7,8 +7,10 @@ mod bad_port;
 mod crash;
 mod exit;
 mod fault;
+mod fs_selftest;
 mod hello;
 mod independence;
+mod logger;
 mod periodic;
 mod rpc_bench;
 mod rpc_ping;
@@ -117,6 +119,14 @@ pub const WORKLOADS: &[Workload] = &[
     Workload {
         name: "timer-irq",
         run: timer_irq::run,
+    },
+    Workload {
+        name: "fs-selftest",
+        run: fs_selftest::run,
+    },
+    Workload {
+        name: "logger",
+        run: logger::run,
     },
 ];
 

@@ -1,0 +1,777 @@
+//! Outsourced files: a guest's file I/O served by the host, confined to one
+//! host directory (the share).
+//!
+//! Confinement is the feature, so every path goes through `openat2(2)` from
+//! the share's root with `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS`: `..`
+//! that would climb out, absolute paths, symlinks leading out and `/proc`
+//! magic links all fail in the kernel, not in string checks of ours.
+//! Operations on a name (mkdir, unlink, rename, stat) open its parent that
+//! way and act with the `*at` call on the final component, which must be a
+//! plain name. Only regular files and directories can be opened, so a FIFO
+//! or device in the share cannot block or reach anything.
+//!
+//! File I/O blocks only the vCPU that asked; handles live in one table per
+//! VM, shared by its vCPUs, and the table lock is never held during I/O.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rtvm_abi::vmrpc::{fs, Status, PATH_MAX};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Default limits of a share.
+pub const DEFAULT_MAX_OPEN_FILES: usize = 64;
+pub const DEFAULT_MAX_BYTES_PER_CALL: u64 = 1 << 20;
+pub const DEFAULT_MAX_BYTES_WRITTEN: u64 = 1 << 30;
+/// The per-call limit can be lowered, not raised beyond this.
+pub const MAX_BYTES_PER_CALL: u64 = 16 << 20;
+
+/// The host directory a VM may use, and its limits.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default = "default_max_open")]
+    pub max_open_files: usize,
+    #[serde(
+        default = "default_max_call",
+        deserialize_with = "crate::config::byte_size"
+    )]
+    pub max_bytes_per_call: u64,
+    #[serde(
+        default = "default_max_written",
+        deserialize_with = "crate::config::byte_size"
+    )]
+    pub max_bytes_written: u64,
+}
+
+fn default_max_open() -> usize {
+    DEFAULT_MAX_OPEN_FILES
+}
+fn default_max_call() -> u64 {
+    DEFAULT_MAX_BYTES_PER_CALL
+}
+fn default_max_written() -> u64 {
+    DEFAULT_MAX_BYTES_WRITTEN
+}
+
+impl ShareConfig {
+    pub fn new(path: PathBuf, read_only: bool) -> Self {
+        ShareConfig {
+            path,
+            read_only,
+            max_open_files: DEFAULT_MAX_OPEN_FILES,
+            max_bytes_per_call: DEFAULT_MAX_BYTES_PER_CALL,
+            max_bytes_written: DEFAULT_MAX_BYTES_WRITTEN,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.max_open_files == 0 || self.max_open_files > 65_535 {
+            return Err(Error::Config(format!(
+                "share max_open_files = {}: must be 1..=65535",
+                self.max_open_files
+            )));
+        }
+        if self.max_bytes_per_call == 0 || self.max_bytes_per_call > MAX_BYTES_PER_CALL {
+            return Err(Error::Config(format!(
+                "share max_bytes_per_call = {}: must be 1..={MAX_BYTES_PER_CALL}",
+                self.max_bytes_per_call
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `--share DIR[:ro]`.
+impl std::str::FromStr for ShareConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (path, read_only) = match s.strip_suffix(":ro") {
+            Some(p) => (p, true),
+            None => (s.strip_suffix(":rw").unwrap_or(s), false),
+        };
+        if path.is_empty() {
+            return Err("--share needs a directory (DIR or DIR:ro)".into());
+        }
+        Ok(ShareConfig::new(PathBuf::from(path), read_only))
+    }
+}
+
+struct OpenFile {
+    file: Arc<File>,
+    writable: bool,
+}
+
+struct Slot {
+    generation: u16,
+    file: Option<OpenFile>,
+}
+
+/// A handle is (generation << 16) | (slot + 1): a stale handle of a reused
+/// slot is told apart from the new one, and 0 is never valid.
+fn handle_of(slot: usize, generation: u16) -> u64 {
+    (u64::from(generation) << 16) | (slot as u64 + 1)
+}
+
+/// The file service of one VM.
+pub struct FileService {
+    config: ShareConfig,
+    root: OwnedFd,
+    slots: Mutex<Vec<Slot>>,
+    written: AtomicU64,
+}
+
+/// Maps an OS error to the status the guest sees.
+fn status_of(e: &io::Error) -> Status {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => Status::NotFound,
+        Some(libc::EEXIST) => Status::AlreadyExists,
+        Some(libc::ENOTDIR) => Status::NotADirectory,
+        Some(libc::EISDIR) => Status::IsADirectory,
+        Some(libc::ENOTEMPTY) => Status::NotEmpty,
+        Some(libc::EROFS) => Status::ReadOnly,
+        // EXDEV and ELOOP are how RESOLVE_BENEATH/NO_MAGICLINKS refuse.
+        Some(libc::EXDEV | libc::ELOOP | libc::EACCES | libc::EPERM) => Status::NotPermitted,
+        Some(libc::ENAMETOOLONG | libc::EINVAL) => Status::BadArgument,
+        Some(libc::EMFILE | libc::ENFILE) => Status::NoResources,
+        _ => Status::IoError,
+    }
+}
+
+fn openat2(dir: RawFd, path: &CString, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    // SAFETY: open_how is plain data; zeroed is its documented default.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.mode = u64::from(mode);
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid dirfd, NUL-terminated path, and a live open_how of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir,
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A guest path, checked: UTF-8, no NUL, not empty, at most PATH_MAX.
+pub fn guest_path(bytes: &[u8]) -> std::result::Result<String, Status> {
+    if bytes.is_empty() || bytes.len() as u64 > PATH_MAX || bytes.contains(&0) {
+        return Err(Status::BadArgument);
+    }
+    let path = std::str::from_utf8(bytes).map_err(|_| Status::BadArgument)?;
+    Ok(path.to_string())
+}
+
+/// Splits a path into its parent (resolved beneath the root) and final name.
+fn split(path: &str) -> std::result::Result<(String, String), Status> {
+    let trimmed = path.trim_end_matches('/');
+    let (parent, name) = match trimmed.rsplit_once('/') {
+        Some((p, n)) => (if p.is_empty() { "/" } else { p }, n),
+        None => (".", trimmed),
+    };
+    // The final component is acted on by name, so it cannot be a way out.
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(Status::NotPermitted);
+    }
+    Ok((parent.to_string(), name.to_string()))
+}
+
+fn cstring(s: &str) -> std::result::Result<CString, Status> {
+    CString::new(s).map_err(|_| Status::BadArgument)
+}
+
+fn kind_of(file_type: std::fs::FileType) -> u64 {
+    if file_type.is_symlink() {
+        fs::kind::SYMLINK
+    } else if file_type.is_dir() {
+        fs::kind::DIR
+    } else if file_type.is_file() {
+        fs::kind::FILE
+    } else {
+        fs::kind::OTHER
+    }
+}
+
+fn stat_results(st: &libc::stat) -> [u64; 4] {
+    let kind = match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => fs::kind::FILE,
+        libc::S_IFDIR => fs::kind::DIR,
+        libc::S_IFLNK => fs::kind::SYMLINK,
+        _ => fs::kind::OTHER,
+    };
+    let mtime = (st.st_mtime as u64).saturating_mul(1_000_000_000) + st.st_mtime_nsec as u64;
+    [
+        st.st_size as u64,
+        kind,
+        mtime,
+        u64::from(st.st_mode & 0o7777),
+    ]
+}
+
+impl FileService {
+    /// Opens the share root; a missing or unusable directory is a config error.
+    pub fn new(config: ShareConfig) -> Result<Self> {
+        config.validate()?;
+        let dir = File::open(&config.path).map_err(|e| {
+            Error::Config(format!(
+                "cannot open share directory {}: {e}",
+                config.path.display()
+            ))
+        })?;
+        let meta = dir
+            .metadata()
+            .map_err(|e| Error::Config(format!("share {}: {e}", config.path.display())))?;
+        if !meta.is_dir() {
+            return Err(Error::Config(format!(
+                "share {} is not a directory",
+                config.path.display()
+            )));
+        }
+        Ok(FileService {
+            root: dir.into(),
+            config,
+            slots: Mutex::new(Vec::new()),
+            written: AtomicU64::new(0),
+        })
+    }
+
+    pub fn config(&self) -> &ShareConfig {
+        &self.config
+    }
+
+    /// Descriptors the service holds open (for leak checks).
+    pub fn open_files(&self) -> usize {
+        self.lock().iter().filter(|s| s.file.is_some()).count()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn writable_share(&self) -> std::result::Result<(), Status> {
+        if self.config.read_only {
+            Err(Status::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn file(&self, handle: u64) -> std::result::Result<(Arc<File>, bool), Status> {
+        let slot = (handle & 0xffff).checked_sub(1).ok_or(Status::BadHandle)? as usize;
+        let generation = (handle >> 16) as u16;
+        if handle >> 32 != 0 {
+            return Err(Status::BadHandle);
+        }
+        let slots = self.lock();
+        match slots.get(slot) {
+            Some(Slot {
+                generation: g,
+                file: Some(f),
+            }) if *g == generation => Ok((f.file.clone(), f.writable)),
+            _ => Err(Status::BadHandle),
+        }
+    }
+
+    fn parent(&self, path: &str) -> std::result::Result<(OwnedFd, CString), Status> {
+        let (parent, name) = split(path)?;
+        let dir = openat2(
+            self.root.as_raw_fd(),
+            &cstring(&parent)?,
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(|e| status_of(&e))?;
+        Ok((dir, cstring(&name)?))
+    }
+
+    /// `FsOpen`.
+    pub fn open(&self, path: &str, flags: u64, mode: u64) -> std::result::Result<[u64; 4], Status> {
+        use fs::open::*;
+        if flags & !ALL != 0 || flags & (READ | WRITE) == 0 || mode > 0o7777 {
+            return Err(Status::BadArgument);
+        }
+        if flags & WRITE_CLASS != 0 {
+            self.writable_share()?;
+        }
+        let writable = flags & (WRITE | APPEND) != 0;
+        let mut os = match (flags & READ != 0, writable) {
+            (true, true) => libc::O_RDWR,
+            (false, true) => libc::O_WRONLY,
+            _ => libc::O_RDONLY,
+        };
+        // O_NONBLOCK: opening a FIFO someone planted in the share must not
+        // park the vCPU; such files are refused right after anyway.
+        os |= libc::O_NONBLOCK;
+        if flags & CREATE != 0 {
+            os |= libc::O_CREAT;
+        }
+        if flags & EXCLUSIVE != 0 {
+            os |= libc::O_EXCL;
+        }
+        if flags & TRUNCATE != 0 {
+            os |= libc::O_TRUNC;
+        }
+        if flags & APPEND != 0 {
+            os |= libc::O_APPEND;
+        }
+        // openat2 insists on mode 0 unless a file may be created.
+        let mode = match (flags & CREATE != 0, mode) {
+            (false, _) => 0,
+            (true, 0) => 0o644,
+            (true, m) => m as u32,
+        };
+        // Reserve the slot first so a full table costs no open.
+        let mut slots = self.lock();
+        let in_use = slots.iter().filter(|s| s.file.is_some()).count();
+        if in_use >= self.config.max_open_files {
+            return Err(Status::TooManyOpenFiles);
+        }
+        let fd =
+            openat2(self.root.as_raw_fd(), &cstring(path)?, os, mode).map_err(|e| status_of(&e))?;
+        let file = File::from(fd);
+        let meta = file.metadata().map_err(|e| status_of(&e))?;
+        if !(meta.is_file() || meta.is_dir()) {
+            return Err(Status::NotPermitted);
+        }
+        let open = OpenFile {
+            file: Arc::new(file),
+            writable,
+        };
+        let slot = match slots.iter().position(|s| s.file.is_none()) {
+            Some(i) => i,
+            None => {
+                slots.push(Slot {
+                    generation: 0,
+                    file: None,
+                });
+                slots.len() - 1
+            }
+        };
+        let s = &mut slots[slot];
+        s.generation = s.generation.wrapping_add(1);
+        s.file = Some(open);
+        Ok([handle_of(slot, s.generation), 0, 0, 0])
+    }
+
+    /// `FsClose`.
+    pub fn close(&self, handle: u64) -> std::result::Result<[u64; 4], Status> {
+        self.file(handle)?;
+        let slot = ((handle & 0xffff) - 1) as usize;
+        self.lock()[slot].file = None;
+        Ok([0; 4])
+    }
+
+    /// Checks a transfer's length against the per-call limit.
+    pub fn check_len(&self, len: u64) -> std::result::Result<(), Status> {
+        if len > self.config.max_bytes_per_call {
+            Err(Status::TooLarge)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `FsRead` into a host buffer (the caller copies it to the guest).
+    pub fn read(&self, handle: u64, len: u64, offset: u64) -> std::result::Result<Vec<u8>, Status> {
+        self.check_len(len)?;
+        let (file, _) = self.file(handle)?;
+        let mut buf = vec![0u8; len as usize];
+        let n = if offset == fs::CURRENT {
+            (&*file).read(&mut buf)
+        } else {
+            file.read_at(&mut buf, offset)
+        }
+        .map_err(|e| status_of(&e))?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// `FsWrite` from a host copy of the guest buffer.
+    pub fn write(
+        &self,
+        handle: u64,
+        data: &[u8],
+        offset: u64,
+    ) -> std::result::Result<[u64; 4], Status> {
+        self.check_len(data.len() as u64)?;
+        let (file, writable) = self.file(handle)?;
+        if !writable {
+            return Err(Status::NotPermitted);
+        }
+        self.writable_share()?;
+        let len = data.len() as u64;
+        let limit = self.config.max_bytes_written;
+        self.written
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                w.checked_add(len).filter(|&t| t <= limit)
+            })
+            .map_err(|_| Status::QuotaExceeded)?;
+        let result = if offset == fs::CURRENT {
+            (&*file).write(data)
+        } else {
+            file.write_at(data, offset)
+        };
+        let n = match result {
+            Ok(n) => n as u64,
+            Err(e) => {
+                self.written.fetch_sub(len, Ordering::AcqRel);
+                return Err(status_of(&e));
+            }
+        };
+        self.written.fetch_sub(len - n, Ordering::AcqRel);
+        Ok([n, 0, 0, 0])
+    }
+
+    /// `FsFsync`.
+    pub fn fsync(&self, handle: u64) -> std::result::Result<[u64; 4], Status> {
+        let (file, _) = self.file(handle)?;
+        file.sync_all().map_err(|e| status_of(&e))?;
+        Ok([0; 4])
+    }
+
+    /// `FsFstat`.
+    pub fn fstat(&self, handle: u64) -> std::result::Result<[u64; 4], Status> {
+        let (file, _) = self.file(handle)?;
+        // SAFETY: a zeroed stat is valid output space; the fd is open.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        check(unsafe { libc::fstat(file.as_raw_fd(), &mut st) }).map_err(|e| status_of(&e))?;
+        Ok(stat_results(&st))
+    }
+
+    /// `FsStat` (a final symlink is reported, not followed).
+    pub fn stat(&self, path: &str) -> std::result::Result<[u64; 4], Status> {
+        // SAFETY: a zeroed stat is valid output space.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if path.trim_end_matches('/') == "." {
+            check(unsafe { libc::fstat(self.root.as_raw_fd(), &mut st) })
+                .map_err(|e| status_of(&e))?;
+        } else {
+            let (dir, name) = self.parent(path)?;
+            // SAFETY: valid dirfd, NUL-terminated name, live stat.
+            check(unsafe {
+                libc::fstatat(
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    &mut st,
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })
+            .map_err(|e| status_of(&e))?;
+        }
+        Ok(stat_results(&st))
+    }
+
+    /// `FsMkdir`.
+    pub fn mkdir(&self, path: &str, mode: u64) -> std::result::Result<[u64; 4], Status> {
+        self.writable_share()?;
+        if mode > 0o7777 {
+            return Err(Status::BadArgument);
+        }
+        let (dir, name) = self.parent(path)?;
+        let mode = if mode == 0 {
+            0o755
+        } else {
+            mode as libc::mode_t
+        };
+        // SAFETY: valid dirfd and NUL-terminated name.
+        check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) })
+            .map_err(|e| status_of(&e))?;
+        Ok([0; 4])
+    }
+
+    /// `FsUnlink`.
+    pub fn unlink(&self, path: &str, flags: u64) -> std::result::Result<[u64; 4], Status> {
+        self.writable_share()?;
+        if flags & !fs::REMOVE_DIR != 0 {
+            return Err(Status::BadArgument);
+        }
+        let (dir, name) = self.parent(path)?;
+        let at = if flags & fs::REMOVE_DIR != 0 {
+            libc::AT_REMOVEDIR
+        } else {
+            0
+        };
+        // SAFETY: valid dirfd and NUL-terminated name.
+        check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), at) })
+            .map_err(|e| status_of(&e))?;
+        Ok([0; 4])
+    }
+
+    /// `FsRename`.
+    pub fn rename(&self, from: &str, to: &str) -> std::result::Result<[u64; 4], Status> {
+        self.writable_share()?;
+        let (from_dir, from_name) = self.parent(from)?;
+        let (to_dir, to_name) = self.parent(to)?;
+        // SAFETY: valid dirfds and NUL-terminated names.
+        check(unsafe {
+            libc::renameat(
+                from_dir.as_raw_fd(),
+                from_name.as_ptr(),
+                to_dir.as_raw_fd(),
+                to_name.as_ptr(),
+            )
+        })
+        .map_err(|e| status_of(&e))?;
+        Ok([0; 4])
+    }
+
+    /// `FsReaddir`: the records to copy to the guest, and the results.
+    pub fn readdir(
+        &self,
+        path: &str,
+        cookie: u64,
+        buf_len: u64,
+    ) -> std::result::Result<(Vec<u8>, [u64; 4]), Status> {
+        self.check_len(buf_len)?;
+        let dir = openat2(
+            self.root.as_raw_fd(),
+            &cstring(path)?,
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(|e| status_of(&e))?;
+        let listing = Path::new("/proc/self/fd").join(dir.as_raw_fd().to_string());
+        let mut entries: Vec<(String, u64)> = std::fs::read_dir(&listing)
+            .map_err(|e| status_of(&e))?
+            .filter_map(|e| e.ok())
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.file_type().map_or(fs::kind::OTHER, kind_of),
+                )
+            })
+            .collect();
+        entries.sort();
+        let mut out = Vec::new();
+        let mut next = cookie as usize;
+        for (name, kind) in entries.iter().skip(cookie as usize) {
+            let record = 3 + name.len();
+            if out.len() + record > buf_len as usize {
+                break;
+            }
+            out.push(*kind as u8);
+            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            out.extend_from_slice(name.as_bytes());
+            next += 1;
+        }
+        let written = next - cookie as usize;
+        if written == 0 && next < entries.len() {
+            // Not even one record fits: the guest must offer a larger buffer.
+            return Err(Status::TooLarge);
+        }
+        let more = if next < entries.len() { next as u64 } else { 0 };
+        let bytes = out.len() as u64;
+        Ok((out, [more, bytes, written as u64, 0]))
+    }
+}
+
+impl Drop for FileService {
+    /// Whatever the guest left open is flushed and closed, also after a
+    /// guest fault: the data it wrote is on the host's stable storage.
+    fn drop(&mut self) {
+        for slot in self
+            .slots
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+        {
+            if let Some(open) = slot.file.take() {
+                if open.writable {
+                    let _ = open.file.sync_data();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share() -> (PathBuf, FileService) {
+        let base = std::env::temp_dir().join(format!(
+            "rtvm-fs-unit-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let root = base.join("share");
+        std::fs::create_dir_all(root.join("dir")).unwrap();
+        std::fs::create_dir_all(base.join("outside")).unwrap();
+        std::fs::write(base.join("outside/secret"), b"secret").unwrap();
+        std::fs::write(root.join("input.txt"), b"hello").unwrap();
+        std::os::unix::fs::symlink("/", root.join("link-out")).unwrap();
+        std::os::unix::fs::symlink("../outside", root.join("escape")).unwrap();
+        let svc = FileService::new(ShareConfig::new(root, false)).unwrap();
+        (base, svc)
+    }
+
+    #[test]
+    fn escapes_are_refused_in_the_kernel() {
+        let (base, svc) = share();
+        use fs::open::*;
+        for path in [
+            "../outside/secret",
+            "/etc/passwd",
+            "link-out/etc/passwd",
+            "escape/secret",
+        ] {
+            assert_eq!(
+                svc.open(path, READ, 0).unwrap_err(),
+                Status::NotPermitted,
+                "{path}"
+            );
+        }
+        assert_eq!(svc.mkdir("../evil", 0).unwrap_err(), Status::NotPermitted);
+        assert_eq!(
+            svc.rename("input.txt", "../moved").unwrap_err(),
+            Status::NotPermitted
+        );
+        assert_eq!(svc.stat("..").unwrap_err(), Status::NotPermitted);
+        assert_eq!(
+            svc.open("../x", WRITE | CREATE, 0).unwrap_err(),
+            Status::NotPermitted
+        );
+        assert!(
+            !base.join("evil").exists() && !base.join("moved").exists() && !base.join("x").exists()
+        );
+        assert_eq!(
+            svc.stat("link-out").unwrap()[1],
+            fs::kind::SYMLINK,
+            "reported, not followed"
+        );
+        std::fs::remove_dir_all(base).unwrap();
+    }
+
+    #[test]
+    fn handles_are_checked_and_stale_ones_refused() {
+        let (base, svc) = share();
+        let h = svc.open("input.txt", fs::open::READ, 0).unwrap()[0];
+        assert_eq!(svc.read(h, 16, 0).unwrap(), b"hello");
+        assert_eq!(
+            svc.write(h, b"x", 0).unwrap_err(),
+            Status::NotPermitted,
+            "opened read-only"
+        );
+        svc.close(h).unwrap();
+        assert_eq!(svc.read(h, 1, 0).unwrap_err(), Status::BadHandle);
+        let h2 = svc.open("input.txt", fs::open::READ, 0).unwrap()[0];
+        assert_ne!(h, h2, "a reused slot gets a new generation");
+        assert_eq!(svc.close(h).unwrap_err(), Status::BadHandle);
+        assert_eq!(svc.read(0, 1, 0).unwrap_err(), Status::BadHandle);
+        assert_eq!(svc.read(u64::MAX, 1, 0).unwrap_err(), Status::BadHandle);
+        std::fs::remove_dir_all(base).unwrap();
+    }
+
+    #[test]
+    fn limits_have_their_own_statuses() {
+        let (base, _) = share();
+        let mut config = ShareConfig::new(base.join("share"), false);
+        config.max_open_files = 2;
+        config.max_bytes_per_call = 8;
+        config.max_bytes_written = 20;
+        let svc = FileService::new(config).unwrap();
+        use fs::open::*;
+        let a = svc.open("a", WRITE | CREATE, 0).unwrap()[0];
+        svc.open("input.txt", READ, 0).unwrap();
+        assert_eq!(
+            svc.open("input.txt", READ, 0).unwrap_err(),
+            Status::TooManyOpenFiles
+        );
+        assert_eq!(
+            svc.write(a, &[0; 9], fs::CURRENT).unwrap_err(),
+            Status::TooLarge
+        );
+        assert_eq!(svc.write(a, &[0; 8], fs::CURRENT).unwrap()[0], 8);
+        assert_eq!(svc.write(a, &[0; 8], fs::CURRENT).unwrap()[0], 8);
+        assert_eq!(
+            svc.write(a, &[0; 8], fs::CURRENT).unwrap_err(),
+            Status::QuotaExceeded
+        );
+        assert_eq!(
+            svc.write(a, &[0; 4], fs::CURRENT).unwrap()[0],
+            4,
+            "exactly up to the quota"
+        );
+        std::fs::remove_dir_all(base).unwrap();
+    }
+
+    #[test]
+    fn read_only_share_refuses_every_write_class_call() {
+        let (base, _) = share();
+        let svc = FileService::new(ShareConfig::new(base.join("share"), true)).unwrap();
+        use fs::open::*;
+        assert!(svc.open("input.txt", READ, 0).is_ok());
+        assert_eq!(
+            svc.open("input.txt", WRITE, 0).unwrap_err(),
+            Status::ReadOnly
+        );
+        assert_eq!(
+            svc.open("new", READ | CREATE, 0).unwrap_err(),
+            Status::ReadOnly
+        );
+        assert_eq!(svc.mkdir("d", 0).unwrap_err(), Status::ReadOnly);
+        assert_eq!(svc.unlink("input.txt", 0).unwrap_err(), Status::ReadOnly);
+        assert_eq!(svc.rename("input.txt", "y").unwrap_err(), Status::ReadOnly);
+        std::fs::remove_dir_all(base).unwrap();
+    }
+
+    #[test]
+    fn readdir_is_sorted_and_paginates() {
+        let (base, svc) = share();
+        std::fs::write(base.join("share/dir/b"), b"").unwrap();
+        std::fs::write(base.join("share/dir/a"), b"").unwrap();
+        let (out, r) = svc.readdir("dir", 0, 4).unwrap();
+        assert_eq!((r[0], r[2]), (1, 1), "one record fits; continue at 1");
+        assert_eq!(out, [fs::kind::FILE as u8, 1, 0, b'a']);
+        let (out, r) = svc.readdir("dir", 1, 100).unwrap();
+        assert_eq!((r[0], r[2]), (0, 1), "b, and no more");
+        assert_eq!(&out[3..], b"b");
+        assert_eq!(svc.readdir("dir", 0, 2).unwrap_err(), Status::TooLarge);
+        std::fs::remove_dir_all(base).unwrap();
+    }
+
+    #[test]
+    fn paths_are_validated() {
+        assert_eq!(guest_path(b"").unwrap_err(), Status::BadArgument);
+        assert_eq!(guest_path(b"a\0b").unwrap_err(), Status::BadArgument);
+        assert_eq!(guest_path(&[0xff, 0xfe]).unwrap_err(), Status::BadArgument);
+        assert_eq!(
+            guest_path(&vec![b'a'; PATH_MAX as usize + 1]).unwrap_err(),
+            Status::BadArgument
+        );
+        assert_eq!(split("a/b/c").unwrap(), ("a/b".into(), "c".into()));
+        assert_eq!(split("c/").unwrap(), (".".into(), "c".into()));
+        assert_eq!(split("/etc").unwrap(), ("/".into(), "etc".into()));
+        assert_eq!(split("a/..").unwrap_err(), Status::NotPermitted);
+    }
+}

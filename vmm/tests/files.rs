@@ -1,0 +1,301 @@
+//! Outsourced files through real guests: the `fs-selftest` and `logger`
+//! workloads against a share the test lays out, with the host checking what
+//! landed on disk and what stayed untouched outside.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rtvm_vmm::rpc::fs::ShareConfig;
+use rtvm_vmm::testing::kvm_available;
+use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig, VmExitReason, VmRun};
+
+/// A share laid out as `fs-selftest` expects, next to an `outside` directory
+/// the guest must never reach. Removed on drop.
+struct Share {
+    base: PathBuf,
+}
+
+const INPUT: &[u8] = b"host-made input for the guest\nsecond line\n";
+
+impl Share {
+    fn new(name: &str) -> Share {
+        let base = std::env::temp_dir().join(format!("rtvm-files-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let root = base.join("share");
+        std::fs::create_dir_all(root.join("dir")).unwrap();
+        std::fs::write(root.join("dir/a"), b"a").unwrap();
+        std::fs::write(root.join("dir/b"), b"b").unwrap();
+        std::fs::write(root.join("input.txt"), INPUT).unwrap();
+        std::os::unix::fs::symlink("/", root.join("link-out")).unwrap();
+        std::os::unix::fs::symlink("../outside", root.join("escape")).unwrap();
+        std::fs::create_dir_all(base.join("outside")).unwrap();
+        std::fs::write(base.join("outside/secret"), b"secret").unwrap();
+        Share { base }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.base.join("share")
+    }
+
+    /// Everything outside the share, as (path, content) pairs.
+    fn outside(&self) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&self.base).unwrap().flatten() {
+            if entry.file_name() == "share" {
+                continue;
+            }
+            walk(&entry.path(), &mut found);
+        }
+        found.sort();
+        found
+    }
+}
+
+fn walk(path: &Path, found: &mut Vec<(PathBuf, Vec<u8>)>) {
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).unwrap().flatten() {
+            walk(&entry.path(), found);
+        }
+    } else {
+        found.push((path.to_path_buf(), std::fs::read(path).unwrap_or_default()));
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.base);
+    }
+}
+
+fn run(workload: &str, vcpus: usize, cmdline: &str, share: Option<ShareConfig>) -> (VmRun, String) {
+    let mut config = VmConfig::new(GuestSpec::Builtin(workload.into()));
+    config.vcpus = vcpus;
+    config.memory = 64 << 20;
+    config.cmdline = cmdline.into();
+    config.share = share;
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let running = Vm::new(&config, Console::capture(out.clone()))
+        .unwrap()
+        .start()
+        .unwrap();
+    let ended = running.wait_timeout(Duration::from_secs(120));
+    let run = running.stop();
+    let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    assert!(ended.is_some(), "guest did not end: {text}");
+    (run, text)
+}
+
+fn assert_passed(run: &VmRun, out: &str) {
+    assert!(!out.contains("FAIL"), "{out}");
+    assert!(
+        matches!(run.reason, VmExitReason::GuestExit { status: 0, .. }),
+        "{}: {out}",
+        run.reason
+    );
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+#[test]
+fn every_file_call_and_error_path_works_and_nothing_escapes() {
+    if !kvm_available() {
+        return;
+    }
+    let share = Share::new("all");
+    let before = share.outside();
+    let size = 100_000;
+    let (run, out) = run(
+        "fs-selftest",
+        1,
+        &format!("size={size} keep=1"),
+        Some(ShareConfig::new(share.root(), false)),
+    );
+    assert_passed(&run, &out);
+    assert!(out.contains("checks passed"), "{out}");
+    // The guest read the host-made file byte-exact.
+    let expected = format!(
+        "input.txt: {} bytes, fnv1a64 {:016x}",
+        INPUT.len(),
+        fnv1a64(INPUT)
+    );
+    assert!(out.contains(&expected), "expected {expected:?} in {out}");
+    // Nothing outside the share was created, changed or removed.
+    assert_eq!(share.outside(), before);
+    for name in ["evil", "moved", "x"] {
+        assert!(!share.base.join(name).exists(), "{name} escaped the share");
+    }
+}
+
+#[test]
+fn a_guest_written_file_reads_back_byte_exact_on_the_host() {
+    if !kvm_available() {
+        return;
+    }
+    let share = Share::new("written");
+    let size = 300_000; // far beyond the 3968-byte payload area of a call page
+    let (run, out) = run(
+        "fs-selftest",
+        1,
+        &format!("size={size} keep=1"),
+        Some(ShareConfig::new(share.root(), false)),
+    );
+    assert_passed(&run, &out);
+    let data = std::fs::read(share.root().join("out.bin")).expect("out.bin kept in the share");
+    assert_eq!(data.len(), size);
+    assert!(
+        data.iter()
+            .enumerate()
+            .all(|(i, &b)| b as usize == (i * 7 + 3) % 251),
+        "pattern differs"
+    );
+}
+
+#[test]
+fn read_only_share_refuses_writes() {
+    if !kvm_available() {
+        return;
+    }
+    let share = Share::new("ro");
+    let before = std::fs::read_dir(share.root()).unwrap().count();
+    let (run, out) = run(
+        "fs-selftest",
+        1,
+        "mode=readonly",
+        Some(ShareConfig::new(share.root(), true)),
+    );
+    assert_passed(&run, &out);
+    assert_eq!(
+        std::fs::read(share.root().join("input.txt")).unwrap(),
+        INPUT
+    );
+    assert_eq!(
+        std::fs::read_dir(share.root()).unwrap().count(),
+        before,
+        "nothing created or removed"
+    );
+}
+
+#[test]
+fn limits_are_enforced_with_their_own_statuses() {
+    if !kvm_available() {
+        return;
+    }
+    let share = Share::new("limits");
+    let mut config = ShareConfig::new(share.root(), false);
+    config.max_open_files = 4;
+    config.max_bytes_per_call = 4096;
+    config.max_bytes_written = 10_000;
+    let (run, out) = run(
+        "fs-selftest",
+        1,
+        "mode=limits open=4 call=4096 written=10000",
+        Some(config),
+    );
+    assert_passed(&run, &out);
+    let written = std::fs::metadata(share.root().join("quota.bin"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(written <= 10_000, "{written} bytes written past the quota");
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn ten_thousand_open_close_cycles_leak_no_host_descriptor() {
+    if !kvm_available() {
+        return;
+    }
+    let share = Share::new("cycles");
+    // Other tests in this binary open and close descriptors concurrently,
+    // so compare the run's own file service, then the process, with slack.
+    let before = open_fds();
+    let (run, out) = run(
+        "fs-selftest",
+        1,
+        "mode=cycles count=10000",
+        Some(ShareConfig::new(share.root(), false)),
+    );
+    assert_passed(&run, &out);
+    assert!(out.contains("10000 open/close cycles"), "{out}");
+    let after = open_fds();
+    assert!(
+        after <= before + 8,
+        "descriptors before {before}, after {after}"
+    );
+}
+
+#[test]
+fn without_a_share_file_calls_answer_no_share() {
+    if !kvm_available() {
+        return;
+    }
+    let (run, out) = run("fs-selftest", 1, "mode=noshare", None);
+    assert_passed(&run, &out);
+}
+
+#[test]
+fn a_missing_share_directory_is_a_config_error() {
+    let mut config = VmConfig::new(GuestSpec::Builtin("hello".into()));
+    config.share = Some(ShareConfig::new("/nonexistent/share".into(), false));
+    match Vm::new(&config, Console::default()) {
+        Err(rtvm_vmm::Error::Config(msg)) => assert!(msg.contains("/nonexistent/share"), "{msg}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("VM created with a missing share"),
+    }
+}
+
+#[test]
+fn files_are_flushed_and_closed_when_the_vm_is_stopped_mid_run() {
+    if !kvm_available() {
+        return;
+    }
+    let share = Share::new("crash");
+    // The logger leaves its file open until the end; ending the VM while it
+    // runs must still leave every record written so far on the host.
+    let mut config = VmConfig::new(GuestSpec::Builtin("logger".into()));
+    config.cmdline = "count=100000 period=1000000".into();
+    config.share = Some(ShareConfig::new(share.root(), false));
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let running = Vm::new(&config, Console::capture(out.clone()))
+        .unwrap()
+        .start()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    running.stop();
+    let log = std::fs::read_to_string(share.root().join("rt.log")).expect("rt.log");
+    let records = log.lines().count();
+    assert!(records > 10, "{records} records");
+    let last = log.lines().last().unwrap();
+    assert_eq!(
+        last.split_whitespace().count(),
+        3,
+        "whole records only: {last:?}"
+    );
+}
+
+#[test]
+fn logger_keeps_its_deadlines_while_writing() {
+    if !kvm_available() {
+        return;
+    }
+    let share = Share::new("logger");
+    let (run, out) = run(
+        "logger",
+        1,
+        "count=300 period=2000000",
+        Some(ShareConfig::new(share.root(), false)),
+    );
+    assert_passed(&run, &out);
+    assert!(out.contains("logger: cycles=300"), "{out}");
+    let log = std::fs::read_to_string(share.root().join("rt.log")).unwrap();
+    assert_eq!(log.lines().count(), 300, "one record per period");
+    assert_eq!(run.streams[0].len(), 300, "lateness per cycle");
+    assert_eq!(run.streams[2].len(), 300, "write duration per cycle");
+}
