@@ -173,6 +173,48 @@ pub enum Call {
     /// entry number to continue from (0: no more), bytes written, entries.
     /// A buffer too small for even one record: `TooLarge`.
     FsReaddir = 30,
+
+    // Outsourced sockets: host sockets owned by the VM, confined by its
+    // network policy (nothing is permitted by default). Handles are socket
+    // handles only ([`net::HANDLE_TAG`] set); a file handle, a closed one or
+    // another VM's is `BadHandle`. An address is three words: `port |
+    // family << 16` ([`net::INET`], [`net::INET6`]), then the 16 address bytes
+    // big-endian in two words (an IPv4 address is the low 32 bits of the
+    // second). Waits take an absolute host deadline ([`net::NO_DEADLINE`]:
+    // none) and park only the calling vCPU; a wait that reaches its deadline
+    // answers `TimedOut`.
+    /// `args[0]` = [`net::INET`] or [`net::INET6`], `args[1]` =
+    /// [`net::UDP`] or [`net::TCP`]. `results[0]` = handle.
+    NetSocket = 40,
+    /// Bind handle `args[0]` to address `args[1..4]` (policy: `bind`).
+    NetBind = 41,
+    /// Listen on TCP handle `args[0]` with backlog `args[1]` (≤ 1024).
+    NetListen = 42,
+    /// Long poll: accept on listening handle `args[0]` until deadline
+    /// `args[1]`. `results[0]` = new handle, `results[1..4]` = peer address.
+    NetAccept = 43,
+    /// Connect handle `args[0]` to address `args[1..4]` (policy: `connect`),
+    /// waiting until deadline `args[4]` for TCP.
+    NetConnect = 44,
+    /// Send `args[2]` bytes at guest address `args[1]` on handle `args[0]`,
+    /// to address `args[3..6]` (family 0: the connected peer; policy:
+    /// `connect`). Waits for buffer space without deadline argument only as
+    /// long as [`net::SEND_WAIT_NS`]. `results[0]` = bytes sent.
+    NetSend = 45,
+    /// Long poll: receive up to `args[2]` bytes into guest address `args[1]`
+    /// from handle `args[0]`, until deadline `args[3]`. `results[0]` = bytes
+    /// (0 for TCP: the peer closed), `results[1..4]` = the sender's address.
+    NetRecv = 46,
+    /// Long poll: until deadline `args[2]`, wait for any of the `args[1]`
+    /// (≤ [`net::POLL_MAX`]) handles in the u64 array at guest address
+    /// `args[0]` to be readable (data, a connection to accept, or an error
+    /// or hang-up to collect). `results[0]` = bit mask of the ready entries,
+    /// `results[1]` = how many.
+    NetPoll = 47,
+    /// Set option `args[1]` ([`net::opt`]) of handle `args[0]` to `args[2]`.
+    NetSetsockopt = 48,
+    /// Close handle `args[0]`.
+    NetClose = 49,
 }
 
 impl Call {
@@ -199,6 +241,16 @@ impl Call {
             28 => Call::FsUnlink,
             29 => Call::FsRename,
             30 => Call::FsReaddir,
+            40 => Call::NetSocket,
+            41 => Call::NetBind,
+            42 => Call::NetListen,
+            43 => Call::NetAccept,
+            44 => Call::NetConnect,
+            45 => Call::NetSend,
+            46 => Call::NetRecv,
+            47 => Call::NetPoll,
+            48 => Call::NetSetsockopt,
+            49 => Call::NetClose,
             _ => return None,
         })
     }
@@ -206,6 +258,15 @@ impl Call {
     /// Whether the call may park the vCPU in the host (a long poll).
     pub const fn is_long_poll(self) -> bool {
         matches!(self, Call::Sleep | Call::SleepUntil | Call::WaitNext)
+    }
+
+    /// Whether the call may park the vCPU waiting for I/O (until a deadline
+    /// argument): the VMM must be able to cut it short.
+    pub const fn waits_for_io(self) -> bool {
+        matches!(
+            self,
+            Call::NetAccept | Call::NetConnect | Call::NetSend | Call::NetRecv | Call::NetPoll
+        )
     }
 }
 
@@ -248,6 +309,58 @@ pub mod fs {
         pub const FILE: u64 = 1;
         pub const DIR: u64 = 2;
         pub const SYMLINK: u64 = 3;
+    }
+}
+
+/// Constants of the socket calls.
+pub mod net {
+    pub const INET: u64 = 4;
+    pub const INET6: u64 = 6;
+    pub const UDP: u64 = 1;
+    pub const TCP: u64 = 2;
+    /// Bit set in every socket handle, so a file handle is never mistaken for one.
+    pub const HANDLE_TAG: u64 = 1 << 31;
+    /// Deadline meaning "wait as long as it takes" (the VMM can still cut it short).
+    pub const NO_DEADLINE: u64 = u64::MAX;
+    /// How long a send waits for buffer space before `TimedOut`.
+    pub const SEND_WAIT_NS: u64 = 1_000_000_000;
+    /// Most handles one `NetPoll` may wait on.
+    pub const POLL_MAX: u64 = 64;
+    /// `NetSetsockopt` options.
+    pub mod opt {
+        /// SO_REUSEADDR (0 or 1).
+        pub const REUSEADDR: u64 = 1;
+        /// SO_RCVBUF in bytes (capped by the VM's buffer limit).
+        pub const RCVBUF: u64 = 2;
+        /// SO_SNDBUF in bytes (capped by the VM's buffer limit).
+        pub const SNDBUF: u64 = 3;
+        /// TCP_NODELAY (0 or 1).
+        pub const NODELAY: u64 = 4;
+        /// SO_PRIORITY 0..=6 (the queueing priority of the socket's packets).
+        pub const PRIORITY: u64 = 5;
+        /// IP_TOS / IPV6_TCLASS, 0..=255 (DSCP for real-time traffic).
+        pub const TOS: u64 = 6;
+    }
+
+    /// The address words of an IPv4 address and port.
+    pub const fn v4(octets: [u8; 4], port: u16) -> [u64; 3] {
+        [
+            port as u64 | INET << 16,
+            0,
+            u32::from_be_bytes(octets) as u64,
+        ]
+    }
+
+    /// The address words of an IPv6 address and port.
+    pub const fn v6(octets: [u8; 16], port: u16) -> [u64; 3] {
+        let hi = u64::from_be_bytes([
+            octets[0], octets[1], octets[2], octets[3], octets[4], octets[5], octets[6], octets[7],
+        ]);
+        let lo = u64::from_be_bytes([
+            octets[8], octets[9], octets[10], octets[11], octets[12], octets[13], octets[14],
+            octets[15],
+        ]);
+        [port as u64 | INET6 << 16, hi, lo]
     }
 }
 
@@ -307,8 +420,14 @@ pub enum Status {
     QuotaExceeded = 20,
     /// No share is configured for this VM.
     NoShare = 21,
-    /// The host's file system reported an error.
+    /// The host's file system or network stack reported an error.
     IoError = 22,
+    /// The peer refused the connection (nothing listens there).
+    ConnectionRefused = 23,
+    /// The peer reset the connection.
+    ConnectionReset = 24,
+    /// The local address is in use by another socket.
+    AddressInUse = 25,
 }
 
 impl Status {
@@ -337,6 +456,9 @@ impl Status {
             20 => Status::QuotaExceeded,
             21 => Status::NoShare,
             22 => Status::IoError,
+            23 => Status::ConnectionRefused,
+            24 => Status::ConnectionReset,
+            25 => Status::AddressInUse,
             _ => return None,
         })
     }
@@ -366,6 +488,9 @@ impl Status {
             Status::QuotaExceeded => "write quota exceeded",
             Status::NoShare => "no share",
             Status::IoError => "I/O error",
+            Status::ConnectionRefused => "connection refused",
+            Status::ConnectionReset => "connection reset",
+            Status::AddressInUse => "address in use",
         }
     }
 }

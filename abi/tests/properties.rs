@@ -7,7 +7,7 @@ use rtvm_abi::vmrpc::{
 };
 
 fn any_call() -> impl Strategy<Value = Call> {
-    prop_oneof![1u32..=9, 20u32..=30].prop_map(|n| Call::from_u32(n).unwrap())
+    prop_oneof![1u32..=9, 20u32..=30, 40u32..=49].prop_map(|n| Call::from_u32(n).unwrap())
 }
 
 proptest! {

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::memory::{MAX_RAM, MIN_RAM};
 use crate::realtime::{RtBandwidth, RtPolicy};
 use crate::rpc::fs::ShareConfig;
+use crate::rpc::net::NetPolicy;
 use crate::rpc::timer::{AdvanceMode, DEFAULT_MAX_ADVANCE_NS};
 use crate::vcpu::UnhandledIo;
 
@@ -157,6 +158,9 @@ pub struct VmConfig {
     /// The host directory the guest's file calls are served from (none by default).
     #[serde(default)]
     pub share: Option<ShareConfig>,
+    /// What the guest may do on the host's network (nothing by default).
+    #[serde(default)]
+    pub net: NetPolicy,
     /// Refuse to start if any real-time setting cannot be applied.
     #[serde(default)]
     pub rt_strict: bool,
@@ -202,6 +206,7 @@ impl VmConfig {
             kvm_device: default_kvm_device(),
             vcpu: Vec::new(),
             share: None,
+            net: NetPolicy::default(),
             rt_strict: false,
             mlock: false,
             rt_bandwidth: RtBandwidth::default(),
@@ -285,6 +290,7 @@ impl VmConfig {
         if let Some(share) = &self.share {
             share.validate()?;
         }
+        self.net.validate()?;
         let mut seen = std::collections::BTreeSet::new();
         for (pos, v) in self.vcpu.iter().enumerate() {
             let id = v.id.unwrap_or(pos);

@@ -108,6 +108,7 @@ pub struct VcpuContext {
     pub ram: Arc<GuestRam>,
     pub streams: Arc<SampleStreams>,
     pub files: Option<Arc<crate::rpc::fs::FileService>>,
+    pub sockets: Arc<crate::rpc::net::NetService>,
     pub advance: AdvanceMode,
     pub rt: Option<RtPolicy>,
     pub cgroups: Option<Arc<RtCgroups>>,
@@ -299,6 +300,7 @@ fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
         ctx.streams.clone(),
         ctx.advance,
         ctx.files.clone(),
+        ctx.sockets.clone(),
     );
     let finished = match Waiter::new() {
         Ok(waiter) => run_loop(&mut fd, &ctx, control, &mut rpc, &waiter),
@@ -436,6 +438,29 @@ struct VcpuPark<'a> {
 }
 
 impl Park for VcpuPark<'_> {
+    fn park_on(
+        &mut self,
+        fds: &mut [libc::pollfd],
+        deadline: u64,
+    ) -> std::result::Result<bool, Interrupted> {
+        self.control.set_state(VcpuState::Waiting);
+        loop {
+            match self.waiter.wait_fds(fds, deadline, &self.control.wake) {
+                crate::rpc::wait::WokenIo::Ready | crate::rpc::wait::WokenIo::Deadline => {
+                    self.control.set_state(VcpuState::Running);
+                    return Ok(fds.iter().any(|p| p.revents != 0));
+                }
+                crate::rpc::wait::WokenIo::Kicked => {
+                    let _ = self.control.wake.read();
+                    if !obey_requests(self.control) {
+                        return Err(Interrupted);
+                    }
+                    self.control.set_state(VcpuState::Waiting);
+                }
+            }
+        }
+    }
+
     fn park_until(&mut self, deadline: u64) -> std::result::Result<(), Interrupted> {
         self.control.set_state(VcpuState::Waiting);
         loop {

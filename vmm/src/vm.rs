@@ -24,6 +24,7 @@ use crate::exit::{ExitSignal, VmExitReason};
 use crate::memory::{self, layout, GuestRam};
 use crate::realtime::{RtHost, RtHostSettings, RtReport};
 use crate::rpc::fs::FileService;
+use crate::rpc::net::NetService;
 use crate::rpc::SampleStreams;
 use crate::signals;
 use crate::vcpu::{VcpuContext, VcpuHandle, VcpuState};
@@ -52,6 +53,7 @@ pub struct Vm {
     console: Console,
     config: VmConfig,
     files: Option<Arc<FileService>>,
+    sockets: Arc<NetService>,
 }
 
 /// How a VM run ended and what it cost.
@@ -174,8 +176,10 @@ impl Vm {
             .map(FileService::new)
             .transpose()?
             .map(Arc::new);
+        let sockets = Arc::new(NetService::new(config.net.clone())?);
         Ok(Vm {
             files,
+            sockets,
             kvm,
             fd,
             ram: Arc::new(ram),
@@ -222,6 +226,7 @@ impl Vm {
                 ram: self.ram.clone(),
                 streams: streams.clone(),
                 files: self.files.clone(),
+                sockets: self.sockets.clone(),
                 advance: self.config.advance_for(index),
                 rt: self.config.rt_policy(index),
                 cgroups: rt_host.cgroups.clone(),

@@ -8,6 +8,7 @@
 //! through `vm-memory`, which bounds-checks it again).
 
 pub mod fs;
+pub mod net;
 pub mod timer;
 pub mod wait;
 
@@ -100,6 +101,7 @@ pub struct RpcServer {
     streams: Arc<SampleStreams>,
     timer: TimerService,
     files: Option<Arc<fs::FileService>>,
+    sockets: Arc<net::NetService>,
 }
 
 impl RpcServer {
@@ -109,6 +111,7 @@ impl RpcServer {
         streams: Arc<SampleStreams>,
         advance: AdvanceMode,
         files: Option<Arc<fs::FileService>>,
+        sockets: Arc<net::NetService>,
     ) -> Self {
         RpcServer {
             facts,
@@ -116,6 +119,7 @@ impl RpcServer {
             streams,
             timer: TimerService::new(advance),
             files,
+            sockets,
         }
     }
 
@@ -247,6 +251,59 @@ impl RpcServer {
                 self.write_guest(a[3], &records)?;
                 Ok(results)
             }
+            Call::NetSocket
+            | Call::NetBind
+            | Call::NetListen
+            | Call::NetAccept
+            | Call::NetConnect
+            | Call::NetSend
+            | Call::NetRecv
+            | Call::NetPoll
+            | Call::NetSetsockopt
+            | Call::NetClose => self.dispatch_net(req, park),
+        }
+    }
+
+    fn dispatch_net(&mut self, req: &Request, park: &mut dyn Park) -> Result<[u64; 4], Status> {
+        let a = req.args;
+        let sockets = self.sockets.clone();
+        match req.call {
+            Call::NetSocket => sockets.open(a[0], a[1]),
+            Call::NetBind => sockets.bind(a[0], [a[1], a[2], a[3]]),
+            Call::NetListen => sockets.listen(a[0], a[1]),
+            Call::NetAccept => sockets.accept(a[0], a[1], park),
+            Call::NetConnect => sockets.connect(a[0], [a[1], a[2], a[3]], a[4], park),
+            Call::NetSend => {
+                if a[2] > net::MAX_TRANSFER {
+                    return Err(Status::TooLarge);
+                }
+                sockets.send(
+                    a[0],
+                    &self.read_guest(a[1], a[2])?,
+                    [a[3], a[4], a[5]],
+                    park,
+                )
+            }
+            Call::NetRecv => {
+                self.check_buffer(a[1], a[2])?;
+                let (data, results) = sockets.recv(a[0], a[2], a[3], park)?;
+                self.write_guest(a[1], &data)?;
+                Ok(results)
+            }
+            Call::NetPoll => {
+                if a[1] == 0 || a[1] > vmrpc::net::POLL_MAX {
+                    return Err(Status::BadArgument);
+                }
+                let raw = self.read_guest(a[0], a[1] * 8)?;
+                let handles: Vec<u64> = raw
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                sockets.poll(&handles, a[2], park)
+            }
+            Call::NetSetsockopt => sockets.setsockopt(a[0], a[1], a[2]),
+            Call::NetClose => sockets.close(a[0]),
+            _ => Err(Status::UnsupportedCall),
         }
     }
 
@@ -363,6 +420,7 @@ mod tests {
             Arc::new(SampleStreams::new()),
             AdvanceMode::Off,
             None,
+            Arc::new(net::NetService::new(net::NetPolicy::default()).unwrap()),
         )
     }
 

@@ -100,7 +100,13 @@ pub struct TimerAdvance {
     ns: f64,
     mean: f64,
     spread: f64,
+    seen: u32,
 }
+
+/// Samples during which the advance only rises, to the largest latency seen:
+/// a new vCPU starts on the safe side (early, spinning a little more) instead
+/// of being late while the quantile estimate climbs.
+const WARMUP_SAMPLES: u32 = 32;
 
 impl TimerAdvance {
     pub fn new(mode: AdvanceMode) -> Self {
@@ -113,6 +119,7 @@ impl TimerAdvance {
             ns,
             mean: 0.0,
             spread: 0.0,
+            seen: 0,
         }
     }
 
@@ -132,6 +139,12 @@ impl TimerAdvance {
             return;
         };
         let x = latency_ns as f64;
+        if self.seen < WARMUP_SAMPLES {
+            self.seen += 1;
+            self.mean += (x - self.mean) / f64::from(self.seen);
+            self.ns = self.ns.max(x).clamp(0.0, max_ns as f64);
+            return;
+        }
         self.mean += (x - self.mean) / 32.0;
         self.spread += ((x - self.mean).abs() - self.spread) / 32.0;
         let step = (self.spread / 2.0).clamp(100.0, 5_000.0);
@@ -311,6 +324,21 @@ impl TimerService {
 /// eventfd and honours pause/stop requests (see `vcpu`); tests substitute their own.
 pub trait Park {
     fn park_until(&mut self, deadline: u64) -> Result<(), Interrupted>;
+
+    /// Waits until one of `fds` is ready (revents filled in; true) or the
+    /// deadline ([`u64::MAX`]: none) passes (false). The default polls in
+    /// short slices, for parks that have no VMM to listen to.
+    fn park_on(&mut self, fds: &mut [libc::pollfd], deadline: u64) -> Result<bool, Interrupted> {
+        loop {
+            if super::wait::poll_now(fds) {
+                return Ok(true);
+            }
+            if now_ns() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
 }
 
 #[cfg(test)]

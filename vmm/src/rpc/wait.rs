@@ -33,6 +33,23 @@ pub enum Woken {
     Kicked,
 }
 
+/// Why a wait on file descriptors ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WokenIo {
+    /// At least one descriptor is ready.
+    Ready,
+    /// The deadline passed.
+    Deadline,
+    /// The VMM wrote the wake eventfd.
+    Kicked,
+}
+
+/// Polls `fds` without waiting; true if any is ready.
+pub fn poll_now(fds: &mut [libc::pollfd]) -> bool {
+    // SAFETY: a valid pollfd array; timeout 0 never blocks.
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) > 0 }
+}
+
 /// A vCPU thread's means to sleep until a deadline.
 pub struct Waiter {
     timer: OwnedFd,
@@ -129,6 +146,93 @@ impl Waiter {
                 return Woken::Deadline;
             }
         }
+    }
+
+    /// Sleeps until one of `fds` is ready (their `revents` are filled in),
+    /// `deadline_ns` passes ([`u64::MAX`]: never), or `wake` is written.
+    pub fn wait_fds(&self, fds: &mut [libc::pollfd], deadline_ns: u64, wake: &EventFd) -> WokenIo {
+        let timed = deadline_ns != u64::MAX;
+        if timed {
+            if now_ns() >= deadline_ns {
+                // Still report what is ready right now.
+                return if poll_now(fds) {
+                    WokenIo::Ready
+                } else {
+                    WokenIo::Deadline
+                };
+            }
+            let spec = libc::itimerspec {
+                it_interval: libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                },
+                it_value: libc::timespec {
+                    tv_sec: (deadline_ns / 1_000_000_000) as libc::time_t,
+                    tv_nsec: (deadline_ns % 1_000_000_000) as libc::c_long,
+                },
+            };
+            // SAFETY: our timerfd and a live itimerspec.
+            unsafe {
+                libc::timerfd_settime(
+                    self.timer.as_raw_fd(),
+                    libc::TFD_TIMER_ABSTIME,
+                    &spec,
+                    std::ptr::null_mut(),
+                )
+            };
+        }
+        let mut all: Vec<libc::pollfd> = fds.to_vec();
+        all.push(libc::pollfd {
+            fd: self.timer.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        all.push(libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        let n = fds.len();
+        let outcome = loop {
+            all.iter_mut().for_each(|p| p.revents = 0);
+            // SAFETY: a valid pollfd array for the duration of the call.
+            if unsafe {
+                libc::ppoll(
+                    all.as_mut_ptr(),
+                    all.len() as libc::nfds_t,
+                    std::ptr::null(),
+                    std::ptr::null(),
+                )
+            } < 0
+            {
+                continue;
+            }
+            if all[..n].iter().any(|p| p.revents != 0) {
+                break WokenIo::Ready;
+            }
+            if all[n + 1].revents != 0 {
+                break WokenIo::Kicked;
+            }
+            if all[n].revents != 0 {
+                break WokenIo::Deadline;
+            }
+        };
+        if timed {
+            self.disarm();
+            let mut expirations = 0u64;
+            // SAFETY: non-blocking read of 8 bytes into a live u64 (drains a fired timer).
+            unsafe {
+                libc::read(
+                    self.timer.as_raw_fd(),
+                    (&mut expirations as *mut u64).cast(),
+                    8,
+                )
+            };
+        }
+        for (out, p) in fds.iter_mut().zip(&all) {
+            out.revents = p.revents;
+        }
+        outcome
     }
 
     fn disarm(&self) {

@@ -1,0 +1,687 @@
+//! Outsourced sockets: the guest's network I/O served by host sockets the VM
+//! owns, so a real-time task waits for a packet with no guest interrupt:
+//! `NetRecv`, `NetAccept` and `NetPoll` are long polls that park only the
+//! calling vCPU's thread on the socket (ppoll, beside its timer and wake
+//! eventfd) until data, the deadline, or the VMM's stop.
+//!
+//! The guest is untrusted and the host's network is not its own: the policy
+//! says which local addresses it may bind and which destinations it may
+//! connect or send to — nothing by default — plus how many sockets it may
+//! hold and how much each may buffer. A refusal is a `NotPermitted` status
+//! and a log line; the VMM stays up.
+//!
+//! Sockets are non-blocking: a would-block answer turns into a wait on the
+//! socket's readiness, never into a blocked thread that a stop could not cut
+//! short. Handles are tagged ([`net::HANDLE_TAG`]) and carry a generation, so
+//! a file handle, a closed socket or another VM's number is `BadHandle`.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::os::fd::AsRawFd;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use rtvm_abi::vmrpc::{net, Status};
+use serde::Deserialize;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use super::timer::{Interrupted, Park};
+use super::wait::now_ns;
+use crate::error::{Error, Result};
+
+/// Most bytes one send or receive may move.
+pub const MAX_TRANSFER: u64 = 1 << 20;
+
+/// One rule of the policy: an address (or any) and a port range.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddrRule {
+    /// `None`: any address.
+    pub ip: Option<IpAddr>,
+    pub ports: RangeInclusive<u16>,
+}
+
+impl AddrRule {
+    pub fn allows(&self, addr: &SocketAddr) -> bool {
+        self.ip.is_none_or(|ip| ip == addr.ip()) && self.ports.contains(&addr.port())
+    }
+}
+
+/// `IP:PORT`, `IP:LO-HI`, `IP:*`, `[IPv6]:PORT`, `*:PORT`.
+impl FromStr for AddrRule {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let usage = || {
+            format!(
+                "'{s}' is not ADDRESS:PORT (e.g. 198.18.0.1:7000, 127.0.0.1:*, [::1]:7000-7010)"
+            )
+        };
+        let (host, port) = s.rsplit_once(':').ok_or_else(usage)?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let ip = if host == "*" {
+            None
+        } else {
+            Some(host.parse::<IpAddr>().map_err(|_| usage())?)
+        };
+        let ports = match port {
+            "*" => 0..=u16::MAX,
+            p => match p.split_once('-') {
+                Some((lo, hi)) => {
+                    let (lo, hi) = (
+                        lo.parse().map_err(|_| usage())?,
+                        hi.parse().map_err(|_| usage())?,
+                    );
+                    if lo > hi {
+                        return Err(usage());
+                    }
+                    lo..=hi
+                }
+                None => {
+                    let p = p.parse().map_err(|_| usage())?;
+                    p..=p
+                }
+            },
+        };
+        Ok(AddrRule { ip, ports })
+    }
+}
+
+impl<'de> Deserialize<'de> for AddrRule {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a VM may do on the host's network.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetPolicy {
+    /// Local addresses the guest may bind.
+    #[serde(default)]
+    pub bind: Vec<AddrRule>,
+    /// Destinations the guest may connect or send to.
+    #[serde(default)]
+    pub connect: Vec<AddrRule>,
+    /// Most sockets open at once.
+    #[serde(default = "default_max_sockets")]
+    pub max_sockets: usize,
+    /// Most bytes each socket may buffer per direction (SO_SNDBUF/SO_RCVBUF).
+    #[serde(
+        default = "default_max_buffer",
+        deserialize_with = "crate::config::byte_size"
+    )]
+    pub max_buffer: u64,
+}
+
+pub const DEFAULT_MAX_SOCKETS: usize = 64;
+pub const DEFAULT_MAX_BUFFER: u64 = 256 << 10;
+
+fn default_max_sockets() -> usize {
+    DEFAULT_MAX_SOCKETS
+}
+fn default_max_buffer() -> u64 {
+    DEFAULT_MAX_BUFFER
+}
+
+impl Default for NetPolicy {
+    fn default() -> Self {
+        NetPolicy {
+            bind: Vec::new(),
+            connect: Vec::new(),
+            max_sockets: DEFAULT_MAX_SOCKETS,
+            max_buffer: DEFAULT_MAX_BUFFER,
+        }
+    }
+}
+
+impl NetPolicy {
+    pub fn validate(&self) -> Result<()> {
+        if self.max_sockets == 0 || self.max_sockets > 32_767 {
+            return Err(Error::Config(format!(
+                "net max_sockets = {}: must be 1..=32767",
+                self.max_sockets
+            )));
+        }
+        if !(4096..=64 << 20).contains(&self.max_buffer) {
+            return Err(Error::Config(format!(
+                "net max_buffer = {}: must be 4K..=64M",
+                self.max_buffer
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Decodes the three address words of the ABI.
+pub fn decode_addr(words: [u64; 3]) -> std::result::Result<SocketAddr, Status> {
+    if words[0] >> 32 != 0 {
+        return Err(Status::BadArgument);
+    }
+    let port = words[0] as u16;
+    match (words[0] >> 16) & 0xffff {
+        net::INET if words[1] == 0 && words[2] >> 32 == 0 => Ok(SocketAddr::new(
+            Ipv4Addr::from(words[2] as u32).into(),
+            port,
+        )),
+        net::INET6 => {
+            let ip = (u128::from(words[1]) << 64) | u128::from(words[2]);
+            Ok(SocketAddr::new(Ipv6Addr::from(ip).into(), port))
+        }
+        _ => Err(Status::BadArgument),
+    }
+}
+
+/// Encodes an address as the ABI's three words.
+pub fn encode_addr(addr: &SocketAddr) -> [u64; 3] {
+    match addr {
+        SocketAddr::V4(a) => net::v4(a.ip().octets(), a.port()),
+        SocketAddr::V6(a) => net::v6(a.ip().octets(), a.port()),
+    }
+}
+
+fn status_of(e: &io::Error) -> Status {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => Status::ConnectionRefused,
+        Some(libc::ECONNRESET | libc::EPIPE) => Status::ConnectionReset,
+        Some(libc::EADDRINUSE) => Status::AddressInUse,
+        Some(libc::EACCES | libc::EPERM) => Status::NotPermitted,
+        Some(libc::EMSGSIZE) => Status::TooLarge,
+        Some(
+            libc::EINVAL
+            | libc::EADDRNOTAVAIL
+            | libc::EAFNOSUPPORT
+            | libc::EOPNOTSUPP
+            | libc::EISCONN,
+        ) => Status::BadArgument,
+        Some(libc::ENOTCONN | libc::EDESTADDRREQ) => Status::NotConfigured,
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => Status::NoResources,
+        Some(libc::ETIMEDOUT) => Status::TimedOut,
+        _ => Status::IoError,
+    }
+}
+
+fn would_block(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAGAIN) | Some(libc::EINPROGRESS)
+    )
+}
+
+struct Slot {
+    generation: u16,
+    socket: Option<Arc<Socket>>,
+}
+
+const GENERATION_MASK: u16 = 0x7fff;
+
+fn handle_of(slot: usize, generation: u16) -> u64 {
+    net::HANDLE_TAG | (u64::from(generation & GENERATION_MASK) << 16) | (slot as u64 + 1)
+}
+
+/// The socket service of one VM.
+pub struct NetService {
+    policy: NetPolicy,
+    slots: Mutex<Vec<Slot>>,
+}
+
+impl NetService {
+    pub fn new(policy: NetPolicy) -> Result<Self> {
+        policy.validate()?;
+        Ok(NetService {
+            policy,
+            slots: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn policy(&self) -> &NetPolicy {
+        &self.policy
+    }
+
+    /// Sockets the VM holds open.
+    pub fn open_sockets(&self) -> usize {
+        self.lock().iter().filter(|s| s.socket.is_some()).count()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn socket(&self, handle: u64) -> std::result::Result<Arc<Socket>, Status> {
+        if handle & net::HANDLE_TAG == 0 || handle >> 32 != 0 {
+            return Err(Status::BadHandle);
+        }
+        let slot = (handle & 0xffff).checked_sub(1).ok_or(Status::BadHandle)? as usize;
+        let generation = ((handle >> 16) & u64::from(GENERATION_MASK)) as u16;
+        match self.lock().get(slot) {
+            Some(Slot {
+                generation: g,
+                socket: Some(s),
+            }) if g & GENERATION_MASK == generation => Ok(s.clone()),
+            _ => Err(Status::BadHandle),
+        }
+    }
+
+    /// Registers a socket under a new handle, within the socket limit.
+    fn register(&self, socket: Socket) -> std::result::Result<u64, Status> {
+        let mut slots = self.lock();
+        if slots.iter().filter(|s| s.socket.is_some()).count() >= self.policy.max_sockets {
+            return Err(Status::NoResources);
+        }
+        let cap = self.policy.max_buffer as usize;
+        for (get, set) in [
+            (
+                Socket::recv_buffer_size as fn(&Socket) -> io::Result<usize>,
+                Socket::set_recv_buffer_size as fn(&Socket, usize) -> io::Result<()>,
+            ),
+            (Socket::send_buffer_size, Socket::set_send_buffer_size),
+        ] {
+            // The kernel reports twice what was set; keep the defaults when
+            // they are already under the cap.
+            if get(&socket).map_or(true, |size| size / 2 > cap) {
+                set(&socket, cap).map_err(|e| status_of(&e))?;
+            }
+        }
+        let slot = match slots.iter().position(|s| s.socket.is_none()) {
+            Some(i) => i,
+            None => {
+                slots.push(Slot {
+                    generation: 0,
+                    socket: None,
+                });
+                slots.len() - 1
+            }
+        };
+        let s = &mut slots[slot];
+        s.generation = s.generation.wrapping_add(1) & GENERATION_MASK;
+        s.socket = Some(Arc::new(socket));
+        Ok(handle_of(slot, s.generation))
+    }
+
+    fn permitted(
+        &self,
+        rules: &[AddrRule],
+        addr: &SocketAddr,
+        what: &str,
+    ) -> std::result::Result<(), Status> {
+        if rules.iter().any(|r| r.allows(addr)) {
+            Ok(())
+        } else {
+            tracing::warn!("guest {what} {addr} refused by the network policy");
+            Err(Status::NotPermitted)
+        }
+    }
+
+    /// `NetSocket`.
+    pub fn open(&self, domain: u64, kind: u64) -> std::result::Result<[u64; 4], Status> {
+        let domain = match domain {
+            net::INET => Domain::IPV4,
+            net::INET6 => Domain::IPV6,
+            _ => return Err(Status::BadArgument),
+        };
+        let (ty, proto) = match kind {
+            net::UDP => (Type::DGRAM, Protocol::UDP),
+            net::TCP => (Type::STREAM, Protocol::TCP),
+            _ => return Err(Status::BadArgument),
+        };
+        let socket = Socket::new(domain, ty.nonblocking().cloexec(), Some(proto))
+            .map_err(|e| status_of(&e))?;
+        if domain == Domain::IPV6 {
+            // An IPv6 socket must not reach IPv4 through mapped addresses
+            // the policy's IPv4 rules never saw.
+            socket.set_only_v6(true).map_err(|e| status_of(&e))?;
+        }
+        Ok([self.register(socket)?, 0, 0, 0])
+    }
+
+    /// `NetBind`.
+    pub fn bind(&self, handle: u64, addr: [u64; 3]) -> std::result::Result<[u64; 4], Status> {
+        let socket = self.socket(handle)?;
+        let addr = decode_addr(addr)?;
+        self.permitted(&self.policy.bind, &addr, "bind to")?;
+        socket
+            .bind(&SockAddr::from(addr))
+            .map_err(|e| status_of(&e))?;
+        Ok([0; 4])
+    }
+
+    /// `NetListen`.
+    pub fn listen(&self, handle: u64, backlog: u64) -> std::result::Result<[u64; 4], Status> {
+        let socket = self.socket(handle)?;
+        if backlog == 0 || backlog > 1024 {
+            return Err(Status::BadArgument);
+        }
+        socket.listen(backlog as i32).map_err(|e| status_of(&e))?;
+        Ok([0; 4])
+    }
+
+    /// Waits until `socket` is ready for `events` or the deadline passes.
+    fn wait(
+        socket: &Socket,
+        events: i16,
+        deadline: u64,
+        park: &mut dyn Park,
+    ) -> std::result::Result<(), Status> {
+        let mut fd = [libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events,
+            revents: 0,
+        }];
+        match park.park_on(&mut fd, deadline) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Status::TimedOut),
+            Err(Interrupted) => Err(Status::Interrupted),
+        }
+    }
+
+    /// `NetAccept`.
+    pub fn accept(
+        &self,
+        handle: u64,
+        deadline: u64,
+        park: &mut dyn Park,
+    ) -> std::result::Result<[u64; 4], Status> {
+        let socket = self.socket(handle)?;
+        loop {
+            match socket.accept() {
+                Ok((conn, peer)) => {
+                    conn.set_nonblocking(true).map_err(|e| status_of(&e))?;
+                    let peer = peer
+                        .as_socket()
+                        .map(|a| encode_addr(&a))
+                        .unwrap_or_default();
+                    return Ok([self.register(conn)?, peer[0], peer[1], peer[2]]);
+                }
+                Err(e) if would_block(&e) => Self::wait(&socket, libc::POLLIN, deadline, park)?,
+                Err(e) => return Err(status_of(&e)),
+            }
+        }
+    }
+
+    /// `NetConnect`.
+    pub fn connect(
+        &self,
+        handle: u64,
+        addr: [u64; 3],
+        deadline: u64,
+        park: &mut dyn Park,
+    ) -> std::result::Result<[u64; 4], Status> {
+        let socket = self.socket(handle)?;
+        let addr = decode_addr(addr)?;
+        self.permitted(&self.policy.connect, &addr, "connection to")?;
+        match socket.connect(&SockAddr::from(addr)) {
+            Ok(()) => return Ok([0; 4]),
+            Err(e) if would_block(&e) => {}
+            Err(e) => return Err(status_of(&e)),
+        }
+        Self::wait(&socket, libc::POLLOUT, deadline, park)?;
+        match socket.take_error() {
+            Ok(None) => Ok([0; 4]),
+            Ok(Some(e)) | Err(e) => Err(status_of(&e)),
+        }
+    }
+
+    /// `NetSend` (to the connected peer when `to` has family 0).
+    pub fn send(
+        &self,
+        handle: u64,
+        data: &[u8],
+        to: [u64; 3],
+        park: &mut dyn Park,
+    ) -> std::result::Result<[u64; 4], Status> {
+        let socket = self.socket(handle)?;
+        let dest = if to == [0; 3] {
+            None
+        } else {
+            let addr = decode_addr(to)?;
+            self.permitted(&self.policy.connect, &addr, "datagram to")?;
+            Some(SockAddr::from(addr))
+        };
+        let deadline = now_ns().saturating_add(net::SEND_WAIT_NS);
+        loop {
+            let sent = match &dest {
+                Some(dest) => socket.send_to(data, dest),
+                None => socket.send(data),
+            };
+            match sent {
+                Ok(n) => return Ok([n as u64, 0, 0, 0]),
+                Err(e) if would_block(&e) => Self::wait(&socket, libc::POLLOUT, deadline, park)?,
+                Err(e) => return Err(status_of(&e)),
+            }
+        }
+    }
+
+    /// `NetRecv` into a host buffer of `len` bytes; returns the bytes and the results.
+    pub fn recv(
+        &self,
+        handle: u64,
+        len: u64,
+        deadline: u64,
+        park: &mut dyn Park,
+    ) -> std::result::Result<(Vec<u8>, [u64; 4]), Status> {
+        let socket = self.socket(handle)?;
+        if len > MAX_TRANSFER {
+            return Err(Status::TooLarge);
+        }
+        let mut buf: Vec<MaybeUninit<u8>> = vec![MaybeUninit::uninit(); len as usize];
+        loop {
+            match socket.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    // SAFETY: recv_from initialised the first n bytes.
+                    let data: Vec<u8> = buf[..n]
+                        .iter()
+                        .map(|b| unsafe { b.assume_init() })
+                        .collect();
+                    let from = from
+                        .as_socket()
+                        .or_else(|| socket.peer_addr().ok().and_then(|a| a.as_socket()));
+                    let [a, b, c] = from.map(|a| encode_addr(&a)).unwrap_or_default();
+                    return Ok((data, [n as u64, a, b, c]));
+                }
+                Err(e) if would_block(&e) => Self::wait(&socket, libc::POLLIN, deadline, park)?,
+                Err(e) => return Err(status_of(&e)),
+            }
+        }
+    }
+
+    /// `NetPoll` over `handles` (already read from the guest).
+    pub fn poll(
+        &self,
+        handles: &[u64],
+        deadline: u64,
+        park: &mut dyn Park,
+    ) -> std::result::Result<[u64; 4], Status> {
+        if handles.is_empty() || handles.len() as u64 > net::POLL_MAX {
+            return Err(Status::BadArgument);
+        }
+        let sockets = handles
+            .iter()
+            .map(|&h| self.socket(h))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut fds: Vec<libc::pollfd> = sockets
+            .iter()
+            .map(|s| libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        match park.park_on(&mut fds, deadline) {
+            Ok(true) => {
+                let mask = fds
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.revents != 0)
+                    .fold(0u64, |m, (i, _)| m | 1 << i);
+                Ok([mask, u64::from(mask.count_ones()), 0, 0])
+            }
+            Ok(false) => Err(Status::TimedOut),
+            Err(Interrupted) => Err(Status::Interrupted),
+        }
+    }
+
+    /// `NetSetsockopt`.
+    pub fn setsockopt(
+        &self,
+        handle: u64,
+        opt: u64,
+        value: u64,
+    ) -> std::result::Result<[u64; 4], Status> {
+        let socket = self.socket(handle)?;
+        let flag = |v: u64| match v {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(Status::BadArgument),
+        };
+        let cap = self.policy.max_buffer.min(value) as usize;
+        let result = match opt {
+            net::opt::REUSEADDR => socket.set_reuse_address(flag(value)?),
+            net::opt::RCVBUF => socket.set_recv_buffer_size(cap),
+            net::opt::SNDBUF => socket.set_send_buffer_size(cap),
+            net::opt::NODELAY => socket.set_tcp_nodelay(flag(value)?),
+            net::opt::PRIORITY if value <= 6 => socket.set_priority(value as u32),
+            net::opt::TOS if value <= 255 => match socket.domain().map_err(|e| status_of(&e))? {
+                Domain::IPV6 => socket.set_tclass_v6(value as u32),
+                _ => socket.set_tos_v4(value as u32),
+            },
+            _ => return Err(Status::BadArgument),
+        };
+        result.map_err(|e| status_of(&e))?;
+        Ok([0; 4])
+    }
+
+    /// `NetClose`.
+    pub fn close(&self, handle: u64) -> std::result::Result<[u64; 4], Status> {
+        self.socket(handle)?;
+        self.lock()[((handle & 0xffff) - 1) as usize].socket = None;
+        Ok([0; 4])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Now;
+    impl Park for Now {
+        fn park_until(&mut self, _: u64) -> std::result::Result<(), Interrupted> {
+            Ok(())
+        }
+    }
+
+    fn loopback_policy() -> NetPolicy {
+        NetPolicy {
+            bind: vec!["127.0.0.1:*".parse().unwrap()],
+            connect: vec!["127.0.0.1:*".parse().unwrap()],
+            ..NetPolicy::default()
+        }
+    }
+
+    #[test]
+    fn rules_parse_and_match() {
+        let r: AddrRule = "198.18.0.1:7000-7010".parse().unwrap();
+        assert!(r.allows(&"198.18.0.1:7005".parse().unwrap()));
+        assert!(!r.allows(&"198.18.0.1:7011".parse().unwrap()));
+        assert!(!r.allows(&"198.18.0.2:7005".parse().unwrap()));
+        let any: AddrRule = "*:53".parse().unwrap();
+        assert!(any.allows(&"[::1]:53".parse().unwrap()));
+        let v6: AddrRule = "[::1]:*".parse().unwrap();
+        assert!(v6.allows(&"[::1]:1".parse().unwrap()));
+        for bad in [
+            "1.2.3.4",
+            "1.2.3.4:x",
+            "1.2.3.4:9-1",
+            "host:1",
+            "[::1]:70000",
+        ] {
+            assert!(bad.parse::<AddrRule>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn addresses_round_trip_through_the_abi_words() {
+        for addr in ["198.18.0.1:7000", "[::1]:443", "[2001:db8::42]:1"] {
+            let a: SocketAddr = addr.parse().unwrap();
+            assert_eq!(decode_addr(encode_addr(&a)), Ok(a));
+        }
+        assert_eq!(decode_addr([7 << 16, 0, 0]), Err(Status::BadArgument));
+        assert_eq!(decode_addr([1 << 40, 0, 0]), Err(Status::BadArgument));
+        assert_eq!(
+            decode_addr([net::INET << 16, 0, 1 << 33]),
+            Err(Status::BadArgument)
+        );
+    }
+
+    #[test]
+    fn nothing_is_permitted_by_default() {
+        let svc = NetService::new(NetPolicy::default()).unwrap();
+        let h = svc.open(net::INET, net::UDP).unwrap()[0];
+        assert_eq!(
+            svc.bind(h, net::v4([127, 0, 0, 1], 0)),
+            Err(Status::NotPermitted)
+        );
+        assert_eq!(
+            svc.send(h, b"x", net::v4([127, 0, 0, 1], 9), &mut Now),
+            Err(Status::NotPermitted)
+        );
+        assert_eq!(
+            svc.connect(h, net::v4([127, 0, 0, 1], 9), 0, &mut Now),
+            Err(Status::NotPermitted)
+        );
+    }
+
+    #[test]
+    fn udp_round_trip_and_handle_checks() {
+        let svc = NetService::new(loopback_policy()).unwrap();
+        let a = svc.open(net::INET, net::UDP).unwrap()[0];
+        let b = svc.open(net::INET, net::UDP).unwrap()[0];
+        svc.bind(a, net::v4([127, 0, 0, 1], 47_311)).unwrap();
+        svc.bind(b, net::v4([127, 0, 0, 1], 47_312)).unwrap();
+        svc.send(b, b"ping", net::v4([127, 0, 0, 1], 47_311), &mut Now)
+            .unwrap();
+        let deadline = now_ns() + 1_000_000_000;
+        let (data, r) = svc.recv(a, 100, deadline, &mut Now).unwrap();
+        assert_eq!(data, b"ping");
+        assert_eq!(
+            decode_addr([r[1], r[2], r[3]]),
+            Ok("127.0.0.1:47312".parse().unwrap())
+        );
+        assert_eq!(
+            svc.recv(a, 100, now_ns() + 1_000_000, &mut Now),
+            Err(Status::TimedOut)
+        );
+        svc.close(a).unwrap();
+        assert_eq!(svc.close(a), Err(Status::BadHandle));
+        assert_eq!(
+            svc.recv(1, 10, 0, &mut Now),
+            Err(Status::BadHandle),
+            "untagged (file-range) handle"
+        );
+        assert_eq!(svc.setsockopt(b, 99, 0), Err(Status::BadArgument));
+        assert_eq!(
+            svc.setsockopt(b, net::opt::PRIORITY, 7),
+            Err(Status::BadArgument)
+        );
+        svc.setsockopt(b, net::opt::TOS, 0xb8).unwrap();
+    }
+
+    #[test]
+    fn the_socket_limit_holds() {
+        let policy = NetPolicy {
+            max_sockets: 3,
+            ..NetPolicy::default()
+        };
+        let svc = NetService::new(policy).unwrap();
+        for _ in 0..3 {
+            svc.open(net::INET6, net::TCP).unwrap();
+        }
+        assert_eq!(svc.open(net::INET, net::UDP), Err(Status::NoResources));
+        assert_eq!(svc.open_sockets(), 3);
+    }
+}
