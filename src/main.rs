@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use rtvm_vmm::config::{parse_byte_size, parse_size};
 use rtvm_vmm::realtime::{RtBandwidth, RtVcpuArg};
 use rtvm_vmm::rpc::fs::ShareConfig;
+use rtvm_vmm::rpc::net::AddrRule;
 use rtvm_vmm::rpc::timer::AdvanceMode;
 use rtvm_vmm::{Console, Error, GuestSpec, Vm, VmConfig, VmRun};
 
@@ -95,6 +96,18 @@ pub struct RunArgs {
     /// Most bytes the guest may write into the share in all, e.g. 1G [default: 1G].
     #[arg(long, value_name = "SIZE", requires = "share", value_parser = parse_byte_size)]
     share_max_written: Option<u64>,
+    /// Let the guest bind local ADDRESS:PORT (PORT may be LO-HI or *; repeatable).
+    #[arg(long = "net-bind", value_name = "ADDR:PORT")]
+    net_bind: Vec<AddrRule>,
+    /// Let the guest connect/send to ADDRESS:PORT (repeatable).
+    #[arg(long = "net-connect", value_name = "ADDR:PORT")]
+    net_connect: Vec<AddrRule>,
+    /// Most sockets the guest may hold open [default: 64].
+    #[arg(long, value_name = "N")]
+    net_max_sockets: Option<usize>,
+    /// Most bytes each guest socket may buffer per direction, e.g. 256K [default: 256K].
+    #[arg(long, value_name = "SIZE", value_parser = parse_byte_size)]
+    net_max_buffer: Option<u64>,
     /// Write how the run ended and what it cost (RSS, times) as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
@@ -143,6 +156,14 @@ impl RunArgs {
         }
         if let Some(share) = &self.share {
             config.share = Some(share.clone());
+        }
+        config.net.bind.extend(self.net_bind.iter().cloned());
+        config.net.connect.extend(self.net_connect.iter().cloned());
+        if let Some(n) = self.net_max_sockets {
+            config.net.max_sockets = n;
+        }
+        if let Some(n) = self.net_max_buffer {
+            config.net.max_buffer = n;
         }
         if let Some(share) = &mut config.share {
             if let Some(n) = self.share_max_open {
