@@ -19,6 +19,8 @@ mod fmtbuf;
 mod fs;
 mod header;
 mod mem;
+mod net;
+mod static_buf;
 mod syscall;
 mod vectors;
 mod vmrpc;

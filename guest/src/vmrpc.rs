@@ -150,6 +150,9 @@ pub struct Rpc {
     /// (see `fs`): starts at `fs::FIRST_CHUNK` and halves whenever the host
     /// answers `TooLarge`, so the host's unknown limit is learned once.
     pub(crate) fs_chunk: usize,
+    /// The same for `net::Rpc::send_all`, on the host's per-socket buffer
+    /// cap: starts at `net::FIRST_CHUNK`.
+    pub(crate) net_chunk: usize,
 }
 
 impl Rpc {
@@ -169,6 +172,7 @@ impl Rpc {
             clock_error_ns: 0,
             feedback: None,
             fs_chunk: crate::fs::FIRST_CHUNK,
+            net_chunk: crate::net::FIRST_CHUNK,
         };
         rpc.info = rpc.vcpu_info();
         // A mismatch means the host served this page on another vCPU's

@@ -10,6 +10,14 @@ use rtvm_vmm::rpc::fs::ShareConfig;
 use rtvm_vmm::testing::kvm_available;
 use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig, VmExitReason, VmRun};
 
+/// Tests here run one at a time: the descriptor-leak checks count the
+/// process's open descriptors, which VMs of parallel tests would change.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A share laid out as `fs-selftest` expects, next to an `outside` directory
 /// the guest must never reach. Removed on drop.
 struct Share {
@@ -103,6 +111,7 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 
 #[test]
 fn every_file_call_and_error_path_works_and_nothing_escapes() {
+    let _serial = serial();
     if !kvm_available() {
         return;
     }
@@ -133,6 +142,7 @@ fn every_file_call_and_error_path_works_and_nothing_escapes() {
 
 #[test]
 fn a_guest_written_file_reads_back_byte_exact_on_the_host() {
+    let _serial = serial();
     if !kvm_available() {
         return;
     }
@@ -157,6 +167,7 @@ fn a_guest_written_file_reads_back_byte_exact_on_the_host() {
 
 #[test]
 fn read_only_share_refuses_writes() {
+    let _serial = serial();
     if !kvm_available() {
         return;
     }
@@ -182,6 +193,7 @@ fn read_only_share_refuses_writes() {
 
 #[test]
 fn limits_are_enforced_with_their_own_statuses() {
+    let _serial = serial();
     if !kvm_available() {
         return;
     }
@@ -209,6 +221,7 @@ fn open_fds() -> usize {
 
 #[test]
 fn ten_thousand_open_close_cycles_leak_no_host_descriptor() {
+    let _serial = serial();
     if !kvm_available() {
         return;
     }
@@ -233,6 +246,7 @@ fn ten_thousand_open_close_cycles_leak_no_host_descriptor() {
 
 #[test]
 fn without_a_share_file_calls_answer_no_share() {
+    let _serial = serial();
     if !kvm_available() {
         return;
     }
@@ -242,6 +256,7 @@ fn without_a_share_file_calls_answer_no_share() {
 
 #[test]
 fn a_missing_share_directory_is_a_config_error() {
+    let _serial = serial();
     let mut config = VmConfig::new(GuestSpec::Builtin("hello".into()));
     config.share = Some(ShareConfig::new("/nonexistent/share".into(), false));
     match Vm::new(&config, Console::default()) {
@@ -253,6 +268,7 @@ fn a_missing_share_directory_is_a_config_error() {
 
 #[test]
 fn files_are_flushed_and_closed_when_the_vm_is_stopped_mid_run() {
+    let _serial = serial();
     if !kvm_available() {
         return;
     }
@@ -282,6 +298,7 @@ fn files_are_flushed_and_closed_when_the_vm_is_stopped_mid_run() {
 
 #[test]
 fn logger_keeps_its_deadlines_while_writing() {
+    let _serial = serial();
     if !kvm_available() {
         return;
     }

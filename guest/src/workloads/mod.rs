@@ -11,13 +11,17 @@ mod fs_selftest;
 mod hello;
 mod independence;
 mod logger;
+mod net_selftest;
 mod periodic;
 mod rpc_bench;
 mod rpc_ping;
 mod rt;
 mod sleep_test;
 mod spin;
+mod tcp_echo;
 mod timer_irq;
+mod udp_echo;
+mod udp_flood;
 
 use rtvm_abi::{BootInfo, WORKLOAD_NAME_MAX};
 
@@ -127,6 +131,22 @@ pub const WORKLOADS: &[Workload] = &[
     Workload {
         name: "logger",
         run: logger::run,
+    },
+    Workload {
+        name: "udp-echo",
+        run: udp_echo::run,
+    },
+    Workload {
+        name: "tcp-echo",
+        run: tcp_echo::run,
+    },
+    Workload {
+        name: "net-selftest",
+        run: net_selftest::run,
+    },
+    Workload {
+        name: "udp-flood",
+        run: udp_flood::run,
     },
 ];
 

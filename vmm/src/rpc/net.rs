@@ -357,6 +357,20 @@ impl NetService {
         if backlog == 0 || backlog > 1024 {
             return Err(Status::BadArgument);
         }
+        // Listening on an unbound socket would have the kernel bind it to
+        // every interface behind the policy's back: a listener needs an
+        // explicit, permitted bind. (A client socket that sends or connects
+        // unbound gets an ephemeral port like any client; the policy governs
+        // where its packets may go.)
+        let bound = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .is_some_and(|a| a.port() != 0);
+        if !bound {
+            tracing::warn!("guest listen on an unbound socket refused");
+            return Err(Status::NotPermitted);
+        }
         socket.listen(backlog as i32).map_err(|e| status_of(&e))?;
         Ok([0; 4])
     }
@@ -669,6 +683,15 @@ mod tests {
             Err(Status::BadArgument)
         );
         svc.setsockopt(b, net::opt::TOS, 0xb8).unwrap();
+    }
+
+    #[test]
+    fn listening_needs_an_explicit_bind() {
+        let svc = NetService::new(loopback_policy()).unwrap();
+        let h = svc.open(net::INET, net::TCP).unwrap()[0];
+        assert_eq!(svc.listen(h, 4), Err(Status::NotPermitted));
+        svc.bind(h, net::v4([127, 0, 0, 1], 47_313)).unwrap();
+        svc.listen(h, 4).unwrap();
     }
 
     #[test]

@@ -1,0 +1,219 @@
+//! Outsourced sockets through real guests: echo servers in the guest talked
+//! to from the host over loopback, the guest's own self-test of every call
+//! and error path, and a flooding guest that must not take the VMM down.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rtvm_vmm::rpc::net::NetPolicy;
+use rtvm_vmm::testing::kvm_available;
+use rtvm_vmm::{Console, GuestSpec, RunningVm, Vm, VmConfig, VmExitReason, VmRun};
+
+/// Tests here run one at a time: the descriptor-leak checks count the
+/// process's open descriptors, which VMs of parallel tests would change.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn policy(bind: &[&str], connect: &[&str]) -> NetPolicy {
+    NetPolicy {
+        bind: bind.iter().map(|r| r.parse().unwrap()).collect(),
+        connect: connect.iter().map(|r| r.parse().unwrap()).collect(),
+        ..NetPolicy::default()
+    }
+}
+
+fn start(
+    workload: &str,
+    vcpus: usize,
+    cmdline: &str,
+    net: NetPolicy,
+) -> (RunningVm, Arc<Mutex<Vec<u8>>>) {
+    let mut config = VmConfig::new(GuestSpec::Builtin(workload.into()));
+    config.vcpus = vcpus;
+    config.memory = 64 << 20;
+    config.cmdline = cmdline.into();
+    config.net = net;
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let running = Vm::new(&config, Console::capture(out.clone()))
+        .unwrap()
+        .start()
+        .unwrap();
+    (running, out)
+}
+
+fn text(out: &Arc<Mutex<Vec<u8>>>) -> String {
+    String::from_utf8_lossy(&out.lock().unwrap()).into_owned()
+}
+
+/// Waits until the guest printed `needle` (the server is ready).
+fn wait_for(out: &Arc<Mutex<Vec<u8>>>, needle: &str) {
+    let start = Instant::now();
+    while !text(out).contains(needle) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no {needle:?} in: {}",
+            text(out)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn finish(running: RunningVm, out: &Arc<Mutex<Vec<u8>>>) -> (VmRun, String) {
+    let ended = running.wait_timeout(Duration::from_secs(60));
+    let run = running.stop();
+    assert!(ended.is_some(), "guest did not end: {}", text(out));
+    (run, text(out))
+}
+
+fn assert_exit_0(run: &VmRun, out: &str) {
+    assert!(!out.contains("FAIL"), "{out}");
+    assert!(
+        matches!(run.reason, VmExitReason::GuestExit { status: 0, .. }),
+        "{}: {out}",
+        run.reason
+    );
+}
+
+#[test]
+fn udp_echo_round_trips_byte_exact_including_a_max_size_datagram() {
+    let _serial = serial();
+    if !kvm_available() {
+        return;
+    }
+    let net = policy(&["127.0.0.1:47101"], &["127.0.0.1:*"]);
+    let (running, out) = start("udp-echo", 1, "addr=127.0.0.1:47101 count=4", net);
+    wait_for(&out, "udp-echo: serving");
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 70_000];
+    for size in [1usize, 64, 1472, 65_507] {
+        let payload: Vec<u8> = (0..size).map(|i| (i * 31 + size) as u8).collect();
+        sock.send_to(&payload, "127.0.0.1:47101").unwrap();
+        let (n, from) = sock.recv_from(&mut buf).expect("echo");
+        assert_eq!(from.to_string(), "127.0.0.1:47101");
+        assert_eq!(&buf[..n], &payload[..], "{size}-byte datagram");
+    }
+    let (run, out) = finish(running, &out);
+    assert_exit_0(&run, &out);
+    assert!(out.contains("udp-echo: 4 datagrams echoed"), "{out}");
+}
+
+#[test]
+fn tcp_echo_carries_a_multi_megabyte_stream() {
+    let _serial = serial();
+    if !kvm_available() {
+        return;
+    }
+    let net = policy(&["127.0.0.1:47102"], &[]);
+    let (running, out) = start("tcp-echo", 1, "addr=127.0.0.1:47102 conns=1", net);
+    wait_for(&out, "tcp-echo: serving");
+    let mut stream = TcpStream::connect("127.0.0.1:47102").unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let payload: Vec<u8> = (0..4usize << 20)
+        .map(|i| (i * 7 + i / 4096) as u8)
+        .collect();
+    let writer = {
+        let mut stream = stream.try_clone().unwrap();
+        let payload = payload.clone();
+        std::thread::spawn(move || {
+            stream.write_all(&payload).unwrap();
+            stream.shutdown(std::net::Shutdown::Write).unwrap();
+        })
+    };
+    let mut echoed = Vec::new();
+    stream.read_to_end(&mut echoed).unwrap();
+    writer.join().unwrap();
+    assert_eq!(echoed.len(), payload.len());
+    assert!(echoed == payload, "stream differs");
+    let (run, out) = finish(running, &out);
+    assert_exit_0(&run, &out);
+    assert!(
+        out.contains(&format!(
+            "tcp-echo: {} bytes echoed over 1 connections",
+            4 << 20
+        )),
+        "{out}"
+    );
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn every_socket_call_and_error_path_and_no_descriptor_leak() {
+    let _serial = serial();
+    if !kvm_available() {
+        return;
+    }
+    let mut net = policy(&["127.0.0.1:*", "[::1]:*"], &["127.0.0.1:*", "[::1]:*"]);
+    net.max_sockets = 16;
+    let before = open_fds();
+    let (running, out) = start("net-selftest", 1, "sockets=16 port=47200 cycles=1000", net);
+    let (run, out) = finish(running, &out);
+    assert_exit_0(&run, &out);
+    assert!(out.contains("checks passed"), "{out}");
+    // The VM is gone: its sockets with it (other tests run beside this one).
+    let after = open_fds();
+    assert!(
+        after <= before + 8,
+        "descriptors before {before}, after {after}"
+    );
+}
+
+#[test]
+fn a_flooding_guest_is_bounded_and_the_vmm_stays_responsive() {
+    let _serial = serial();
+    if !kvm_available() {
+        return;
+    }
+    let mut net = policy(&[], &["127.0.0.1:47999"]);
+    net.max_buffer = 64 << 10;
+    let (running, out) = start("udp-flood", 2, "to=127.0.0.1:47999 ms=1500", net);
+    // While the guest floods, the VMM still answers: pause and resume work.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        running.pause(Duration::from_secs(2)),
+        "vCPUs pause during the flood"
+    );
+    running.resume();
+    let (run, out) = finish(running, &out);
+    assert_exit_0(&run, &out);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("udp-flood:"))
+        .expect(&out);
+    let pings: u64 = line
+        .rsplit("answered ")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(pings > 100, "vCPU 1 kept being served: {line}");
+}
+
+#[test]
+fn forbidden_binds_and_destinations_are_refused_by_default() {
+    let _serial = serial();
+    if !kvm_available() {
+        return;
+    }
+    // No policy at all: the echo server cannot even bind.
+    let (running, out) = start("udp-echo", 1, "addr=127.0.0.1:47103", NetPolicy::default());
+    let (run, out) = finish(running, &out);
+    assert!(
+        !matches!(run.reason, VmExitReason::GuestExit { status: 0, .. }),
+        "{out}"
+    );
+    assert!(out.contains("not permitted"), "{out}");
+}
