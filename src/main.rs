@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod probe;
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -43,6 +44,9 @@ enum Command {
     /// Benchmarks, reporting figures measured side by side in one run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Network round-trip latency from a namespace of its own, as an external
+    /// host would measure it (UDP, kernel timestamps, 198.18.0.0/15 only).
+    Probe(probe::ProbeArgs),
 }
 
 #[derive(Args, Clone, Default)]
@@ -258,5 +262,6 @@ fn main() -> ExitCode {
         Command::Run(args) => run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(cmd) => bench::run(&cmd),
+        Command::Probe(args) => probe::run(&args),
     }
 }

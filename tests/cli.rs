@@ -551,6 +551,41 @@ fn bench_timer_frames_counts_deadline_misses() {
 }
 
 #[test]
+fn bench_net_probes_host_and_guest_from_outside() {
+    if !kvm_available() {
+        return;
+    }
+    let out = output_within(
+        rtvm().args([
+            "bench",
+            "net",
+            "--json",
+            "--seconds",
+            "2",
+            "--subnet",
+            "198.18.0.40",
+        ]),
+        Duration::from_secs(120),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for path in ["host", "guest_rt"] {
+        assert!(
+            json[path]["samples"].as_u64().unwrap() >= 900,
+            "{path}: {json}"
+        );
+        assert!(json[path]["p50_us"].as_f64().unwrap() > 0.0, "{json}");
+    }
+    assert!(json["exit_floor_p50_us"].as_f64().unwrap() > 0.0);
+    assert!(json["target"]["guest_rt_p99_max_us"].is_f64());
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !text(&netns.stdout).contains("rtvm-probe"),
+        "namespace left behind"
+    );
+}
+
+#[test]
 fn bench_timer_rejects_bad_settings() {
     let out = run(&["bench", "timer", "--seconds", "0"]);
     assert_ne!(out.status.code(), Some(0));
@@ -586,6 +621,8 @@ fn every_command_has_help() {
         &["bench", "boot", "--help"],
         &["bench", "rpc", "--help"],
         &["bench", "timer", "--help"],
+        &["bench", "net", "--help"],
+        &["probe", "--help"],
     ] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(0), "{args:?}");

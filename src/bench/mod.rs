@@ -3,8 +3,9 @@
 //! targets; nothing here is a pass/fail test.
 
 mod boot;
-mod histogram;
-mod plot;
+pub mod histogram;
+mod net;
+pub mod plot;
 mod rpc;
 pub mod stats;
 pub mod timer;
@@ -25,6 +26,8 @@ pub enum BenchCommand {
     Rpc(rpc::RpcArgs),
     /// Timer lateness of one periodic task: host vs guest interrupt path vs guest long polling.
     Timer(timer::TimerArgs),
+    /// UDP echo round trip probed from outside: host vs guest on an RT vCPU via outsourced sockets.
+    Net(net::NetArgs),
 }
 
 pub fn run(cmd: &BenchCommand) -> ExitCode {
@@ -32,6 +35,7 @@ pub fn run(cmd: &BenchCommand) -> ExitCode {
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Rpc(args) => rpc::run(args),
         BenchCommand::Timer(args) => timer::run(args),
+        BenchCommand::Net(args) => net::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

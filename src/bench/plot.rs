@@ -5,8 +5,14 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-/// Draws the lateness samples (ns) of each `(name, samples)` path to `file`.
-pub fn latency_svg(file: &Path, title: &str, paths: &[(&str, &[u64])]) -> Result<(), String> {
+/// Draws the samples (ns) of each `(name, samples)` path to `file`;
+/// `quantity` names what they measure on the x axis ("lateness", "round trip").
+pub fn latency_svg(
+    file: &Path,
+    title: &str,
+    quantity: &str,
+    paths: &[(&str, &[u64])],
+) -> Result<(), String> {
     let p999_max = paths
         .iter()
         .filter_map(|(_, s)| super::stats::Stats::from_ns(s))
@@ -47,7 +53,7 @@ pub fn latency_svg(file: &Path, title: &str, paths: &[(&str, &[u64])]) -> Result
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
-        .x_desc(format!("lateness (µs), {width} µs buckets"))
+        .x_desc(format!("{quantity} (µs), {width} µs buckets"))
         .y_desc("samples (log)")
         .draw()
         .map_err(|e| err(&e))?;
@@ -103,7 +109,7 @@ mod tests {
         let file = std::env::temp_dir().join(format!("rtvm-plot-test-{}.svg", std::process::id()));
         let a: Vec<u64> = (0..1000).map(|i| 10_000 + i * 37 % 5_000).collect();
         let b: Vec<u64> = (0..1000).map(|i| 50_000 + i * 91 % 40_000).collect();
-        latency_svg(&file, "test", &[("host", &a), ("guest", &b)]).unwrap();
+        latency_svg(&file, "test", "lateness", &[("host", &a), ("guest", &b)]).unwrap();
         let svg = std::fs::read_to_string(&file).unwrap();
         std::fs::remove_file(&file).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..50]);

@@ -656,7 +656,7 @@ impl TimerReport {
             self.period_ns / 1000,
             self.host.kvm_module
         );
-        latency_svg(file, &title, &series)
+        latency_svg(file, &title, "lateness", &series)
     }
 
     /// One sentence on what the numbers mean.
