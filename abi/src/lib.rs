@@ -31,6 +31,7 @@
 //! machines guest CPL0 code is emulated and about 1000x slower than CPL3 code.
 #![no_std]
 
+pub mod linux;
 pub mod vmrpc;
 
 /// Version of this ABI. The VMM refuses a guest whose header names another.
@@ -327,11 +328,7 @@ mod tests {
 
     #[test]
     fn boot_info_fits_one_page() {
-        assert!(
-            BootInfo::SIZE <= 4096,
-            "BootInfo is {} bytes",
-            BootInfo::SIZE
-        );
+        const { assert!(BootInfo::SIZE <= 4096, "BootInfo fits one page") };
         assert_eq!(GuestHeader::SIZE, 40);
     }
 

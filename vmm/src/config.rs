@@ -20,12 +20,16 @@ use crate::vcpu::UnhandledIo;
 pub const DEFAULT_VCPUS: usize = 1;
 pub const DEFAULT_MEMORY: u64 = 64 << 20;
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
+/// Longest Linux command line we pass (the VMM appends its own words).
+pub const LINUX_CMDLINE_MAX: usize = 3900;
 
 /// Which guest to boot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GuestSpec {
     /// A workload of the built-in guest: `builtin:NAME`.
     Builtin(String),
+    /// A Linux kernel (bzImage or ELF vmlinux): `linux:PATH`.
+    Linux(PathBuf),
 }
 
 impl FromStr for GuestSpec {
@@ -39,8 +43,9 @@ impl FromStr for GuestSpec {
                 }
                 Ok(GuestSpec::Builtin(name.to_string()))
             }
+            Some(("linux", path)) if !path.is_empty() => Ok(GuestSpec::Linux(PathBuf::from(path))),
             _ => Err(format!(
-                "guest '{s}' is not of the form builtin:NAME (e.g. builtin:hello)"
+                "guest '{s}' is not of the form builtin:NAME (e.g. builtin:hello) or linux:KERNEL"
             )),
         }
     }
@@ -50,6 +55,7 @@ impl fmt::Display for GuestSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             GuestSpec::Builtin(name) => write!(f, "builtin:{name}"),
+            GuestSpec::Linux(path) => write!(f, "linux:{}", path.display()),
         }
     }
 }
@@ -143,9 +149,12 @@ pub struct VmConfig {
     /// Guest RAM in bytes.
     #[serde(default = "default_memory", deserialize_with = "size")]
     pub memory: u64,
-    /// Arguments for the guest (`key=value` words).
+    /// Arguments for the guest (`key=value` words), or a Linux kernel's command line.
     #[serde(default)]
     pub cmdline: String,
+    /// The initramfs of a Linux guest.
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
     /// Also write the guest console to this file.
     #[serde(default)]
     pub serial_log: Option<PathBuf>,
@@ -202,6 +211,7 @@ impl VmConfig {
             vcpus: DEFAULT_VCPUS,
             memory: DEFAULT_MEMORY,
             cmdline: String::new(),
+            initramfs: None,
             serial_log: None,
             kvm_device: default_kvm_device(),
             vcpu: Vec::new(),
@@ -274,11 +284,20 @@ impl VmConfig {
                 MAX_RAM >> 30
             )));
         }
-        if self.cmdline.len() > CMDLINE_MAX {
+        let cmdline_max = match self.guest {
+            GuestSpec::Builtin(_) => CMDLINE_MAX,
+            GuestSpec::Linux(_) => LINUX_CMDLINE_MAX,
+        };
+        if self.cmdline.len() > cmdline_max {
             return Err(Error::Config(format!(
-                "cmdline is {} bytes; at most {CMDLINE_MAX} are allowed",
+                "cmdline is {} bytes; at most {cmdline_max} are allowed",
                 self.cmdline.len()
             )));
+        }
+        if self.initramfs.is_some() && matches!(self.guest, GuestSpec::Builtin(_)) {
+            return Err(Error::Config(
+                "an initramfs is only for Linux guests (--kernel)".into(),
+            ));
         }
         if !self
             .cmdline
@@ -338,6 +357,11 @@ mod tests {
         assert!("hello".parse::<GuestSpec>().is_err());
         assert!("builtin:".parse::<GuestSpec>().is_err());
         assert!("kernel:/x".parse::<GuestSpec>().is_err());
+        assert_eq!(
+            "linux:/boot/vmlinuz".parse(),
+            Ok(GuestSpec::Linux("/boot/vmlinuz".into()))
+        );
+        assert!("linux:".parse::<GuestSpec>().is_err());
         assert!("builtin:a b".parse::<GuestSpec>().is_err());
     }
 

@@ -393,7 +393,7 @@ fn fatal(fd: &VcpuFd, ctx: &VcpuContext, what: String) -> bool {
 
 /// Guest TSC minus host TSC: the guest's IA32_TSC read through KVM between
 /// two host TSC reads; the error is half that window.
-fn measure_tsc_offset(fd: &VcpuFd, tsc_khz: u64) -> Option<TscOffset> {
+pub(crate) fn measure_tsc_offset(fd: &VcpuFd, tsc_khz: u64) -> Option<TscOffset> {
     const MSR_IA32_TSC: u32 = 0x10;
     if tsc_khz == 0 {
         return None;
@@ -598,7 +598,7 @@ fn unhandled(ctx: &VcpuContext, kind: &str, addr: u64, data: Option<&[u8]>) -> F
     match ctx.unhandled_io {
         UnhandledIo::Fatal => Flow::Fatal(what),
         UnhandledIo::Log => {
-            tracing::warn!("vCPU {}: {what}", ctx.index);
+            tracing::debug!("vCPU {}: {what}", ctx.index);
             Flow::Continue
         }
     }

@@ -16,6 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::builtin::{self, GuestImage};
+use crate::boot::linux;
 use crate::boot::x86;
 use crate::config::{GuestSpec, VmConfig};
 use crate::devices::{Bus, Console, ResetController, SerialDevice};
@@ -27,6 +28,7 @@ use crate::rpc::fs::FileService;
 use crate::rpc::net::NetService;
 use crate::rpc::SampleStreams;
 use crate::signals;
+use crate::vcpu::UnhandledIo;
 use crate::vcpu::{VcpuContext, VcpuHandle, VcpuState};
 
 /// KVM wants a three-page region for the TSS of real-mode emulation; put it
@@ -54,6 +56,75 @@ pub struct Vm {
     config: VmConfig,
     files: Option<Arc<FileService>>,
     sockets: Arc<NetService>,
+    /// The host-clock page of a Linux guest's VMRPC region.
+    clock: Option<ClockPage>,
+}
+
+/// The (host time, guest TSC) pair in a Linux guest's VMRPC region header.
+///
+/// One writer — the VMM's control thread — keeps it current under the
+/// header's sequence counter: host CLOCK_MONOTONIC is slewed by NTP while the
+/// TSC is not, so a pair taken once would drift (tens of ppm: milliseconds
+/// an hour).
+struct ClockPage {
+    ram: Arc<GuestRam>,
+    region: u64,
+    tsc_khz: u64,
+    offset: crate::rpc::TscOffset,
+    seq: u64,
+}
+
+/// How often the control thread refreshes the clock page.
+const CLOCK_REFRESH: Duration = Duration::from_millis(100);
+
+impl ClockPage {
+    fn publish(&mut self) {
+        // Offsets in rtvm_abi::linux::RegionHeader.
+        const TSC_KHZ: u64 = 16;
+        const SEQ: u64 = 32;
+        const HOST_NS: u64 = 40;
+        const GUEST_TSC: u64 = 48;
+        const ERROR_NS: u64 = 56;
+        let mem = self.ram.mem();
+        let at = |field: u64| GuestAddress(self.region + field);
+        let tsc = crate::rpc::host_tsc();
+        let now = crate::rpc::wait::now_ns();
+        self.seq += 1; // odd: being written
+        let writes = [
+            (SEQ, self.seq),
+            (HOST_NS, now),
+            (GUEST_TSC, tsc.wrapping_add_signed(self.offset.ticks)),
+            (ERROR_NS, self.offset.error_ns),
+            (TSC_KHZ, self.tsc_khz),
+            (SEQ, self.seq + 1),
+        ];
+        self.seq += 1; // even: stable
+        for (field, value) in writes {
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            if mem.write_obj(value, at(field)).is_err() {
+                tracing::warn!(
+                    "cannot publish the clock in the VMRPC region at {:#x}",
+                    self.region
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// A guest read and checked, before RAM exists.
+enum Prepared {
+    Builtin(GuestImage),
+    Linux(Box<linux::LinuxKernel>, Option<Vec<u8>>),
+}
+
+/// Where and how the vCPUs enter the guest.
+enum Entry {
+    /// Every vCPU at the built-in guest's entry.
+    Builtin(u64),
+    /// The boot vCPU at the kernel's 64-bit entry; the others wait for the
+    /// kernel's INIT/SIPI as on a PC.
+    Linux { entry: u64, region: u64 },
 }
 
 /// How a VM run ended and what it cost.
@@ -107,14 +178,38 @@ impl Vm {
     /// Guest console output goes to `console`.
     pub fn new(config: &VmConfig, console: Console) -> Result<Vm> {
         config.validate()?;
-        let GuestSpec::Builtin(workload) = &config.guest;
-        let image = GuestImage::builtin()?;
-        if !image.has_workload(workload) {
-            return Err(Error::Config(format!(
-                "the built-in guest has no workload '{workload}' (it has: {})",
-                image.workloads.join(", ")
-            )));
-        }
+        let mut config = config.clone();
+        let prepared = match &config.guest {
+            GuestSpec::Builtin(workload) => {
+                let image = GuestImage::builtin()?;
+                if !image.has_workload(workload) {
+                    return Err(Error::Config(format!(
+                        "the built-in guest has no workload '{workload}' (it has: {})",
+                        image.workloads.join(", ")
+                    )));
+                }
+                Prepared::Builtin(image)
+            }
+            GuestSpec::Linux(kernel) => {
+                if config.memory > linux::linux_layout::MAX_RAM {
+                    return Err(Error::Config(format!(
+                        "Linux guests take at most {} MiB of memory for now",
+                        linux::linux_layout::MAX_RAM >> 20
+                    )));
+                }
+                let kernel = linux::read_kernel(kernel)?;
+                let initramfs = match &config.initramfs {
+                    Some(path) => Some(std::fs::read(path).map_err(|e| {
+                        Error::Config(format!("cannot read initramfs {}: {e}", path.display()))
+                    })?),
+                    None => None,
+                };
+                // Linux probes legacy ports we do not emulate; that is normal.
+                config.unhandled_io = UnhandledIo::Log;
+                Prepared::Linux(Box::new(kernel), initramfs)
+            }
+        };
+        let config = &config;
 
         let kvm = open_kvm(config)?;
         let fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
@@ -141,9 +236,33 @@ impl Vm {
         unsafe { fd.set_user_memory_region(region) }
             .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
 
-        let image_end = builtin::load(ram.mem(), builtin::BUILTIN_GUEST_ELF)?;
-        memory::check_fits(ram.size(), image_end, config.vcpus)?;
-        write_boot_structures(&ram, &image, config)?;
+        let entry = match &prepared {
+            Prepared::Builtin(image) => {
+                let image_end = builtin::load(ram.mem(), builtin::BUILTIN_GUEST_ELF)?;
+                memory::check_fits(ram.size(), image_end, config.vcpus)?;
+                write_boot_structures(&ram, image, config)?;
+                Entry::Builtin(image.entry)
+            }
+            Prepared::Linux(kernel, initramfs) => {
+                let rt_mask = (0..config.vcpus)
+                    .filter(|&i| config.rt_policy(i).is_some())
+                    .fold(0u64, |m, i| m | 1 << i);
+                let loaded = linux::load(
+                    ram.mem(),
+                    ram.size(),
+                    kernel,
+                    initramfs.as_deref(),
+                    &config.cmdline,
+                    config.vcpus as u32,
+                    rt_mask,
+                )?;
+                tracing::info!("Linux: {}, command line: {}", kernel.kind, loaded.cmdline);
+                Entry::Linux {
+                    entry: loaded.entry,
+                    region: loaded.region,
+                }
+            }
+        };
 
         let exit = Arc::new(ExitSignal::new()?);
         let io_bus = Arc::new(build_io_bus(&fd, &exit, console.clone())?);
@@ -165,7 +284,7 @@ impl Vm {
                 &cpuid,
                 tsc_deadline,
                 &ram,
-                image.entry,
+                &entry,
             )?;
             vcpu_fds.push(vcpu);
         }
@@ -177,17 +296,32 @@ impl Vm {
             .transpose()?
             .map(Arc::new);
         let sockets = Arc::new(NetService::new(config.net.clone())?);
+        let ram = Arc::new(ram);
+        let clock = match entry {
+            Entry::Linux { region, .. } => {
+                let tsc_khz = vcpu_fds[0].get_tsc_khz().map(u64::from).unwrap_or(0);
+                crate::vcpu::measure_tsc_offset(&vcpu_fds[0], tsc_khz).map(|offset| ClockPage {
+                    ram: ram.clone(),
+                    region,
+                    tsc_khz,
+                    offset,
+                    seq: 0,
+                })
+            }
+            Entry::Builtin(_) => None,
+        };
         Ok(Vm {
             files,
             sockets,
             kvm,
             fd,
-            ram: Arc::new(ram),
+            ram,
             vcpu_fds,
             io_bus,
             mmio_bus,
             exit,
             console,
+            clock,
             config: config.clone(),
         })
     }
@@ -258,6 +392,7 @@ impl Vm {
             streams,
             rt_report,
             started,
+            clock: Mutex::new(self.clock),
             _rt_host: rt_host,
             _fd: self.fd,
             _kvm: self.kvm,
@@ -295,6 +430,7 @@ pub struct RunningVm {
     streams: Arc<SampleStreams>,
     rt_report: RtReport,
     started: Instant,
+    clock: Mutex<Option<ClockPage>>,
     _fd: VmFd,
     _kvm: Kvm,
     ram: Arc<GuestRam>,
@@ -352,7 +488,17 @@ impl RunningVm {
                     revents: 0,
                 });
             }
-            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            let mut wait = left;
+            if let Some(clock) = self
+                .clock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                clock.publish();
+                wait = wait.min(CLOCK_REFRESH);
+            }
+            let ms = wait.as_millis().clamp(1, i32::MAX as u128) as i32;
             // SAFETY: `fds` is a valid array of pollfd for the whole call.
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         }
@@ -421,7 +567,10 @@ fn write_boot_structures(ram: &GuestRam, image: &GuestImage, config: &VmConfig) 
     x86::write_page_tables(mem)?;
     x86::write_idt(mem, &image.vectors)?;
 
-    let GuestSpec::Builtin(workload) = &config.guest;
+    let workload = match &config.guest {
+        GuestSpec::Builtin(workload) => workload,
+        GuestSpec::Linux(_) => unreachable!("only built-in guests get BootInfo"),
+    };
     let mut info = BootInfo::new();
     info.vcpu_count = config.vcpus as u32;
     info.ram_size = ram.size();
@@ -454,7 +603,7 @@ fn setup_vcpu(
     supported: &CpuId,
     tsc_deadline: bool,
     ram: &GuestRam,
-    entry: u64,
+    entry: &Entry,
 ) -> Result<()> {
     let mut cpuid = supported.clone();
     for e in cpuid.as_mut_slice() {
@@ -484,18 +633,32 @@ fn setup_vcpu(
     .map_err(|_| Error::KvmMissingCapability("room for boot MSRs"))?;
     vcpu.set_msrs(&msrs).map_err(Error::kvm("KVM_SET_MSRS"))?;
 
-    let area = ram.vcpu_area(index);
-    let regs = x86::entry_regs(entry, area, layout::BOOT_INFO, index as u64);
-    vcpu.set_regs(&regs).map_err(Error::kvm("KVM_SET_REGS"))?;
-    let sregs = vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
-    vcpu.set_sregs(&x86::long_mode_sregs(sregs, area))
-        .map_err(Error::kvm("KVM_SET_SREGS"))?;
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
         ..Default::default()
     };
     vcpu.set_fpu(&fpu).map_err(Error::kvm("KVM_SET_FPU"))?;
+    let sregs = vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
+    let area = ram.vcpu_area(index);
+    let long_mode = x86::long_mode_sregs(sregs, area);
+    let runnable = match *entry {
+        Entry::Builtin(entry) => {
+            let regs = x86::entry_regs(entry, area, layout::BOOT_INFO, index as u64);
+            vcpu.set_regs(&regs).map_err(Error::kvm("KVM_SET_REGS"))?;
+            vcpu.set_sregs(&long_mode)
+                .map_err(Error::kvm("KVM_SET_SREGS"))?;
+            true
+        }
+        Entry::Linux { entry, .. } if index == 0 => {
+            vcpu.set_regs(&linux::boot_regs(entry))
+                .map_err(Error::kvm("KVM_SET_REGS"))?;
+            vcpu.set_sregs(&linux::boot_sregs(sregs, long_mode))
+                .map_err(Error::kvm("KVM_SET_SREGS"))?;
+            true
+        }
+        Entry::Linux { .. } => false,
+    };
 
     // LINT0 as ExtINT and LINT1 as NMI, as a PC's firmware leaves them.
     let mut lapic = vcpu.get_lapic().map_err(Error::kvm("KVM_GET_LAPIC"))?;
@@ -512,12 +675,14 @@ fn setup_vcpu(
     vcpu.set_lapic(&lapic)
         .map_err(Error::kvm("KVM_SET_LAPIC"))?;
 
-    // Every vCPU starts at the entry point at once: our guest needs no
-    // INIT/SIPI dance, which would cost CPL0 time on the boot vCPU.
-    vcpu.set_mp_state(kvm_mp_state {
-        mp_state: KVM_MP_STATE_RUNNABLE,
-    })
-    .map_err(Error::kvm("KVM_SET_MP_STATE"))?;
+    if runnable {
+        // Our own guest needs no INIT/SIPI dance, which would cost CPL0 time
+        // on the boot vCPU: every vCPU starts at the entry point at once.
+        vcpu.set_mp_state(kvm_mp_state {
+            mp_state: KVM_MP_STATE_RUNNABLE,
+        })
+        .map_err(Error::kvm("KVM_SET_MP_STATE"))?;
+    }
     Ok(())
 }
 
