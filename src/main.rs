@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod initramfs;
 mod probe;
 
 use std::fs::File;
@@ -47,6 +48,10 @@ enum Command {
     /// Network round-trip latency from a namespace of its own, as an external
     /// host would measure it (UDP, kernel timestamps, 198.18.0.0/15 only).
     Probe(probe::ProbeArgs),
+    /// Build an initramfs (gzipped newc cpio) for a Linux guest: busybox,
+    /// rtvm's guest tools, programs with their libraries, and an /init.
+    #[command(long_about = initramfs::LONG_HELP)]
+    Initramfs(initramfs::InitramfsArgs),
 }
 
 #[derive(Args, Clone, Default)]
@@ -57,6 +62,12 @@ pub struct RunArgs {
     /// The guest: builtin:NAME, a workload of the built-in guest (an unknown NAME lists them all).
     #[arg(long, value_name = "SPEC")]
     guest: Option<GuestSpec>,
+    /// Boot a Linux kernel (bzImage or ELF vmlinux) instead of a built-in guest.
+    #[arg(long, value_name = "PATH", conflicts_with = "guest")]
+    kernel: Option<PathBuf>,
+    /// The initramfs of the Linux guest.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    initramfs: Option<PathBuf>,
     /// Number of vCPUs [default: 1].
     #[arg(long, value_name = "N")]
     vcpus: Option<usize>,
@@ -120,17 +131,25 @@ pub struct RunArgs {
 impl RunArgs {
     /// The configuration: the file's, then each flag given on top.
     fn to_config(&self) -> Result<VmConfig, Error> {
-        let mut config = match (&self.config, &self.guest) {
-            (Some(path), _) => VmConfig::from_file(path)?,
-            (None, Some(guest)) => VmConfig::new(guest.clone()),
-            (None, None) => {
-                return Err(Error::Config(
-                    "say which guest to run: --guest builtin:NAME or --config FILE".into(),
-                ))
-            }
+        let guest = match (&self.guest, &self.kernel) {
+            (Some(guest), _) => Some(guest.clone()),
+            (None, Some(kernel)) => Some(GuestSpec::Linux(kernel.clone())),
+            (None, None) => None,
         };
-        if let Some(guest) = &self.guest {
-            config.guest = guest.clone();
+        let mut config =
+            match (&self.config, &guest) {
+                (Some(path), _) => VmConfig::from_file(path)?,
+                (None, Some(guest)) => VmConfig::new(guest.clone()),
+                (None, None) => return Err(Error::Config(
+                    "say which guest to run: --guest builtin:NAME, --kernel PATH or --config FILE"
+                        .into(),
+                )),
+            };
+        if let Some(guest) = guest {
+            config.guest = guest;
+        }
+        if let Some(initramfs) = &self.initramfs {
+            config.initramfs = Some(initramfs.clone());
         }
         if let Some(vcpus) = self.vcpus {
             config.vcpus = vcpus;
@@ -263,5 +282,6 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Bench(cmd) => bench::run(&cmd),
         Command::Probe(args) => probe::run(&args),
+        Command::Initramfs(args) => initramfs::run(&args),
     }
 }

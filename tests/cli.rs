@@ -204,7 +204,10 @@ fn bad_flags_are_clear_and_exit_2() {
             &["run", "--guest", "builtin:hello", "--share-max-open", "3"],
             "--share",
         ),
-        (&["run"], "--guest builtin:NAME or --config FILE"),
+        (
+            &["run"],
+            "--guest builtin:NAME, --kernel PATH or --config FILE",
+        ),
         (
             &["run", "--guest", "builtin:hello", "--rt-vcpu", "1"],
             "INDEX:prio=P",

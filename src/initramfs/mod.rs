@@ -1,0 +1,504 @@
+//! `rtvm initramfs`: builds the initramfs a Linux guest boots into.
+//!
+//! The archive (gzip-compressed newc cpio, see [`newc`]) holds:
+//! - busybox (Debian's `busybox-static`) as `/bin/busybox`, with `/bin/sh`
+//!   linking to it; `/init` installs the other applets with
+//!   `busybox --install -s` at boot;
+//! - files given with `--add HOST[:GUEST]` (rtvm's guest tools, data);
+//! - programs given with `--program PATH`, at the same path, with every
+//!   shared library `ldd` lists for them and their dynamic loader;
+//! - the directories of all of these, `/proc`, `/sys`, `/dev`, `/tmp`,
+//!   `/run`, a `/dev/console` node, and `/init`: a shell script that mounts
+//!   proc, sysfs and devtmpfs, runs the `--run` command once, prints its
+//!   status as `rtvm-init: exit N`, and ends the VM (`/bin/rtvm-guest exit
+//!   N` when that exists, else `poweroff -f`).
+//!
+//! Owners are root and all mtimes 0, so the same inputs give the same bytes.
+
+// The reader is for tests: tests/initramfs.rs includes newc.rs to check archives.
+#[allow(dead_code)]
+pub mod newc;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Args;
+use flate2::write::GzEncoder;
+use flate2::Compression;
+
+#[allow(unused_imports)] // the library face, for tests and other commands
+pub use newc::{read_newc, write_newc, Entry};
+
+use crate::{EXIT_HOST_ERROR, EXIT_USAGE};
+
+/// Where busybox is looked for by default (Debian's `busybox-static`).
+pub const DEFAULT_BUSYBOX: &str = "/bin/busybox";
+/// The command `/init` runs when none is given.
+pub const DEFAULT_RUN: &str = "echo rtvm-init: no command";
+/// rtvm's guest tool; `/init` ends the VM through it when it is present.
+pub const RTVM_GUEST: &str = "/bin/rtvm-guest";
+
+/// The long `--help` text of `rtvm initramfs`.
+pub const LONG_HELP: &str =
+    "Builds a gzip-compressed cpio (newc) initramfs for a Linux guest: busybox, \
+                  files, programs with their shared libraries, and an /init script that mounts \
+                  proc, sysfs and devtmpfs, runs one command, prints `rtvm-init: exit N` and \
+                  ends the VM (through /bin/rtvm-guest when added, else poweroff -f).\n\n\
+                  Debian's busybox-static has no chrt: add util-linux's with \
+                  --program /usr/bin/chrt.\n\n\
+                  Example:\n  rtvm initramfs --out rt.cpio.gz \\\n    \
+                  --add target/release/rtvm-guest:/bin/rtvm-guest \\\n    \
+                  --program /usr/bin/cyclictest --rt-cpu 1 \\\n    \
+                  --run \"cyclictest -m -p 90 -a 1 -l 10000 -q\"";
+
+#[derive(Args, Clone, Debug)]
+pub struct InitramfsArgs {
+    /// Write the archive (gzip-compressed newc cpio) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// A statically linked busybox (Debian: apt-get install busybox-static).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_BUSYBOX)]
+    pub busybox: PathBuf,
+    /// Add the host file HOST_PATH as GUEST_PATH (default: the same path,
+    /// which must then be absolute); permission bits are kept. Repeatable.
+    #[arg(long = "add", value_name = "HOST_PATH[:GUEST_PATH]", value_parser = parse_add)]
+    pub add: Vec<AddFile>,
+    /// Add the program at PATH (same path in the guest, mode 0755) with the
+    /// shared libraries `ldd` lists for it and its dynamic loader. Repeatable.
+    #[arg(long = "program", value_name = "PATH")]
+    pub programs: Vec<PathBuf>,
+    /// The shell command /init runs once [default: "echo rtvm-init: no command"].
+    #[arg(long, value_name = "COMMAND")]
+    pub run: Option<String>,
+    /// The guest CPU (vCPU index) meant for real-time work: /init exports it
+    /// as RTVM_RT_CPU, and the kernel cmdline isolating it is suggested.
+    #[arg(long, value_name = "N")]
+    pub rt_cpu: Option<u32>,
+}
+
+/// A host file to put into the archive (`--add HOST_PATH[:GUEST_PATH]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddFile {
+    /// The file on the host (symlinks are followed).
+    pub host: PathBuf,
+    /// Its absolute path in the guest.
+    pub guest: String,
+}
+
+/// `HOST_PATH[:GUEST_PATH]`: the text after the last `:` is GUEST_PATH when
+/// it is an absolute path; otherwise the whole text is HOST_PATH.
+pub fn parse_add(text: &str) -> Result<AddFile, String> {
+    let (host, guest) = match text.rsplit_once(':') {
+        Some((host, guest)) if guest.starts_with('/') && !host.is_empty() => (host, guest),
+        _ => (text, text),
+    };
+    if host.is_empty() {
+        return Err("empty HOST_PATH".into());
+    }
+    if !guest.starts_with('/') {
+        return Err(format!(
+            "{text:?}: say where it goes in the guest, as {text}:/GUEST/PATH"
+        ));
+    }
+    Ok(AddFile {
+        host: PathBuf::from(host),
+        guest: guest_path(guest)?,
+    })
+}
+
+/// What to put into an initramfs; see [`build`].
+#[derive(Clone, Debug, Default)]
+pub struct InitramfsSpec {
+    /// busybox on the host; it becomes `/bin/busybox` (0755).
+    pub busybox: PathBuf,
+    /// Files added as they are.
+    pub add: Vec<AddFile>,
+    /// Programs added at their own paths, with their shared libraries.
+    pub programs: Vec<PathBuf>,
+    /// The command `/init` runs ([`DEFAULT_RUN`] when `None`).
+    pub run: Option<String>,
+    /// The real-time guest CPU, if any.
+    pub rt_cpu: Option<u32>,
+}
+
+impl From<&InitramfsArgs> for InitramfsSpec {
+    fn from(args: &InitramfsArgs) -> Self {
+        Self {
+            busybox: args.busybox.clone(),
+            add: args.add.clone(),
+            programs: args.programs.clone(),
+            run: args.run.clone(),
+            rt_cpu: args.rt_cpu,
+        }
+    }
+}
+
+/// The kernel cmdline that keeps the host kernel's housekeeping off guest
+/// CPU `cpu`: `isolcpus=N nohz_full=N rcu_nocbs=N`.
+pub fn rt_cmdline(cpu: u32) -> String {
+    format!("isolcpus={cpu} nohz_full={cpu} rcu_nocbs={cpu}")
+}
+
+/// Builds the initramfs for `spec`: the gzip-compressed newc archive.
+///
+/// Errors (a missing file, a program whose libraries `ldd` cannot resolve,
+/// two different files for one path…) are messages for the user.
+pub fn build(spec: &InitramfsSpec) -> Result<Vec<u8>, String> {
+    let archive = write_newc(&entries(spec)?)?;
+    let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+    gz.write_all(&archive).map_err(|e| format!("gzip: {e}"))?;
+    gz.finish().map_err(|e| format!("gzip: {e}"))
+}
+
+/// The members of the initramfs for `spec`, uncompressed and in archive
+/// order (every directory before what it holds).
+pub fn entries(spec: &InitramfsSpec) -> Result<Vec<Entry>, String> {
+    let mut tree = Tree::default();
+    for dir in [
+        "/bin",
+        "/sbin",
+        "/usr/bin",
+        "/usr/sbin",
+        "/proc",
+        "/sys",
+        "/dev",
+        "/run",
+    ] {
+        tree.insert(Entry::dir(dir, 0o755), "rtvm")?;
+    }
+    tree.insert(Entry::dir("/tmp", 0o1777), "rtvm")?;
+    tree.insert(Entry::dir("/root", 0o700), "rtvm")?;
+    // The kernel opens /dev/console for /init's stdin, stdout and stderr
+    // before anything is mounted.
+    tree.insert(Entry::char_device("/dev/console", 0o600, 5, 1), "rtvm")?;
+    tree.insert(
+        Entry::file("/init", 0o755, init_script(spec).into_bytes()),
+        "rtvm",
+    )?;
+
+    let busybox = &spec.busybox;
+    if !busybox.is_file() {
+        return Err(format!(
+            "busybox not found at {}: install Debian's busybox-static \
+             (apt-get install busybox-static) or pass --busybox PATH",
+            busybox.display()
+        ));
+    }
+    tree.insert(
+        Entry::file("/bin/busybox", 0o755, read_file(busybox)?),
+        "--busybox",
+    )?;
+    tree.insert(Entry::symlink("/bin/sh", "busybox"), "--busybox")?;
+    // A dynamically linked busybox needs its libraries too.
+    for lib in shared_libraries(busybox)? {
+        add_library(&mut tree, &lib)?;
+    }
+
+    for add in &spec.add {
+        let meta =
+            fs::metadata(&add.host).map_err(|e| format!("--add {}: {e}", add.host.display()))?;
+        if !meta.is_file() {
+            return Err(format!("--add {}: not a regular file", add.host.display()));
+        }
+        let perm = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+        let source = format!("--add {}", add.host.display());
+        tree.insert(
+            Entry::file(&add.guest, perm, read_file(&add.host)?),
+            &source,
+        )?;
+    }
+
+    for program in &spec.programs {
+        if !program.is_file() {
+            return Err(format!("--program {}: no such file", program.display()));
+        }
+        let guest = guest_path_of(program)?;
+        let source = format!("--program {}", program.display());
+        tree.insert(Entry::file(&guest, 0o755, read_file(program)?), &source)?;
+        for lib in shared_libraries(program)? {
+            add_library(&mut tree, &lib)?;
+        }
+    }
+    Ok(tree.into_entries())
+}
+
+/// The members by path, each with what asked for it.
+#[derive(Default)]
+struct Tree {
+    entries: BTreeMap<String, (Entry, String)>,
+}
+
+impl Tree {
+    /// Adds `entry` and the directories above it; the same entry twice is
+    /// fine (a library two programs need), two different ones are not.
+    fn insert(&mut self, entry: Entry, source: &str) -> Result<(), String> {
+        let mut parent = String::new();
+        let parts: Vec<&str> = entry.path.split('/').filter(|p| !p.is_empty()).collect();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            parent.push('/');
+            parent.push_str(part);
+            match self.entries.get(&parent) {
+                Some((existing, by)) if existing.kind() != newc::S_IFDIR => {
+                    return Err(format!(
+                        "{source} needs directory {parent}, which {by} makes a file"
+                    ))
+                }
+                Some(_) => {}
+                None => {
+                    self.entries
+                        .insert(parent.clone(), (Entry::dir(&parent, 0o755), source.into()));
+                }
+            }
+        }
+        match self.entries.get(&entry.path) {
+            Some((existing, _)) if *existing == entry => Ok(()),
+            Some((existing, _))
+                if existing.kind() == newc::S_IFDIR && entry.kind() == newc::S_IFDIR =>
+            {
+                Ok(())
+            }
+            Some((_, by)) => Err(format!(
+                "{} is given twice: by {by} and by {source}",
+                entry.path
+            )),
+            None => {
+                self.entries
+                    .insert(entry.path.clone(), (entry, source.into()));
+                Ok(())
+            }
+        }
+    }
+
+    /// Sorted by path, so every directory comes before what it holds.
+    fn into_entries(self) -> Vec<Entry> {
+        self.entries.into_values().map(|(entry, _)| entry).collect()
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, String> {
+    fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+/// Adds a shared library at the path it has on the host, with the host's
+/// permission bits (symlinks followed: the guest gets the file itself).
+fn add_library(tree: &mut Tree, lib: &Path) -> Result<(), String> {
+    let meta = fs::metadata(lib).map_err(|e| format!("library {}: {e}", lib.display()))?;
+    let perm = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+    let guest = guest_path_of(lib)?;
+    tree.insert(
+        Entry::file(&guest, perm, read_file(lib)?),
+        &format!("library {}", lib.display()),
+    )
+}
+
+/// `path` as a clean absolute guest path: no empty, `.` or `..` parts.
+fn guest_path(path: &str) -> Result<String, String> {
+    if !path.starts_with('/') {
+        return Err(format!("guest path {path:?} is not absolute"));
+    }
+    let mut clean = String::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return Err(format!("guest path {path:?} contains \"..\"")),
+            _ => {
+                clean.push('/');
+                clean.push_str(part);
+            }
+        }
+    }
+    if clean.is_empty() {
+        return Err(format!("guest path {path:?} names no file"));
+    }
+    Ok(clean)
+}
+
+/// The guest path of a host file added at "the same path".
+fn guest_path_of(host: &Path) -> Result<String, String> {
+    let absolute = std::path::absolute(host).map_err(|e| format!("{}: {e}", host.display()))?;
+    let text = absolute
+        .to_str()
+        .ok_or_else(|| format!("{}: path is not UTF-8", host.display()))?;
+    guest_path(text)
+}
+
+/// The `PT_INTERP` of an ELF file (its dynamic loader): `None` for a
+/// statically linked program or a file that is not ELF (a script).
+pub fn elf_interpreter(path: &Path) -> Result<Option<String>, String> {
+    let bytes = read_file(path)?;
+    if bytes.len() < 52 || &bytes[..4] != b"\x7fELF" {
+        return Ok(None);
+    }
+    let bad = || format!("{}: damaged ELF header", path.display());
+    let is64 = match bytes[4] {
+        1 => false,
+        2 => true,
+        _ => return Err(bad()),
+    };
+    let little = match bytes[5] {
+        1 => true,
+        2 => false,
+        _ => return Err(bad()),
+    };
+    let uint = |at: usize, len: usize| -> Result<u64, String> {
+        let raw = bytes.get(at..at + len).ok_or_else(bad)?;
+        let mut value = 0u64;
+        for i in 0..len {
+            let byte = if little { raw[len - 1 - i] } else { raw[i] };
+            value = (value << 8) | u64::from(byte);
+        }
+        Ok(value)
+    };
+    let (phoff, phentsize, phnum) = if is64 {
+        (uint(0x20, 8)?, uint(0x36, 2)?, uint(0x38, 2)?)
+    } else {
+        (uint(0x1c, 4)?, uint(0x2a, 2)?, uint(0x2c, 2)?)
+    };
+    const PT_INTERP: u64 = 3;
+    for index in 0..phnum {
+        let at = usize::try_from(phoff + index * phentsize).map_err(|_| bad())?;
+        if uint(at, 4)? != PT_INTERP {
+            continue;
+        }
+        let (offset, size) = if is64 {
+            (uint(at + 8, 8)?, uint(at + 32, 8)?)
+        } else {
+            (uint(at + 4, 4)?, uint(at + 16, 4)?)
+        };
+        let start = usize::try_from(offset).map_err(|_| bad())?;
+        let end = start
+            .checked_add(usize::try_from(size).map_err(|_| bad())?)
+            .ok_or_else(bad)?;
+        let raw = bytes.get(start..end).ok_or_else(bad)?;
+        let text =
+            std::str::from_utf8(raw.split(|&b| b == 0).next().unwrap_or(&[])).map_err(|_| bad())?;
+        return Ok(Some(text.to_string()));
+    }
+    Ok(None)
+}
+
+/// The shared libraries (dynamic loader included) that `program` needs, as
+/// `ldd` resolves them on the host; none for a static program or a script.
+pub fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>, String> {
+    let Some(interpreter) = elf_interpreter(program)? else {
+        return Ok(Vec::new());
+    };
+    let out = std::process::Command::new("ldd")
+        .arg(program)
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(|e| format!("cannot run ldd on {}: {e}", program.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "ldd {} failed ({}): {}{}",
+            program.display(),
+            out.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let mut libs = vec![PathBuf::from(interpreter)];
+    for line in stdout.lines().map(str::trim) {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)",
+        // "/lib64/ld-linux-x86-64.so.2 (0x…)", "linux-vdso.so.1 (0x…)",
+        // "libfoo.so.1 => not found".
+        let path = match line.split_once("=>") {
+            Some((name, target)) => {
+                let target = target.trim();
+                if target.starts_with("not found") {
+                    return Err(format!(
+                        "{} needs {}, which ldd cannot find",
+                        program.display(),
+                        name.trim()
+                    ));
+                }
+                target
+            }
+            None => line,
+        };
+        let path = path.split(" (").next().unwrap_or("").trim();
+        if path.starts_with('/') && !libs.iter().any(|lib| lib == Path::new(path)) {
+            libs.push(PathBuf::from(path));
+        }
+    }
+    Ok(libs)
+}
+
+/// Quotes `text` for a POSIX shell, as one word.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// The `/init` script for `spec`.
+pub fn init_script(spec: &InitramfsSpec) -> String {
+    let run = spec.run.as_deref().unwrap_or(DEFAULT_RUN);
+    let mut script = String::from(
+        "#!/bin/sh\n\
+         # /init, made by `rtvm initramfs`: runs one command, prints its exit\n\
+         # status and ends the VM. It must never return (the kernel panics).\n\
+         export PATH=/bin:/sbin:/usr/bin:/usr/sbin\n\
+         export HOME=/root\n\
+         /bin/busybox --install -s\n\
+         mount -t proc proc /proc || echo 'rtvm-init: cannot mount /proc'\n\
+         mount -t sysfs sysfs /sys || echo 'rtvm-init: cannot mount /sys'\n\
+         mount -t devtmpfs devtmpfs /dev || echo 'rtvm-init: cannot mount /dev'\n\
+         echo 'rtvm-init: starting'\n\
+         echo \"rtvm-init: kernel $(uname -r), cmdline: $(cat /proc/cmdline)\"\n",
+    );
+    if let Some(cpu) = spec.rt_cpu {
+        let cmdline = rt_cmdline(cpu);
+        script.push_str(&format!(
+            "# The real-time vCPU is {cpu}; keep the kernel's housekeeping off it\n\
+             # with this on the kernel cmdline: {cmdline}\n\
+             RTVM_RT_CPU={cpu}\n\
+             export RTVM_RT_CPU\n\
+             echo 'rtvm-init: real-time vCPU is {cpu} (kernel cmdline suggestion: {cmdline})'\n"
+        ));
+    }
+    script.push_str(&format!(
+        "# The command, in a shell of its own so that `exit` in it cannot end /init.\n\
+         /bin/sh -c {}\n\
+         status=$?\n\
+         echo \"rtvm-init: exit $status\"\n\
+         if [ -x {RTVM_GUEST} ]; then\n\
+         \x20   {RTVM_GUEST} exit \"$status\"\n\
+         \x20   echo 'rtvm-init: {RTVM_GUEST} exit returned; powering off'\n\
+         fi\n\
+         poweroff -f\n\
+         while :; do sleep 60; done\n",
+        shell_quote(run)
+    ));
+    script
+}
+
+/// `rtvm initramfs`.
+pub fn run(args: &InitramfsArgs) -> ExitCode {
+    let spec = InitramfsSpec::from(args);
+    let archive = match build(&spec) {
+        Ok(archive) => archive,
+        Err(e) => {
+            eprintln!("rtvm: error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Err(e) = fs::write(&args.out, &archive) {
+        eprintln!("rtvm: error: cannot write {}: {e}", args.out.display());
+        return ExitCode::from(EXIT_HOST_ERROR);
+    }
+    println!(
+        "wrote {} ({} bytes, gzip-compressed newc cpio)",
+        args.out.display(),
+        archive.len()
+    );
+    if let Some(cpu) = spec.rt_cpu {
+        println!(
+            "real-time vCPU {cpu}: boot the guest with rtvm run --cmdline \"... {}\"",
+            rt_cmdline(cpu)
+        );
+    }
+    ExitCode::SUCCESS
+}
