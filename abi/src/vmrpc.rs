@@ -139,7 +139,7 @@ pub enum Call {
     // answers `NoShare`.
     /// Open `args[0..2]` path with [`fs::open`] flags `args[2]` (READ or
     /// WRITE required; unknown bits: `BadArgument`) and mode `args[3]`
-    /// (≤ 0o7777; 0: 0o644) for created files. Only regular files and
+    /// (permission bits only, ≤ 0o777; 0: 0o644) for created files. Only regular files and
     /// directories open. `results[0]` = handle.
     FsOpen = 20,
     /// Read up to `args[2]` bytes of handle `args[0]` into guest address
@@ -160,7 +160,7 @@ pub enum Call {
     FsStat = 25,
     /// Stat handle `args[0]`; results as `FsStat`.
     FsFstat = 26,
-    /// Make directory `args[0..2]` with mode `args[2]` (0: 0o755).
+    /// Make directory `args[0..2]` with mode `args[2]` (≤ 0o777; 0: 0o755).
     FsMkdir = 27,
     /// Remove path `args[0..2]`; `args[2]` = [`fs::REMOVE_DIR`] for a
     /// directory (other bits: `BadArgument`).
@@ -197,7 +197,7 @@ pub enum Call {
     /// waiting until deadline `args[4]` for TCP.
     NetConnect = 44,
     /// Send `args[2]` bytes at guest address `args[1]` on handle `args[0]`,
-    /// to address `args[3..6]` (family 0: the connected peer; policy:
+    /// to address `args[3..6]` (family 0, whatever the other bits: the connected peer; policy:
     /// `connect`). Waits for buffer space without deadline argument only as
     /// long as [`net::SEND_WAIT_NS`]. `results[0]` = bytes sent.
     NetSend = 45,

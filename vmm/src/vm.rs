@@ -199,9 +199,7 @@ impl Vm {
                 }
                 let kernel = linux::read_kernel(kernel)?;
                 let initramfs = match &config.initramfs {
-                    Some(path) => Some(std::fs::read(path).map_err(|e| {
-                        Error::Config(format!("cannot read initramfs {}: {e}", path.display()))
-                    })?),
+                    Some(path) => Some(linux::read_boot_file(path, "initramfs")?),
                     None => None,
                 };
                 // Linux probes legacy ports we do not emulate; that is normal.

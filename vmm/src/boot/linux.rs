@@ -2,7 +2,8 @@
 //! (the kernel's 64-bit boot protocol), with the zero page, command line,
 //! initramfs, e820 map and the VMRPC region.
 //!
-//! A bzImage's compressed payload is unpacked on the host and its ELF vmlinux
+//! A bzImage's compressed payload (gzip, LZ4 or xz: what Debian's cloud and
+//! PREEMPT_RT kernels use) is unpacked on the host and its ELF vmlinux
 //! loaded directly, skipping the in-guest decompressor: faster everywhere,
 //! and essential where guest kernel code is emulated (nested `kvm_pvm`, where
 //! the in-guest LZ4 decompression alone takes minutes).
@@ -73,6 +74,15 @@ fn compression(payload: &[u8]) -> &'static str {
     }
 }
 
+/// Largest vmlinux we unpack: a kernel's image must fit Linux guest RAM, and
+/// a payload that expands beyond it (a decompression bomb) is refused
+/// instead of exhausting host memory.
+const MAX_VMLINUX: u64 = linux_layout::MAX_RAM;
+
+fn too_big() -> String {
+    format!("the payload unpacks to more than {} MiB", MAX_VMLINUX >> 20)
+}
+
 /// Unpacks the kernel's legacy-format LZ4 stream (what `lz4 -l` writes and
 /// the kernel's build uses): a magic, then blocks of at most 8 MiB, each
 /// prefixed by its compressed size.
@@ -92,12 +102,37 @@ fn unlz4_legacy(data: &[u8]) -> std::result::Result<Vec<u8>, String> {
             // The kernel appends the uncompressed size after the stream.
             break;
         }
+        if (out.len() + BLOCK_MAX) as u64 > MAX_VMLINUX {
+            return Err(too_big());
+        }
         let block = lz4_flex::block::decompress(&data[at..at + size], BLOCK_MAX)
             .map_err(|e| format!("LZ4 block at byte {at}: {e}"))?;
         out.extend_from_slice(&block);
         at += size;
     }
     Ok(out)
+}
+
+/// Reads a kernel or initramfs file: a regular file no larger than Linux
+/// guest RAM (a FIFO or a device would hang or flood the VMM).
+pub fn read_boot_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Error::Config(format!("cannot read {what} {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(Error::Config(format!(
+            "{what} {} is not a regular file",
+            path.display()
+        )));
+    }
+    if meta.len() > MAX_VMLINUX {
+        return Err(Error::Config(format!(
+            "{what} {} is larger than {} MiB",
+            path.display(),
+            MAX_VMLINUX >> 20
+        )));
+    }
+    std::fs::read(path)
+        .map_err(|e| Error::Config(format!("cannot read {what} {}: {e}", path.display())))
 }
 
 /// Reads a kernel file: an ELF vmlinux as it is, a bzImage unpacked.
@@ -154,15 +189,32 @@ pub fn parse_kernel(bytes: &[u8]) -> std::result::Result<LinuxKernel, String> {
         "gzip" => {
             let mut out = Vec::new();
             flate2::read::GzDecoder::new(Cursor::new(payload))
+                .take(MAX_VMLINUX + 1)
                 .read_to_end(&mut out)
                 .map_err(|e| format!("gzip payload: {e}"))?;
+            if out.len() as u64 > MAX_VMLINUX {
+                return Err(too_big());
+            }
             out
         }
         "lz4" => unlz4_legacy(payload)?,
+        "xz" => {
+            // The kernel appends the uncompressed size after the xz stream;
+            // the decoder stops at the stream's end and ignores it.
+            let mut out = Vec::new();
+            liblzma::read::XzDecoder::new(Cursor::new(payload))
+                .take(MAX_VMLINUX + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| format!("xz payload: {e}"))?;
+            if out.len() as u64 > MAX_VMLINUX {
+                return Err(too_big());
+            }
+            out
+        }
         "none" => payload.to_vec(),
         other => {
             return Err(format!(
-                "the bzImage payload is {other}-compressed; rtvm unpacks gzip and LZ4 (pass an uncompressed vmlinux instead)"
+                "the bzImage payload is {other}-compressed; rtvm unpacks gzip, LZ4 and xz (pass an uncompressed vmlinux instead)"
             ))
         }
     };

@@ -121,8 +121,12 @@ struct Slot {
 
 /// A handle is (generation << 16) | (slot + 1): a stale handle of a reused
 /// slot is told apart from the new one, and 0 is never valid.
+/// Generations stay below the socket handles' tag bit (bit 31), so a file
+/// handle is never taken for a socket and the other way round.
+const GENERATION_MASK: u16 = 0x7fff;
+
 fn handle_of(slot: usize, generation: u16) -> u64 {
-    (u64::from(generation) << 16) | (slot as u64 + 1)
+    (u64::from(generation & GENERATION_MASK) << 16) | (slot as u64 + 1)
 }
 
 /// The file service of one VM.
@@ -227,7 +231,10 @@ fn stat_results(st: &libc::stat) -> [u64; 4] {
         libc::S_IFLNK => fs::kind::SYMLINK,
         _ => fs::kind::OTHER,
     };
-    let mtime = (st.st_mtime as u64).saturating_mul(1_000_000_000) + st.st_mtime_nsec as u64;
+    // Before 1970 reads as 0; far future saturates.
+    let mtime =
+        u64::try_from(i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec))
+            .unwrap_or(if st.st_mtime < 0 { 0 } else { u64::MAX });
     [
         st.st_size as u64,
         kind,
@@ -285,11 +292,11 @@ impl FileService {
     }
 
     fn file(&self, handle: u64) -> std::result::Result<(Arc<File>, bool), Status> {
-        let slot = (handle & 0xffff).checked_sub(1).ok_or(Status::BadHandle)? as usize;
-        let generation = (handle >> 16) as u16;
-        if handle >> 32 != 0 {
+        if handle >> 31 != 0 {
             return Err(Status::BadHandle);
         }
+        let slot = (handle & 0xffff).checked_sub(1).ok_or(Status::BadHandle)? as usize;
+        let generation = (handle >> 16) as u16;
         let slots = self.lock();
         match slots.get(slot) {
             Some(Slot {
@@ -315,7 +322,8 @@ impl FileService {
     /// `FsOpen`.
     pub fn open(&self, path: &str, flags: u64, mode: u64) -> std::result::Result<[u64; 4], Status> {
         use fs::open::*;
-        if flags & !ALL != 0 || flags & (READ | WRITE) == 0 || mode > 0o7777 {
+        // Permission bits only: no setuid, setgid or sticky files from a guest.
+        if flags & !ALL != 0 || flags & (READ | WRITE) == 0 || mode > 0o777 {
             return Err(Status::BadArgument);
         }
         if flags & WRITE_CLASS != 0 {
@@ -376,17 +384,25 @@ impl FileService {
             }
         };
         let s = &mut slots[slot];
-        s.generation = s.generation.wrapping_add(1);
+        s.generation = s.generation.wrapping_add(1) & GENERATION_MASK;
         s.file = Some(open);
         Ok([handle_of(slot, s.generation), 0, 0, 0])
     }
 
     /// `FsClose`.
     pub fn close(&self, handle: u64) -> std::result::Result<[u64; 4], Status> {
+        // Check and clear under one lock: two closes racing with an open
+        // must not clear the slot the open just took.
         self.file(handle)?;
+        let mut slots = self.lock();
         let slot = ((handle & 0xffff) - 1) as usize;
-        self.lock()[slot].file = None;
-        Ok([0; 4])
+        match slots.get_mut(slot) {
+            Some(s) if handle_of(slot, s.generation) == handle && s.file.is_some() => {
+                s.file = None;
+                Ok([0; 4])
+            }
+            _ => Err(Status::BadHandle),
+        }
     }
 
     /// Checks a transfer's length against the per-call limit.
@@ -491,7 +507,7 @@ impl FileService {
     /// `FsMkdir`.
     pub fn mkdir(&self, path: &str, mode: u64) -> std::result::Result<[u64; 4], Status> {
         self.writable_share()?;
-        if mode > 0o7777 {
+        if mode > 0o777 {
             return Err(Status::BadArgument);
         }
         let (dir, name) = self.parent(path)?;
@@ -721,6 +737,28 @@ mod tests {
             svc.write(a, &[0; 4], fs::CURRENT).unwrap()[0],
             4,
             "exactly up to the quota"
+        );
+        std::fs::remove_dir_all(base).unwrap();
+    }
+
+    #[test]
+    fn guests_cannot_make_setuid_files_and_file_handles_never_look_like_sockets() {
+        let (base, svc) = share();
+        use fs::open::*;
+        assert_eq!(
+            svc.open("s", WRITE | CREATE, 0o4755).unwrap_err(),
+            Status::BadArgument
+        );
+        assert_eq!(svc.mkdir("d", 0o1777).unwrap_err(), Status::BadArgument);
+        for _ in 0..40_000 {
+            let h = svc.open("input.txt", READ, 0).unwrap()[0];
+            assert_eq!(h & rtvm_abi::vmrpc::net::HANDLE_TAG, 0, "{h:#x}");
+            svc.close(h).unwrap();
+        }
+        assert_eq!(
+            svc.read(rtvm_abi::vmrpc::net::HANDLE_TAG | 0x1_0001, 1, 0)
+                .unwrap_err(),
+            Status::BadHandle
         );
         std::fs::remove_dir_all(base).unwrap();
     }

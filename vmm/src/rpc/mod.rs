@@ -369,7 +369,7 @@ impl RpcServer {
             return Err(Status::BadArgument);
         }
         let bytes = self.read_guest(addr, len)?;
-        tracing::info!(target: "guest", "vCPU {}: {}", self.facts.index, String::from_utf8_lossy(&bytes).trim_end());
+        tracing::info!(target: "guest", "vCPU {}: {}", self.facts.index, String::from_utf8_lossy(&bytes).trim_end().escape_debug());
         Ok([len, 0, 0, 0])
     }
 

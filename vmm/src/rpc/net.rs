@@ -450,7 +450,7 @@ impl NetService {
         park: &mut dyn Park,
     ) -> std::result::Result<[u64; 4], Status> {
         let socket = self.socket(handle)?;
-        let dest = if to == [0; 3] {
+        let dest = if (to[0] >> 16) & 0xffff == 0 {
             None
         } else {
             let addr = decode_addr(to)?;
@@ -459,9 +459,10 @@ impl NetService {
         };
         let deadline = now_ns().saturating_add(net::SEND_WAIT_NS);
         loop {
+            // MSG_NOSIGNAL: a peer's reset must not raise SIGPIPE in the VMM.
             let sent = match &dest {
-                Some(dest) => socket.send_to(data, dest),
-                None => socket.send(data),
+                Some(dest) => socket.send_to_with_flags(data, dest, libc::MSG_NOSIGNAL),
+                None => socket.send_with_flags(data, libc::MSG_NOSIGNAL),
             };
             match sent {
                 Ok(n) => return Ok([n as u64, 0, 0, 0]),
@@ -570,10 +571,21 @@ impl NetService {
         Ok([0; 4])
     }
 
-    /// `NetClose`.
+    /// `NetClose`. A vCPU still waiting on the socket is woken (shutdown)
+    /// rather than keeping an uncounted socket alive until data comes.
     pub fn close(&self, handle: u64) -> std::result::Result<[u64; 4], Status> {
         self.socket(handle)?;
-        self.lock()[((handle & 0xffff) - 1) as usize].socket = None;
+        let socket = {
+            let mut slots = self.lock();
+            let slot = ((handle & 0xffff) - 1) as usize;
+            match slots.get_mut(slot) {
+                Some(s) if handle_of(slot, s.generation) == handle => s.socket.take(),
+                _ => None,
+            }
+        }
+        .ok_or(Status::BadHandle)?;
+        // ENOTCONN for a socket that never connected is fine.
+        let _ = socket.shutdown(std::net::Shutdown::Both);
         Ok([0; 4])
     }
 }
