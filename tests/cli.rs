@@ -35,6 +35,19 @@ fn run(args: &[&str]) -> Output {
     output_within(rtvm().args(args), Duration::from_secs(60))
 }
 
+/// Runs `rtvm ARGS` (a bench with `--json`), checks it succeeded, and
+/// returns its JSON object.
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let out = output_within(rtvm().args(args), Duration::from_secs(120));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{args:?}: {}",
+        text(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -436,23 +449,18 @@ fn bench_timer_reports_json_histograms_and_plot() {
     }
     let dir = temp_path("timer");
     let plot = dir.join("plot.svg");
-    let out = output_within(
-        rtvm().args([
-            "bench",
-            "timer",
-            "--json",
-            "--seconds",
-            "3",
-            "--with-noadvance",
-            "--histogram-dir",
-            dir.to_str().unwrap(),
-            "--plot",
-            plot.to_str().unwrap(),
-        ]),
-        Duration::from_secs(120),
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let json = bench_json(&[
+        "bench",
+        "timer",
+        "--json",
+        "--seconds",
+        "3",
+        "--with-noadvance",
+        "--histogram-dir",
+        dir.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
     for path in [
         "host",
         "guest_interrupt",
@@ -494,19 +502,14 @@ fn bench_timer_host_path_agrees_with_cyclictest() {
         return;
     }
     // .ci/run installs rt-tests; cyclictest is the reference, not optional there.
-    let out = output_within(
-        rtvm().args([
-            "bench",
-            "timer",
-            "--json",
-            "--seconds",
-            "4",
-            "--with-cyclictest",
-        ]),
-        Duration::from_secs(120),
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let json = bench_json(&[
+        "bench",
+        "timer",
+        "--json",
+        "--seconds",
+        "4",
+        "--with-cyclictest",
+    ]);
     let ours = json["host"]["p50_us"].as_f64().unwrap();
     let theirs = json["host_cyclictest"]["p50_us"].as_f64().unwrap();
     assert!(
@@ -525,20 +528,15 @@ fn bench_timer_frames_counts_deadline_misses() {
     if !kvm_available() {
         return;
     }
-    let out = output_within(
-        rtvm().args([
-            "bench",
-            "timer",
-            "--json",
-            "--workload",
-            "frames",
-            "--seconds",
-            "3",
-        ]),
-        Duration::from_secs(120),
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let json = bench_json(&[
+        "bench",
+        "timer",
+        "--json",
+        "--workload",
+        "frames",
+        "--seconds",
+        "3",
+    ]);
     for path in ["host", "guest_interrupt", "guest_longpoll"] {
         assert!(json["frames"][path]["deadline_misses"].is_u64(), "{json}");
         assert!(json["frames"][path]["jitter_us"].is_f64(), "{json}");
@@ -558,20 +556,15 @@ fn bench_net_probes_host_and_guest_from_outside() {
     if !kvm_available() {
         return;
     }
-    let out = output_within(
-        rtvm().args([
-            "bench",
-            "net",
-            "--json",
-            "--seconds",
-            "2",
-            "--subnet",
-            "198.18.0.40",
-        ]),
-        Duration::from_secs(120),
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let json = bench_json(&[
+        "bench",
+        "net",
+        "--json",
+        "--seconds",
+        "2",
+        "--subnet",
+        "198.18.0.40",
+    ]);
     for path in ["host", "guest_rt"] {
         assert!(
             json[path]["samples"].as_u64().unwrap() >= 900,

@@ -81,32 +81,10 @@ impl Waiter {
         if now_ns() >= deadline_ns {
             return Woken::Deadline;
         }
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: (deadline_ns / 1_000_000_000) as libc::time_t,
-                tv_nsec: (deadline_ns % 1_000_000_000) as libc::c_long,
-            },
-        };
-        // SAFETY: our timerfd and a live itimerspec.
-        let rc = unsafe {
-            libc::timerfd_settime(
-                self.timer.as_raw_fd(),
-                libc::TFD_TIMER_ABSTIME,
-                &spec,
-                std::ptr::null_mut(),
-            )
-        };
-        if rc != 0 {
+        if let Err(e) = self.arm(deadline_ns) {
             // Cannot arm a timer (should not happen): fall back to sleeping
             // in slices so the deadline is still honoured.
-            tracing::warn!(
-                "timerfd_settime failed: {}",
-                std::io::Error::last_os_error()
-            );
+            tracing::warn!("timerfd_settime failed: {e}");
             return self.sleep_in_slices(deadline_ns, wake);
         }
         loop {
@@ -161,25 +139,9 @@ impl Waiter {
                     WokenIo::Deadline
                 };
             }
-            let spec = libc::itimerspec {
-                it_interval: libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: 0,
-                },
-                it_value: libc::timespec {
-                    tv_sec: (deadline_ns / 1_000_000_000) as libc::time_t,
-                    tv_nsec: (deadline_ns % 1_000_000_000) as libc::c_long,
-                },
-            };
-            // SAFETY: our timerfd and a live itimerspec.
-            unsafe {
-                libc::timerfd_settime(
-                    self.timer.as_raw_fd(),
-                    libc::TFD_TIMER_ABSTIME,
-                    &spec,
-                    std::ptr::null_mut(),
-                )
-            };
+            if let Err(e) = self.arm(deadline_ns) {
+                tracing::warn!("timerfd_settime failed: {e}");
+            }
         }
         let mut all: Vec<libc::pollfd> = fds.to_vec();
         all.push(libc::pollfd {
@@ -233,6 +195,34 @@ impl Waiter {
             out.revents = p.revents;
         }
         outcome
+    }
+
+    /// Arms the timerfd to fire at host CLOCK_MONOTONIC `deadline_ns`.
+    fn arm(&self, deadline_ns: u64) -> std::io::Result<()> {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: (deadline_ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (deadline_ns % 1_000_000_000) as libc::c_long,
+            },
+        };
+        // SAFETY: our timerfd and a live itimerspec.
+        let rc = unsafe {
+            libc::timerfd_settime(
+                self.timer.as_raw_fd(),
+                libc::TFD_TIMER_ABSTIME,
+                &spec,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 
     fn disarm(&self) {
