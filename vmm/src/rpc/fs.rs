@@ -31,6 +31,11 @@ use crate::error::{Error, Result};
 pub const DEFAULT_MAX_OPEN_FILES: usize = 64;
 pub const DEFAULT_MAX_BYTES_PER_CALL: u64 = 1 << 20;
 pub const DEFAULT_MAX_BYTES_WRITTEN: u64 = 1 << 30;
+/// What creating a directory costs against the write quota: inodes and
+/// directory entries use host disk even when no byte is written. (File
+/// creation is not charged yet: telling a create from an open of an existing
+/// file needs a second lookup.)
+pub const CREATE_COST: u64 = 4096;
 /// The per-call limit can be lowered, not raised beyond this.
 pub const MAX_BYTES_PER_CALL: u64 = 16 << 20;
 
@@ -283,6 +288,21 @@ impl FileService {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Takes `n` bytes from the write quota, or refuses the whole call.
+    fn charge(&self, n: u64) -> std::result::Result<(), Status> {
+        let limit = self.config.max_bytes_written;
+        self.written
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                w.checked_add(n).filter(|&t| t <= limit)
+            })
+            .map(|_| ())
+            .map_err(|_| Status::QuotaExceeded)
+    }
+
+    fn refund(&self, n: u64) {
+        self.written.fetch_sub(n, Ordering::AcqRel);
+    }
+
     fn writable_share(&self) -> std::result::Result<(), Status> {
         if self.config.read_only {
             Err(Status::ReadOnly)
@@ -443,12 +463,7 @@ impl FileService {
         }
         self.writable_share()?;
         let len = data.len() as u64;
-        let limit = self.config.max_bytes_written;
-        self.written
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                w.checked_add(len).filter(|&t| t <= limit)
-            })
-            .map_err(|_| Status::QuotaExceeded)?;
+        self.charge(len)?;
         let result = if offset == fs::CURRENT {
             (&*file).write(data)
         } else {
@@ -457,11 +472,11 @@ impl FileService {
         let n = match result {
             Ok(n) => n as u64,
             Err(e) => {
-                self.written.fetch_sub(len, Ordering::AcqRel);
+                self.refund(len);
                 return Err(status_of(&e));
             }
         };
-        self.written.fetch_sub(len - n, Ordering::AcqRel);
+        self.refund(len - n);
         Ok([n, 0, 0, 0])
     }
 
@@ -516,9 +531,12 @@ impl FileService {
         } else {
             mode as libc::mode_t
         };
+        self.charge(CREATE_COST)?;
         // SAFETY: valid dirfd and NUL-terminated name.
-        check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) })
-            .map_err(|e| status_of(&e))?;
+        if let Err(e) = check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }) {
+            self.refund(CREATE_COST);
+            return Err(status_of(&e));
+        }
         Ok([0; 4])
     }
 

@@ -158,22 +158,29 @@ impl Waiter {
         let outcome = loop {
             all.iter_mut().for_each(|p| p.revents = 0);
             // SAFETY: a valid pollfd array for the duration of the call.
-            if unsafe {
+            let rc = unsafe {
                 libc::ppoll(
                     all.as_mut_ptr(),
                     all.len() as libc::nfds_t,
                     std::ptr::null(),
                     std::ptr::null(),
                 )
-            } < 0
-            {
-                continue;
+            };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                tracing::warn!("ppoll failed: {e}");
+                break WokenIo::Deadline;
+            }
+            // The VMM's wake comes first: a socket that keeps reporting
+            // ready must never hide a stop request.
+            if all[n + 1].revents != 0 {
+                break WokenIo::Kicked;
             }
             if all[..n].iter().any(|p| p.revents != 0) {
                 break WokenIo::Ready;
-            }
-            if all[n + 1].revents != 0 {
-                break WokenIo::Kicked;
             }
             if all[n].revents != 0 {
                 break WokenIo::Deadline;
