@@ -33,7 +33,6 @@
 
 use super::Ctx;
 use crate::cpu;
-use crate::fmtbuf::FmtBuf;
 use crate::fs::{kind, open, records, CURRENT};
 use crate::vmrpc::{Error, Rpc};
 use core::cell::UnsafeCell;
@@ -42,66 +41,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use rtvm_abi::vmrpc::{Call, Status as S, PATH_MAX};
 use rtvm_abi::GUEST_IMAGE_BASE;
 
-/// Why a check failed.
-type Detail = FmtBuf<240>;
-type Check = Result<(), Detail>;
-
-macro_rules! detail {
-    ($($arg:tt)*) => {
-        $crate::fmtbuf::FmtBuf::<240>::format(format_args!($($arg)*))
-    };
-}
-
-macro_rules! fail {
-    ($($arg:tt)*) => {
-        return Err(detail!($($arg)*))
-    };
-}
-
-/// Counts the checks and prints each outcome.
-struct Tally {
-    checks: u32,
-    failed: u32,
-}
-
-impl Tally {
-    fn record(&mut self, check: &str, result: Check) {
-        self.checks += 1;
-        match result {
-            Ok(()) => println!("fs-selftest: {check}: ok"),
-            Err(detail) => {
-                self.failed += 1;
-                println!("fs-selftest: {check}: {detail} FAIL");
-            }
-        }
-    }
-
-    fn finish(&self) -> ! {
-        if self.failed == 0 {
-            println!("fs-selftest: all {} checks passed", self.checks);
-            cpu::exit(0)
-        }
-        println!(
-            "fs-selftest: {} of {} checks failed",
-            self.failed, self.checks
-        );
-        cpu::exit(1)
-    }
-}
-
-/// The value of a call that must work, or a detail saying `what` failed.
-fn ok<T>(what: &str, result: Result<T, Error>) -> Result<T, Detail> {
-    result.map_err(|e| detail!("{what}: {e}"))
-}
-
-/// A call that must fail with `expected`.
-fn expect<T>(result: Result<T, Error>, expected: S) -> Check {
-    match result {
-        Err(e) if e == Error::from(expected) => Ok(()),
-        Err(e) => Err(detail!("got {e}, expected {}", expected.name())),
-        Ok(_) => Err(detail!("succeeded, expected {}", expected.name())),
-    }
-}
+use super::selftest::{detail, expect, fail, ok, Check, Detail, Tally};
 
 /// An open that must fail with `expected`; a handle it got anyway is closed.
 fn expect_open(rpc: &mut Rpc, result: Result<u64, Error>, expected: S) -> Check {
@@ -158,10 +98,7 @@ pub fn run(ctx: &Ctx) -> ! {
         cpu::vcpu_off();
     }
     let mut rpc = Rpc::new(ctx);
-    let mut t = Tally {
-        checks: 0,
-        failed: 0,
-    };
+    let mut t = Tally::new("fs-selftest");
     match ctx.arg("mode").unwrap_or("all") {
         "all" => all(ctx, &mut rpc, &mut t),
         "readonly" => readonly(&mut rpc, &mut t),

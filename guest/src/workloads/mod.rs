@@ -16,6 +16,7 @@ mod periodic;
 mod rpc_bench;
 mod rpc_ping;
 mod rt;
+pub(crate) mod selftest;
 mod sleep_test;
 mod spin;
 mod tcp_echo;

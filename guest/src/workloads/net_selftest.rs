@@ -26,71 +26,12 @@
 
 use super::Ctx;
 use crate::cpu;
-use crate::fmtbuf::FmtBuf;
 use crate::net::{opt, Addr, HANDLE_TAG, INET, INET6, POLL_MAX, TCP, UDP};
 use crate::static_buf::StaticBuf;
 use crate::vmrpc::{Error, Rpc};
 use rtvm_abi::vmrpc::{Call, Status as S};
 
-type Detail = FmtBuf<240>;
-type Check = Result<(), Detail>;
-
-macro_rules! detail {
-    ($($arg:tt)*) => {
-        $crate::fmtbuf::FmtBuf::<240>::format(format_args!($($arg)*))
-    };
-}
-
-macro_rules! fail {
-    ($($arg:tt)*) => {
-        return Err(detail!($($arg)*))
-    };
-}
-
-/// Counts the checks and prints each outcome.
-struct Tally {
-    checks: u32,
-    failed: u32,
-}
-
-impl Tally {
-    fn record(&mut self, check: &str, result: Check) {
-        self.checks += 1;
-        match result {
-            Ok(()) => println!("net-selftest: {check}: ok"),
-            Err(detail) => {
-                self.failed += 1;
-                println!("net-selftest: {check}: {detail} FAIL");
-            }
-        }
-    }
-
-    fn finish(&self) -> ! {
-        if self.failed == 0 {
-            println!("net-selftest: all {} checks passed", self.checks);
-            cpu::exit(0)
-        }
-        println!(
-            "net-selftest: {} of {} checks failed",
-            self.failed, self.checks
-        );
-        cpu::exit(1)
-    }
-}
-
-/// The value of a call that must work, or a detail saying `what` failed.
-fn ok<T>(what: &str, result: Result<T, Error>) -> Result<T, Detail> {
-    result.map_err(|e| detail!("{what}: {e}"))
-}
-
-/// A call that must fail with `expected`.
-fn expect<T>(result: Result<T, Error>, expected: S) -> Check {
-    match result {
-        Err(e) if e == Error::from(expected) => Ok(()),
-        Err(e) => Err(detail!("got {e}, expected {}", expected.name())),
-        Ok(_) => Err(detail!("succeeded, expected {}", expected.name())),
-    }
-}
+use super::selftest::{detail, expect, fail, ok, Check, Detail, Tally};
 
 /// `expect`, with `what` failed in the detail.
 fn expect_in<T>(what: &str, result: Result<T, Error>, expected: S) -> Check {
@@ -280,10 +221,7 @@ pub fn run(ctx: &Ctx) -> ! {
         send_buf: SEND_BUF.take(),
         recv_buf: RECV_BUF.take(),
     };
-    let mut t = Tally {
-        checks: 0,
-        failed: 0,
-    };
+    let mut t = Tally::new("net-selftest");
     let udp = udp(&mut net, &mut t);
     tcp(&mut net, &mut t);
     options(&mut net, &mut t, udp);
