@@ -438,33 +438,16 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
                 load = Some(HostLoad::start());
             }
             let busy = load.is_some();
+            let guest = |workload: &str, advance: AdvanceMode| {
+                guest_path(
+                    name, workload, advance, policy, period, count, work, busy, &rt,
+                )
+            };
             let path = match name {
                 "host" => host_path(policy, period, count, work, &rt),
-                "guest_interrupt" => guest_path(
-                    name,
-                    "timer-irq",
-                    AdvanceMode::Off,
-                    policy,
-                    period,
-                    count,
-                    work,
-                    busy,
-                    &rt,
-                )?,
-                "guest_longpoll" | "guest_longpoll_noload" => guest_path(
-                    name, "periodic", adaptive, policy, period, count, work, busy, &rt,
-                )?,
-                "guest_longpoll_noadvance" => guest_path(
-                    name,
-                    "periodic",
-                    AdvanceMode::Off,
-                    policy,
-                    period,
-                    count,
-                    work,
-                    busy,
-                    &rt,
-                )?,
+                "guest_interrupt" => guest("timer-irq", AdvanceMode::Off)?,
+                "guest_longpoll" | "guest_longpoll_noload" => guest("periodic", adaptive)?,
+                "guest_longpoll_noadvance" => guest("periodic", AdvanceMode::Off)?,
                 "host_cyclictest" => cyclictest_path(policy, period, per_path)?,
                 _ => unreachable!("path names are fixed above"),
             };
