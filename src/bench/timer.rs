@@ -652,8 +652,8 @@ impl TimerReport {
             return String::new();
         };
         format!(
-            "A guest task waiting through VM long polling woke with a p99 lateness of {lp:.0} µs: {:.2}x the bare \
-             host's ({host:.0} µs) and {:.2}x the conventional guest-interrupt path's ({irq:.0} µs).",
+            "A guest task waiting through VM long polling woke with a p99 lateness of {lp:.1} µs: {:.2}x the bare \
+             host's ({host:.1} µs) and {:.2}x the conventional guest-interrupt path's ({irq:.1} µs).",
             lp / host,
             lp / irq
         )
