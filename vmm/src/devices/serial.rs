@@ -46,18 +46,124 @@ impl BusDevice for SerialDevice {
 
 /// Where the guest's console output goes: the terminal, a log file, a
 /// capture buffer (tests), or several of them.
+///
+/// The terminal is written by a thread of its own, fed through a bounded
+/// queue: a vCPU that writes to the UART must never block on a stalled
+/// terminal or pipe (it could then not be stopped). When the queue is full,
+/// output is dropped and counted. A capture buffer is bounded too.
 #[derive(Clone, Default)]
 pub struct Console {
-    stdout: bool,
+    stdout: Option<Arc<Terminal>>,
     file: Option<Arc<Mutex<LineWriter<File>>>>,
     capture: Option<Arc<Mutex<Vec<u8>>>>,
+}
+
+/// Bytes the terminal backlog holds before output is dropped.
+const TERMINAL_BACKLOG: usize = 1 << 20;
+/// Largest capture buffer; beyond it output is dropped.
+const CAPTURE_MAX: usize = 64 << 20;
+
+#[derive(Default)]
+struct Backlog {
+    bytes: Vec<u8>,
+    /// Bytes queued and bytes written out, ever: a flush waits for the
+    /// second to reach the first.
+    queued: u64,
+    written: u64,
+    dropped: u64,
+}
+
+/// The terminal side of a console: a backlog the vCPUs append to without
+/// ever blocking on I/O, and a thread that writes it to stdout.
+struct Terminal {
+    backlog: Mutex<Backlog>,
+    changed: std::sync::Condvar,
+}
+
+impl Terminal {
+    fn start() -> Arc<Terminal> {
+        let terminal = Arc::new(Terminal {
+            backlog: Mutex::default(),
+            changed: std::sync::Condvar::new(),
+        });
+        let weak = Arc::downgrade(&terminal);
+        // The thread ends once the last Console holding the terminal is gone.
+        let _ = std::thread::Builder::new()
+            .name("rtvm-console".into())
+            .spawn(move || {
+                let mut out = io::stdout();
+                while let Some(terminal) = weak.upgrade() {
+                    let chunk = {
+                        let mut backlog = terminal.lock();
+                        if backlog.bytes.is_empty() {
+                            let (guard, _) = terminal
+                                .changed
+                                .wait_timeout(backlog, std::time::Duration::from_millis(200))
+                                .unwrap_or_else(|e| e.into_inner());
+                            backlog = guard;
+                        }
+                        std::mem::take(&mut backlog.bytes)
+                    };
+                    if !chunk.is_empty() {
+                        let _ = out.write_all(&chunk).and_then(|_| out.flush());
+                        terminal.lock().written += chunk.len() as u64;
+                        terminal.changed.notify_all();
+                    }
+                }
+            });
+        terminal
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Backlog> {
+        self.backlog.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self, buf: &[u8]) {
+        let mut backlog = self.lock();
+        if backlog.bytes.len() + buf.len() > TERMINAL_BACKLOG {
+            backlog.dropped += buf.len() as u64;
+            return;
+        }
+        backlog.bytes.extend_from_slice(buf);
+        backlog.queued += buf.len() as u64;
+        drop(backlog);
+        // Wake the writer at line ends; it also looks on its own every 200 ms.
+        if buf.contains(&b'\n') {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits (a bounded time) until everything queued so far is written.
+    fn flush(&self) {
+        self.changed.notify_all();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut backlog = self.lock();
+        let target = backlog.queued;
+        while backlog.written < target {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            backlog = self
+                .changed
+                .wait_timeout(backlog, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if backlog.dropped > 0 {
+            tracing::warn!(
+                "{} bytes of guest console output were dropped: the terminal did not keep up",
+                backlog.dropped
+            );
+        }
+    }
 }
 
 impl Console {
     /// Output to the terminal.
     pub fn stdout() -> Self {
         Console {
-            stdout: true,
+            stdout: Some(Terminal::start()),
             ..Default::default()
         }
     }
@@ -81,13 +187,22 @@ impl Console {
         self.file = Some(Arc::new(Mutex::new(LineWriter::new(file))));
         self
     }
+
+    /// Writes out whatever is still queued or buffered.
+    pub fn finish(&self) {
+        if let Some(terminal) = &self.stdout {
+            terminal.flush();
+        }
+        if let Some(file) = &self.file {
+            let _ = file.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        }
+    }
 }
 
 impl Write for Console {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.stdout {
-            // Line-buffered: a line appears as soon as the guest ends it.
-            io::stdout().lock().write_all(buf)?;
+        if let Some(terminal) = &self.stdout {
+            terminal.write(buf);
         }
         if let Some(file) = &self.file {
             file.lock()
@@ -95,10 +210,9 @@ impl Write for Console {
                 .write_all(buf)?;
         }
         if let Some(capture) = &self.capture {
-            capture
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend_from_slice(buf);
+            let mut capture = capture.lock().unwrap_or_else(|e| e.into_inner());
+            let room = CAPTURE_MAX.saturating_sub(capture.len());
+            capture.extend_from_slice(&buf[..buf.len().min(room)]);
         }
         Ok(buf.len())
     }
@@ -107,17 +221,5 @@ impl Write for Console {
     /// instead, so a flush here waits for the end of the line.
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-impl Console {
-    /// Writes out whatever partial line is still buffered.
-    pub fn finish(&self) {
-        if self.stdout {
-            let _ = io::stdout().lock().flush();
-        }
-        if let Some(file) = &self.file {
-            let _ = file.lock().unwrap_or_else(|e| e.into_inner()).flush();
-        }
     }
 }
