@@ -11,7 +11,8 @@
 //! or device in the share cannot block or reach anything.
 //!
 //! File I/O blocks only the vCPU that asked; handles live in one table per
-//! VM, shared by its vCPUs, and the table lock is never held during I/O.
+//! VM, shared by its vCPUs, and the table lock is never held during I/O
+//! (an open reserves its slot, opens unlocked, then fills the slot).
 
 use std::ffi::CString;
 use std::fs::File;
@@ -122,6 +123,14 @@ struct OpenFile {
 struct Slot {
     generation: u16,
     file: Option<OpenFile>,
+    /// Taken by an open in progress (the table is unlocked during openat2).
+    reserved: bool,
+}
+
+impl Slot {
+    fn free(&self) -> bool {
+        self.file.is_none() && !self.reserved
+    }
 }
 
 /// A handle is (generation << 16) | (slot + 1): a stale handle of a reused
@@ -322,6 +331,7 @@ impl FileService {
             Some(Slot {
                 generation: g,
                 file: Some(f),
+                ..
             }) if *g == generation => Ok((f.file.clone(), f.writable)),
             _ => Err(Status::BadHandle),
         }
@@ -376,36 +386,48 @@ impl FileService {
             (true, 0) => 0o644,
             (true, m) => m as u32,
         };
-        // Reserve the slot first so a full table costs no open.
+        // Reserve a slot first, so a full table costs no open; then open
+        // with the table unlocked: a slow open (a large O_TRUNC, a slow share)
+        // must not stall other vCPUs' file calls.
+        let slot = {
+            let mut slots = self.lock();
+            let in_use = slots.iter().filter(|s| !s.free()).count();
+            if in_use >= self.config.max_open_files {
+                return Err(Status::TooManyOpenFiles);
+            }
+            let slot = match slots.iter().position(Slot::free) {
+                Some(i) => i,
+                None => {
+                    slots.push(Slot {
+                        generation: 0,
+                        file: None,
+                        reserved: false,
+                    });
+                    slots.len() - 1
+                }
+            };
+            slots[slot].reserved = true;
+            slot
+        };
+        let opened = (|| {
+            let fd = openat2(self.root.as_raw_fd(), &cstring(path)?, os, mode)
+                .map_err(|e| status_of(&e))?;
+            let file = File::from(fd);
+            let meta = file.metadata().map_err(|e| status_of(&e))?;
+            if !(meta.is_file() || meta.is_dir()) {
+                return Err(Status::NotPermitted);
+            }
+            Ok(file)
+        })();
         let mut slots = self.lock();
-        let in_use = slots.iter().filter(|s| s.file.is_some()).count();
-        if in_use >= self.config.max_open_files {
-            return Err(Status::TooManyOpenFiles);
-        }
-        let fd =
-            openat2(self.root.as_raw_fd(), &cstring(path)?, os, mode).map_err(|e| status_of(&e))?;
-        let file = File::from(fd);
-        let meta = file.metadata().map_err(|e| status_of(&e))?;
-        if !(meta.is_file() || meta.is_dir()) {
-            return Err(Status::NotPermitted);
-        }
-        let open = OpenFile {
+        let s = &mut slots[slot];
+        s.reserved = false;
+        let file = opened?;
+        s.generation = s.generation.wrapping_add(1) & GENERATION_MASK;
+        s.file = Some(OpenFile {
             file: Arc::new(file),
             writable,
-        };
-        let slot = match slots.iter().position(|s| s.file.is_none()) {
-            Some(i) => i,
-            None => {
-                slots.push(Slot {
-                    generation: 0,
-                    file: None,
-                });
-                slots.len() - 1
-            }
-        };
-        let s = &mut slots[slot];
-        s.generation = s.generation.wrapping_add(1) & GENERATION_MASK;
-        s.file = Some(open);
+        });
         Ok([handle_of(slot, s.generation), 0, 0, 0])
     }
 
