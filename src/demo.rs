@@ -76,6 +76,8 @@ pub fn run(args: &DemoArgs) -> ExitCode {
         frame_work_us: 0,
         priority: 80,
         cpu: None,
+        linux: None,
+        linux_tools: None,
     };
     let report = match timer::measure(&timer_args) {
         Ok(report) => report,

@@ -582,6 +582,29 @@ fn bench_net_probes_host_and_guest_from_outside() {
 }
 
 #[test]
+fn bench_timer_linux_needs_the_guest_tools() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run(&[
+        "bench",
+        "timer",
+        "--seconds",
+        "1",
+        "--linux",
+        "/nonexistent/vmlinuz",
+        "--linux-tools",
+        "/nonexistent/tools",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/tools/rtvm-guest is missing"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn bench_timer_rejects_bad_settings() {
     let out = run(&["bench", "timer", "--seconds", "0"]);
     assert_ne!(out.status.code(), Some(0));
@@ -605,6 +628,9 @@ fn bench_timer_rejects_bad_settings() {
     );
     let out = run(&["bench", "timer", "--period-us", "5"]);
     assert_eq!(out.status.code(), Some(2));
+    let out = run(&["bench", "timer", "--linux", "/boot/vmlinuz"]);
+    assert_eq!(out.status.code(), Some(2), "--linux needs --linux-tools");
+    assert!(text(&out.stderr).contains("--linux-tools"));
 }
 
 #[test]

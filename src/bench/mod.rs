@@ -4,6 +4,7 @@
 
 mod boot;
 pub mod histogram;
+pub mod linux;
 mod net;
 pub mod plot;
 mod rpc;

@@ -86,6 +86,15 @@ pub struct TimerArgs {
     /// Host CPU the measuring thread/vCPU is pinned to [default: the last CPU].
     #[arg(long)]
     pub cpu: Option<usize>,
+    /// Instead of the built-in guest, run an unmodified cyclictest in a Linux
+    /// guest booted from KERNEL, with and without the preload library,
+    /// beside the host's cyclictest (needs hardware KVM).
+    #[arg(long, value_name = "KERNEL", requires = "linux_tools")]
+    pub linux: Option<PathBuf>,
+    /// Directory holding the guest tools for --linux: a static `rtvm-guest`
+    /// and `librtvm_preload.so`.
+    #[arg(long, value_name = "DIR")]
+    pub linux_tools: Option<PathBuf>,
 }
 
 /// Frame period of the frames workload (60 Hz).
@@ -364,6 +373,9 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
             args.seconds
         ));
     }
+    if let Some(tools) = &args.linux_tools {
+        super::linux::check_tools(tools)?;
+    }
     let (period, work) = match args.workload {
         Workload::Periodic => (args.period_us * 1000, 0),
         Workload::Frames => (FRAME_PERIOD_NS, args.frame_work_us * 1000),
@@ -378,14 +390,23 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
     // With --load, long polling is first measured quiet, as the baseline
     // its growth under load is judged against; then every path runs loaded.
     let mut names = Vec::new();
-    if args.load {
-        names.push("guest_longpoll_noload");
+    if args.linux.is_some() {
+        names.extend([
+            "host",
+            "host_cyclictest",
+            "linux_cyclictest",
+            "linux_cyclictest_longpoll",
+        ]);
+    } else {
+        if args.load {
+            names.push("guest_longpoll_noload");
+        }
+        names.extend(["host", "guest_interrupt", "guest_longpoll"]);
     }
-    names.extend(["host", "guest_interrupt", "guest_longpoll"]);
     if args.with_noadvance {
         names.push("guest_longpoll_noadvance");
     }
-    if args.with_cyclictest {
+    if args.with_cyclictest && args.linux.is_none() {
         names.push("host_cyclictest");
     }
     let per_path = args.seconds / names.len() as f64;
@@ -449,6 +470,17 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
                 "guest_longpoll" | "guest_longpoll_noload" => guest("periodic", adaptive)?,
                 "guest_longpoll_noadvance" => guest("periodic", AdvanceMode::Off)?,
                 "host_cyclictest" => cyclictest_path(policy, period, per_path)?,
+                "linux_cyclictest" => {
+                    let kernel = args.linux.as_deref().expect("names come from --linux");
+                    let tools = args.linux_tools.as_deref().expect("clap requires it");
+                    let mut both =
+                        super::linux::measure(kernel, tools, policy, period, per_path, &rt)?;
+                    let polled = both.pop().expect("two paths");
+                    paths.push(both.pop().expect("two paths"));
+                    polled
+                }
+                // Measured together with linux_cyclictest, in one boot.
+                "linux_cyclictest_longpoll" => continue,
                 _ => unreachable!("path names are fixed above"),
             };
             paths.push(path);
