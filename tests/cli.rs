@@ -1,35 +1,13 @@
 //! The `rtvm` binary as a user meets it: flags, config files, exit statuses,
 //! messages, signals. Each test boots a real guest where it needs one.
 
-use std::path::PathBuf;
+mod support;
+use support::{output_within, rtvm, temp_path, text};
+
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use rtvm_vmm::testing::kvm_available;
-
-fn rtvm() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rtvm"));
-    cmd.env_remove("RUST_LOG");
-    cmd
-}
-
-/// Runs `cmd`, killing it if it takes longer than `limit`.
-fn output_within(cmd: &mut Command, limit: Duration) -> Output {
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("rtvm starts");
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        // SAFETY: plain kill(2); harmless if the process has ended.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    });
-    let out = child.wait_with_output().expect("rtvm runs");
-    assert!(!watchdog.is_finished(), "rtvm did not end within {limit:?}");
-    out
-}
 
 fn run(args: &[&str]) -> Output {
     output_within(rtvm().args(args), Duration::from_secs(60))
@@ -46,14 +24,6 @@ fn bench_json(args: &[&str]) -> serde_json::Value {
         text(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("one JSON object")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn temp_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("rtvm-test-{}-{name}", std::process::id()))
 }
 
 #[test]

@@ -7,6 +7,9 @@
 //! (Debian rt-tests). A test needing one is skipped when it is missing,
 //! except under CI (`CI` set), where a missing one is a failure.
 
+mod support;
+use support::{output_within, rtvm, text};
+
 #[allow(dead_code)]
 #[path = "../src/initramfs/newc.rs"]
 mod newc;
@@ -23,37 +26,6 @@ use newc::{read_newc, Entry, S_IFCHR, S_IFDIR, S_IFLNK, S_IFREG};
 
 const BUSYBOX: &str = "/bin/busybox";
 const CYCLICTEST: &str = "/usr/bin/cyclictest";
-
-fn rtvm() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rtvm"));
-    cmd.env_remove("RUST_LOG");
-    cmd
-}
-
-/// Runs `cmd`, killing it if it takes longer than `limit`.
-fn output_within(cmd: &mut Command, limit: Duration) -> Output {
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("command starts");
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        // SAFETY: plain kill(2); harmless if the process has ended.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    });
-    let out = child.wait_with_output().expect("command runs");
-    assert!(
-        !watchdog.is_finished(),
-        "command did not end within {limit:?}"
-    );
-    out
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// A fresh directory for one test, removed when dropped.
 struct TempDir(PathBuf);

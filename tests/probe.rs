@@ -8,18 +8,15 @@
 //! namespaces is heavy work for the kernel, which would otherwise show up
 //! in the round trips measured meanwhile on a 2-CPU machine.
 
+mod support;
+use support::{output_within, rtvm, temp_path, text, wait_output_within};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-fn rtvm() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rtvm"));
-    cmd.env_remove("RUST_LOG");
-    cmd
-}
 
 static NET_TURN: Mutex<()> = Mutex::new(());
 
@@ -52,36 +49,10 @@ fn net_available() -> bool {
     false
 }
 
-/// Runs `cmd`, killing it if it takes longer than `limit`.
-fn output_within(cmd: &mut Command, limit: Duration) -> Output {
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("rtvm starts");
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        // SAFETY: plain kill(2); harmless if the process has ended.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    });
-    let out = child.wait_with_output().expect("rtvm runs");
-    assert!(!watchdog.is_finished(), "rtvm did not end within {limit:?}");
-    out
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 fn ip(args: &[&str]) -> String {
     let out = Command::new("ip").args(args).output().expect("ip runs");
     assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
     text(&out.stdout)
-}
-
-fn temp_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("rtvm-probe-test-{}-{name}", std::process::id()))
 }
 
 /// What a probe with process id `pid` made and has not removed: its
@@ -236,18 +207,6 @@ fn table_output_and_closed_loop_with_a_count() {
         "exactly --count requests: {stdout}"
     );
     assert_eq!(leftovers(pid, [198, 18, 0, 12]), Vec::<String>::new());
-}
-
-fn wait_output_within(child: Child, limit: Duration) -> Output {
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        // SAFETY: plain kill(2); harmless if the process has ended.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    });
-    let out = child.wait_with_output().expect("rtvm runs");
-    assert!(!watchdog.is_finished(), "rtvm did not end within {limit:?}");
-    out
 }
 
 /// Starts a 30 s probe, waits until it is measuring, sends `signal`, and

@@ -383,28 +383,10 @@ pub fn load(
     })
 }
 
-fn segment(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db,
-        s: 1,
-        l,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
 /// Special registers of the boot vCPU: long mode, the boot GDT selectors.
 pub fn boot_sregs(mut sregs: kvm_sregs, long_mode: kvm_sregs) -> kvm_sregs {
-    let data = segment(BOOT_DS, 0x3, 0, 1);
-    sregs.cs = segment(BOOT_CS, 0xb, 1, 0);
+    let data = super::x86::segment(BOOT_DS, 0x3, 1, 0, 0, 1);
+    sregs.cs = super::x86::segment(BOOT_CS, 0xb, 1, 0, 1, 0);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
@@ -414,7 +396,7 @@ pub fn boot_sregs(mut sregs: kvm_sregs, long_mode: kvm_sregs) -> kvm_sregs {
         limit: 0x67,
         g: 0,
         s: 0,
-        ..segment(BOOT_TSS, 0xb, 0, 0)
+        ..super::x86::segment(BOOT_TSS, 0xb, 0, 0, 0, 0)
     };
     sregs.gdt.base = linux_layout::GDT;
     sregs.gdt.limit = 5 * 8 - 1;

@@ -144,7 +144,8 @@ pub fn write_idt(mem: &GuestMemoryMmap, handlers: &[u64; 256]) -> Result<()> {
     Ok(())
 }
 
-fn segment(selector: u16, type_: u8, s: u8, dpl: u8, l: u8, db: u8) -> kvm_segment {
+/// A flat (base 0, 4 GiB, page-granular) present segment.
+pub(crate) fn segment(selector: u16, type_: u8, s: u8, dpl: u8, l: u8, db: u8) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
