@@ -2,6 +2,12 @@
 //! MADT, built with rust-vmm's `acpi_tables`. The MADT lists one local APIC
 //! per vCPU and the IOAPIC, which is how a kernel without MP-table support
 //! (Debian's cloud kernel) finds the vCPUs beyond the first.
+//!
+//! The DSDT describes COM1 (`PNP0501`, ports 0x3f8-0x3ff, IRQ 4). With a
+//! hardware-reduced FADT Linux allocates no legacy IRQs by itself, so
+//! without this no driver could claim IRQ 4 for the UART: the 8250 driver
+//! then fails every user-space write to /dev/console with EIO, while the
+//! kernel's own messages still get out (found by the nested-KVM harness).
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::madt::{
@@ -10,7 +16,7 @@ use acpi_tables::madt::{
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
-use acpi_tables::Aml;
+use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::error::{Error, Result};
@@ -23,6 +29,9 @@ const LAPIC_ADDR: u32 = 0xfee0_0000;
 const IOAPIC_ADDR: u32 = 0xfec0_0000;
 const OEM_ID: [u8; 6] = *b"RTVM  ";
 const OEM_TABLE: [u8; 8] = *b"RTVMACPI";
+/// COM1, as `devices::serial` emulates it.
+const COM1_PORT: u16 = 0x3f8;
+const COM1_IRQ: u32 = 4;
 
 fn bytes(table: &dyn Aml) -> Vec<u8> {
     let mut out = Vec::new();
@@ -40,7 +49,9 @@ pub fn tables(vcpus: u8) -> Vec<(u64, Vec<u8>)> {
         at
     };
 
-    let dsdt = bytes(&Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1));
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1);
+    dsdt.append_slice(&com1());
+    let dsdt = bytes(&dsdt);
     let dsdt_at = place(dsdt.len());
     // Hardware-reduced: no fixed PM blocks or SCI the VMM would have to emulate.
     let fadt = bytes(
@@ -78,6 +89,18 @@ pub fn tables(vcpus: u8) -> Vec<(u64, Vec<u8>)> {
         (madt_at, madt),
         (xsdt_at, xsdt),
     ]
+}
+
+/// The DSDT's description of COM1: a 16550 (`PNP0501`) at 0x3f8, 8 ports,
+/// on ISA IRQ 4 (edge-triggered, active high, as the serial's irqfd is).
+fn com1() -> Vec<u8> {
+    let ports = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
+    let irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let resources = aml::ResourceTemplate::new(vec![&ports, &irq]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &resources);
+    bytes(&aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]))
 }
 
 /// Writes the tables for `vcpus` vCPUs; returns the RSDP's address.
@@ -149,6 +172,21 @@ mod tests {
             assert_eq!(lapics, (0..vcpus).collect::<Vec<_>>());
             assert_eq!(ioapics, 1);
         }
+    }
+
+    #[test]
+    fn the_dsdt_describes_com1_with_its_ports_and_irq() {
+        let all = tables(1);
+        let dsdt = &all.iter().find(|(_, t)| &t[..4] == b"DSDT").unwrap().1;
+        let body = &dsdt[36..];
+        let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"COM1"), "a device named COM1");
+        // _HID EISAID("PNP0501"): the compressed EISA id, a DWord constant.
+        assert!(has(b"_HID\x0c\x41\xd0\x05\x01"), "_HID PNP0501");
+        // I/O port descriptor: decode16, min = max = 0x3f8, 8 ports.
+        assert!(has(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]), "I/O 0x3f8-0x3ff");
+        // Extended IRQ descriptor: consumer, edge, active high, one interrupt: 4.
+        assert!(has(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00]), "IRQ 4");
     }
 
     #[test]
