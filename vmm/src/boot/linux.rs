@@ -299,9 +299,7 @@ pub fn load(
     params.hdr.loadflags |= LOADFLAGS_LOADED_HIGH | LOADFLAGS_CAN_USE_HEAP;
     params.hdr.heap_end_ptr = 0xfe00;
 
-    let full_cmdline = format!("{cmdline} {}={region:#x}", region::CMDLINE_KEY)
-        .trim()
-        .to_string();
+    let full_cmdline = kernel_cmdline(cmdline, region);
     if full_cmdline.len() + 1 > linux_layout::CMDLINE_MAX {
         return Err(Error::Config(format!(
             "the kernel command line is over {} bytes",
@@ -421,8 +419,37 @@ pub fn boot_regs(entry: u64) -> kvm_regs {
     }
 }
 
+/// The command line the kernel gets: the user's, `panic=-1` unless it says
+/// otherwise, and the VMRPC region's address.
+///
+/// A panicking kernel waits forever by default, and the VM with it; with
+/// `panic=-1` it resets at once, which ends the VM with the panic on the
+/// console.
+fn kernel_cmdline(user: &str, region: u64) -> String {
+    let mut line = user.trim().to_string();
+    if !line.split_whitespace().any(|word| word.starts_with("panic=")) {
+        line.push_str(" panic=-1");
+    }
+    format!("{line} {}={region:#x}", region::CMDLINE_KEY)
+        .trim()
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_kernel_resets_on_panic_unless_the_user_says_otherwise() {
+        assert_eq!(
+            super::kernel_cmdline(" console=ttyS0 ", 0x1000),
+            "console=ttyS0 panic=-1 rtvm.vmrpc=0x1000"
+        );
+        assert_eq!(
+            super::kernel_cmdline("panic=10 quiet", 0x1000),
+            "panic=10 quiet rtvm.vmrpc=0x1000"
+        );
+        assert_eq!(super::kernel_cmdline("", 0x1000), "panic=-1 rtvm.vmrpc=0x1000");
+    }
+
     use super::*;
 
     #[test]
