@@ -418,6 +418,48 @@ fn program_comes_with_its_libraries_and_loader() {
 }
 
 #[test]
+fn added_dynamic_elf_files_come_with_their_libraries() {
+    // A preload library (here libgcc_s, which librtvm_preload.so itself
+    // needs) and a program added under another name: both are useless
+    // without what they link to.
+    const LIBGCC: &str = "/lib/x86_64-linux-gnu/libgcc_s.so.1";
+    if !host_has(CYCLICTEST, "rt-tests") || !Path::new(LIBGCC).is_file() {
+        return;
+    }
+    let dir = TempDir::new("add-dynamic");
+    let busybox = dir.file("busybox", b"bb", 0o755);
+    let static_file = dir.file("data", b"not ELF", 0o644);
+    let (_, archive) = build_ok(
+        &dir,
+        &[
+            "--busybox",
+            busybox.to_str().unwrap(),
+            "--add",
+            &format!("{LIBGCC}:/lib/libpreload.so"),
+            "--add",
+            &format!("{CYCLICTEST}:/opt/ct"),
+            "--add",
+            &format!("{}:/etc/data", static_file.display()),
+        ],
+    );
+    assert_eq!(archive.get("/lib/libpreload.so").data, fs::read(LIBGCC).unwrap());
+    for file in [LIBGCC, CYCLICTEST] {
+        let ldd = Command::new("ldd").arg(file).output().unwrap();
+        let mut needed = 0;
+        for line in text(&ldd.stdout).lines() {
+            let path = line.split_once("=> ").map_or(line.trim(), |(_, rest)| rest);
+            let path = path.split(" (").next().unwrap();
+            if path.starts_with('/') {
+                needed += 1;
+                assert!(archive.has(path), "{path}, which {file} needs, is missing");
+            }
+        }
+        assert!(needed >= 2, "ldd {file} lists libc and the loader at least");
+    }
+    assert_eq!(archive.get("/etc/data").data, b"not ELF");
+}
+
+#[test]
 fn program_with_an_unresolvable_library_is_refused() {
     if !host_has(CYCLICTEST, "rt-tests") {
         return;
@@ -494,7 +536,9 @@ fn init_runs_the_command_and_hands_its_status_to_rtvm_guest() {
             "--rt-cpu",
             "1",
             "--run",
-            "echo \"hi from $(uname -s) on cpu $RTVM_RT_CPU\"; ls /proc/self >/dev/null && exit 3",
+            "echo \"hi from $(uname -s) on cpu $RTVM_RT_CPU\"; \
+             grep -q ' /dev/shm tmpfs ' /proc/mounts && echo 'shm is mounted'; \
+             ls /proc/self >/dev/null && exit 3",
         ],
     );
     let root = dir.join("root");
@@ -512,6 +556,7 @@ fn init_runs_the_command_and_hands_its_status_to_rtvm_guest() {
     let said_hi = stdout.find("hi from Linux on cpu 1\n").expect(&stdout);
     let ended = stdout.find("rtvm-init: exit 3\n").expect(&stdout);
     assert!(started < said_hi && said_hi < ended, "{stdout}");
+    assert!(stdout.contains("shm is mounted\n"), "/dev/shm: {stdout}");
     assert!(!stdout.contains("cannot mount"), "{stdout}");
     assert!(!stdout.contains("powering off"), "{stdout}");
     assert!(

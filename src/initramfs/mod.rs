@@ -4,12 +4,15 @@
 //! - busybox (Debian's `busybox-static`) as `/bin/busybox`, with `/bin/sh`
 //!   linking to it; `/init` installs the other applets with
 //!   `busybox --install -s` at boot;
-//! - files given with `--add HOST[:GUEST]` (rtvm's guest tools, data);
+//! - files given with `--add HOST[:GUEST]` (rtvm's guest tools, data),
+//!   each dynamically linked ELF file (a program or a shared library such
+//!   as `librtvm_preload.so`) with the shared libraries it needs;
 //! - programs given with `--program PATH`, at the same path, with every
 //!   shared library `ldd` lists for them and their dynamic loader;
 //! - the directories of all of these, `/proc`, `/sys`, `/dev`, `/tmp`,
 //!   `/run`, a `/dev/console` node, and `/init`: a shell script that mounts
-//!   proc, sysfs and devtmpfs, runs the `--run` command once, prints its
+//!   proc, sysfs, devtmpfs and a tmpfs on `/dev/shm` (POSIX shared memory,
+//!   which cyclictest and others use), runs the `--run` command once, prints its
 //!   status as `rtvm-init: exit N`, and ends the VM (`/bin/rtvm-guest exit
 //!   N` when that exists, else `poweroff -f`).
 //!
@@ -63,7 +66,9 @@ pub struct InitramfsArgs {
     #[arg(long, value_name = "PATH", default_value = DEFAULT_BUSYBOX)]
     pub busybox: PathBuf,
     /// Add the host file HOST_PATH as GUEST_PATH (default: the same path,
-    /// which must then be absolute); permission bits are kept. Repeatable.
+    /// which must then be absolute); permission bits are kept. A dynamically
+    /// linked ELF file (program or shared library) comes with the shared
+    /// libraries `ldd` lists for it. Repeatable.
     #[arg(long = "add", value_name = "HOST_PATH[:GUEST_PATH]", value_parser = parse_add)]
     pub add: Vec<AddFile>,
     /// Add the program at PATH (same path in the guest, mode 0755) with the
@@ -209,6 +214,10 @@ pub fn entries(spec: &InitramfsSpec) -> Result<Vec<Entry>, String> {
             Entry::file(&add.guest, perm, read_file(&add.host)?),
             &source,
         )?;
+        // A preload library or a program is no use without what it links to.
+        for lib in shared_libraries(&add.host)? {
+            add_library(&mut tree, &lib)?;
+        }
     }
 
     for program in &spec.programs {
@@ -325,9 +334,20 @@ fn guest_path_of(host: &Path) -> Result<String, String> {
     guest_path(text)
 }
 
-/// The `PT_INTERP` of an ELF file (its dynamic loader): `None` for a
-/// statically linked program or a file that is not ELF (a script).
-pub fn elf_interpreter(path: &Path) -> Result<Option<String>, String> {
+/// How an ELF file is linked, from its program headers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ElfLinking {
+    /// `PT_INTERP`: the dynamic loader a program names (none for a shared
+    /// library or a static program).
+    pub interpreter: Option<String>,
+    /// Whether it has a `PT_DYNAMIC` segment: it needs the dynamic loader
+    /// and, through it, shared libraries.
+    pub dynamic: bool,
+}
+
+/// How the ELF file at `path` is linked; `None` for a file that is not ELF
+/// (a script, data).
+pub fn elf_linking(path: &Path) -> Result<Option<ElfLinking>, String> {
     let bytes = read_file(path)?;
     if bytes.len() < 52 || &bytes[..4] != b"\x7fELF" {
         return Ok(None);
@@ -357,35 +377,51 @@ pub fn elf_interpreter(path: &Path) -> Result<Option<String>, String> {
     } else {
         (uint(0x1c, 4)?, uint(0x2a, 2)?, uint(0x2c, 2)?)
     };
+    const PT_DYNAMIC: u64 = 2;
     const PT_INTERP: u64 = 3;
+    let mut linking = ElfLinking {
+        interpreter: None,
+        dynamic: false,
+    };
     for index in 0..phnum {
-        let at = usize::try_from(phoff + index * phentsize).map_err(|_| bad())?;
-        if uint(at, 4)? != PT_INTERP {
-            continue;
-        }
-        let (offset, size) = if is64 {
-            (uint(at + 8, 8)?, uint(at + 32, 8)?)
-        } else {
-            (uint(at + 4, 4)?, uint(at + 16, 4)?)
-        };
-        let start = usize::try_from(offset).map_err(|_| bad())?;
-        let end = start
-            .checked_add(usize::try_from(size).map_err(|_| bad())?)
+        let at = index
+            .checked_mul(phentsize)
+            .and_then(|off| off.checked_add(phoff))
+            .and_then(|at| usize::try_from(at).ok())
             .ok_or_else(bad)?;
-        let raw = bytes.get(start..end).ok_or_else(bad)?;
-        let text =
-            std::str::from_utf8(raw.split(|&b| b == 0).next().unwrap_or(&[])).map_err(|_| bad())?;
-        return Ok(Some(text.to_string()));
+        match uint(at, 4)? {
+            PT_DYNAMIC => linking.dynamic = true,
+            PT_INTERP => {
+                let (offset, size) = if is64 {
+                    (uint(at + 8, 8)?, uint(at + 32, 8)?)
+                } else {
+                    (uint(at + 4, 4)?, uint(at + 16, 4)?)
+                };
+                let start = usize::try_from(offset).map_err(|_| bad())?;
+                let end = start
+                    .checked_add(usize::try_from(size).map_err(|_| bad())?)
+                    .ok_or_else(bad)?;
+                let raw = bytes.get(start..end).ok_or_else(bad)?;
+                let text = std::str::from_utf8(raw.split(|&b| b == 0).next().unwrap_or(&[]))
+                    .map_err(|_| bad())?;
+                linking.interpreter = Some(text.to_string());
+            }
+            _ => {}
+        }
     }
-    Ok(None)
+    Ok(Some(linking))
 }
 
-/// The shared libraries (dynamic loader included) that `program` needs, as
-/// `ldd` resolves them on the host; none for a static program or a script.
+/// The shared libraries (dynamic loader included) that `program` (or a
+/// shared library) needs, as `ldd` resolves them on the host; none for a
+/// static program or a file that is not ELF.
 pub fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>, String> {
-    let Some(interpreter) = elf_interpreter(program)? else {
+    let Some(linking) = elf_linking(program)? else {
         return Ok(Vec::new());
     };
+    if !linking.dynamic && linking.interpreter.is_none() {
+        return Ok(Vec::new());
+    }
     let out = std::process::Command::new("ldd")
         .arg(program)
         .env("LC_ALL", "C")
@@ -401,7 +437,7 @@ pub fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    let mut libs = vec![PathBuf::from(interpreter)];
+    let mut libs: Vec<PathBuf> = linking.interpreter.into_iter().map(PathBuf::from).collect();
     for line in stdout.lines().map(str::trim) {
         // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)",
         // "/lib64/ld-linux-x86-64.so.2 (0x…)", "linux-vdso.so.1 (0x…)",
@@ -446,6 +482,7 @@ pub fn init_script(spec: &InitramfsSpec) -> String {
          mount -t proc proc /proc || echo 'rtvm-init: cannot mount /proc'\n\
          mount -t sysfs sysfs /sys || echo 'rtvm-init: cannot mount /sys'\n\
          mount -t devtmpfs devtmpfs /dev || echo 'rtvm-init: cannot mount /dev'\n\
+         mkdir -p /dev/shm && mount -t tmpfs -o mode=1777 shm /dev/shm || echo 'rtvm-init: cannot mount /dev/shm'\n\
          echo 'rtvm-init: starting'\n\
          echo \"rtvm-init: kernel $(uname -r), cmdline: $(cat /proc/cmdline)\"\n",
     );
