@@ -237,6 +237,16 @@ fn stats_json(run: &VmRun) -> serde_json::Value {
         "process_rss_bytes": run.process_rss,
         "guest_resident_bytes": run.guest_resident,
         "vmm_overhead_bytes": run.vmm_overhead(),
+        "vmrpc": {
+            "calls": run
+                .calls
+                .calls
+                .iter()
+                .map(|(call, count)| (format!("{call:?}"), serde_json::json!(count)))
+                .collect::<serde_json::Map<_, _>>(),
+            "refused": run.calls.refused,
+            "long_polls": run.calls.long_polls,
+        },
     })
 }
 

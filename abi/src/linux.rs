@@ -25,7 +25,8 @@ pub struct RegionHeader {
     pub abi_version: u32,
     /// Number of vCPUs, and of call pages after this one.
     pub vcpu_count: u32,
-    /// Guest TSC frequency in kHz (0: unknown; then use `Clock` calls).
+    /// Guest TSC frequency in kHz (0: unknown, or the TSC is no clock on
+    /// this host; then use `Clock` calls).
     pub tsc_khz: u64,
     /// Bit i set: vCPU i is a real-time vCPU (its waits long-poll with the
     /// timer advance).

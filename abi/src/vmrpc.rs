@@ -28,7 +28,9 @@
 //! Times are host `CLOCK_MONOTONIC` nanoseconds ([`Call::Clock`]). A guest that
 //! wants to read the host clock without an exit maps it from its TSC with the
 //! `tsc_khz` that [`Call::VcpuInfo`] returns and the (host time, guest TSC)
-//! pair one `Clock` call returns.
+//! pair one `Clock` call returns. Where `tsc_khz` is 0 the TSC is no clock:
+//! the host does not keep its own time with its TSC, and KVM then shifts a
+//! guest's TSC whenever the vCPU is scheduled in, so only `Clock` tells time.
 
 /// Value the host puts in EAX when the doorbell names no page of guest RAM,
 /// or-ed with the status.
@@ -120,7 +122,10 @@ pub enum Call {
     /// `results[3]` = the timer advance in use (ns).
     WaitNext = 6,
     /// `results[0]` = vCPU index, `results[1]` = [`vcpu_info`] flags,
-    /// `results[2]` = vCPU count, `results[3]` = TSC frequency in kHz (0 if unknown).
+    /// `results[2]` = vCPU count, `results[3]` = TSC frequency in kHz: 0 if
+    /// unknown, or if the TSC cannot serve as a clock (the host does not keep
+    /// time with its own TSC, and KVM may shift the guest's): then no
+    /// `EARLY_RETURN`, and host time only by `Clock`.
     VcpuInfo = 7,
     /// Write the guest buffer (`args[0]` address, `args[1]` length ≤
     /// [`LOG_MAX`]) to the VMM's log.

@@ -404,16 +404,40 @@ impl<T: Transport> Client<T> {
         self.sleep_until_host(deadline)
     }
 
-    /// Waits until a guest-clock deadline, converted to host time with the
-    /// header's clock pair.
+    /// The host time of a guest-clock deadline: through the header's clock
+    /// pair where the TSC tells host time, else by one `Clock` call (the
+    /// guest clock and the host's then run at the same rate, as kvm-clock
+    /// makes them, but not from the same origin).
+    pub fn host_deadline(&mut self, deadline: GuestDeadline) -> Result<u64, Error> {
+        if let Some(host) = self.clock.as_ref().and_then(|c| c.host_deadline(deadline)) {
+            return Ok(host);
+        }
+        let host_now = self.clock()?;
+        let guest_now = deadline.clock().map_or(0, guest_clock_ns);
+        Ok(host_deadline_from(deadline, host_now, guest_now))
+    }
+
+    /// Waits until a guest-clock deadline, converted to host time by
+    /// [`Client::host_deadline`]. The guest clock may still read a little
+    /// before the deadline afterwards (the conversion is as good as the two
+    /// clocks' agreement): callers that promise "never early" by the guest
+    /// clock check it and sleep the rest, as the preload library does.
     pub fn sleep_until_guest(&mut self, deadline: GuestDeadline) -> Result<Woke, Error> {
-        let host = self
-            .clock
-            .as_ref()
-            .and_then(|c| c.host_deadline(deadline))
-            .ok_or(Error::NoHostClock)?;
+        let host = self.host_deadline(deadline)?;
         self.sleep_until_host(host)
     }
+}
+
+/// `deadline` in host time, given that host time `host_now` and guest
+/// time `guest_now` (on the deadline's clock) are the same moment.
+fn host_deadline_from(deadline: GuestDeadline, host_now: u64, guest_now: u64) -> u64 {
+    let host = match deadline {
+        GuestDeadline::Monotonic(d) | GuestDeadline::Realtime(d) => {
+            i128::from(host_now) + (i128::from(d) - i128::from(guest_now))
+        }
+        GuestDeadline::Relative(d) => i128::from(host_now) + i128::from(d),
+    };
+    host.clamp(0, i128::from(u64::MAX)) as u64
 }
 
 /// Status and results of an answered call page image.
@@ -434,6 +458,19 @@ pub fn decode_answer(page: &Page) -> Result<[u64; RESULTS], Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_deadlines_map_to_host_time_by_the_offset_of_one_moment() {
+        let map = |d, host_now, guest_now| host_deadline_from(d, host_now, guest_now);
+        assert_eq!(map(GuestDeadline::Monotonic(1_500), 10_000, 1_000), 10_500);
+        assert_eq!(map(GuestDeadline::Realtime(900), 10_000, 1_000), 9_900);
+        assert_eq!(map(GuestDeadline::Relative(250), 10_000, 77), 10_250);
+        assert_eq!(
+            map(GuestDeadline::Monotonic(0), 10, 1_000),
+            0,
+            "clamped at 0"
+        );
+    }
 
     #[test]
     fn answers_decode_to_results_or_errors() {

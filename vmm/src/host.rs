@@ -3,6 +3,26 @@
 //! comparable, nor are results under nested KVM and on bare metal.
 
 use std::fs;
+use std::sync::OnceLock;
+
+/// Whether the host kernel keeps time with the TSC (its clocksource is
+/// `tsc`), read once.
+///
+/// Only then is a guest's TSC a fixed offset from the host's: when the
+/// kernel has found its TSC unstable and keeps time with something else
+/// (HPET, ACPI PM timer: under QEMU TCG, say), KVM moves a guest's TSC
+/// offset whenever the vCPU thread is scheduled in again, so a guest TSC
+/// stands still while its vCPU is parked. Mapped to host time by a pair
+/// taken earlier, it then runs behind by every park: measured in the
+/// nested-KVM harness, long-poll sleeps came back 20 ms late after spinning
+/// on such a mapping, and an early wake was seen too.
+pub fn tsc_is_clocksource() -> bool {
+    static TSC: OnceLock<bool> = OnceLock::new();
+    *TSC.get_or_init(|| {
+        fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+            .is_ok_and(|name| name.trim() == "tsc")
+    })
+}
 
 /// What the host is, as far as timing results are concerned.
 #[derive(Clone, Debug, Default)]

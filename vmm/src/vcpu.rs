@@ -31,7 +31,9 @@ use crate::memory::GuestRam;
 use crate::realtime::{self, RtCgroups, RtItem, RtPolicy};
 use crate::rpc::timer::{AdvanceMode, Interrupted, Park};
 use crate::rpc::wait::Waiter;
-use crate::rpc::{host_tsc, Doorbell, RpcServer, SampleStreams, TscOffset, VcpuFacts};
+use crate::rpc::{
+    host_tsc, CallCounters, Doorbell, RpcServer, SampleStreams, TscOffset, VcpuFacts,
+};
 use kvm_bindings::{kvm_msr_entry, Msrs};
 
 /// Offset from SIGRTMIN of the signal that kicks a vCPU out of `KVM_RUN`.
@@ -107,6 +109,7 @@ pub struct VcpuContext {
     pub count: usize,
     pub ram: Arc<GuestRam>,
     pub streams: Arc<SampleStreams>,
+    pub counters: Arc<CallCounters>,
     pub files: Option<Arc<crate::rpc::fs::FileService>>,
     pub sockets: Arc<crate::rpc::net::NetService>,
     pub advance: AdvanceMode,
@@ -287,7 +290,7 @@ fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
         index: ctx.index,
         count: ctx.count,
         realtime: ctx.rt.is_some(),
-        tsc_khz: fd.get_tsc_khz().map(u64::from).unwrap_or(0),
+        tsc_khz: guest_tsc_khz(&fd),
         tsc_offset: None,
     };
     let facts = VcpuFacts {
@@ -298,6 +301,7 @@ fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
         facts,
         ctx.ram.clone(),
         ctx.streams.clone(),
+        ctx.counters.clone(),
         ctx.advance,
         ctx.files.clone(),
         ctx.sockets.clone(),
@@ -389,6 +393,17 @@ fn fatal(fd: &VcpuFd, ctx: &VcpuContext, what: String) -> bool {
     tracing::debug!("{reason}");
     ctx.exit.request(reason);
     false
+}
+
+/// The guest TSC's frequency as guests may use it to tell time: KVM's
+/// figure, or 0 ("no TSC clock") when the host does not keep time with its
+/// TSC, as then KVM shifts the guest's TSC (see
+/// [`crate::host::tsc_is_clocksource`]).
+pub(crate) fn guest_tsc_khz(fd: &VcpuFd) -> u64 {
+    if !crate::host::tsc_is_clocksource() {
+        return 0;
+    }
+    fd.get_tsc_khz().map(u64::from).unwrap_or(0)
 }
 
 /// Guest TSC minus host TSC: the guest's IA32_TSC read through KVM between

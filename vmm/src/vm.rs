@@ -26,7 +26,7 @@ use crate::memory::{self, layout, GuestRam};
 use crate::realtime::{RtHost, RtHostSettings, RtReport};
 use crate::rpc::fs::FileService;
 use crate::rpc::net::NetService;
-use crate::rpc::SampleStreams;
+use crate::rpc::{CallCounters, CallStats, SampleStreams};
 use crate::signals;
 use crate::vcpu::UnhandledIo;
 use crate::vcpu::{VcpuContext, VcpuHandle, VcpuState};
@@ -139,6 +139,8 @@ pub struct VmRun {
     pub guest_time: Duration,
     /// Samples the guest handed over with `Call::Report`, by stream.
     pub streams: Vec<Vec<u64>>,
+    /// What the VMRPC servers served.
+    pub calls: CallStats,
     /// What real-time setup was tried and how it went.
     pub rt_report: RtReport,
 }
@@ -297,7 +299,7 @@ impl Vm {
         let ram = Arc::new(ram);
         let clock = match entry {
             Entry::Linux { region, .. } => {
-                let tsc_khz = vcpu_fds[0].get_tsc_khz().map(u64::from).unwrap_or(0);
+                let tsc_khz = crate::vcpu::guest_tsc_khz(&vcpu_fds[0]);
                 crate::vcpu::measure_tsc_offset(&vcpu_fds[0], tsc_khz).map(|offset| ClockPage {
                     ram: ram.clone(),
                     region,
@@ -342,6 +344,7 @@ impl Vm {
             &mut rt_report,
         );
         let streams = Arc::new(SampleStreams::new());
+        let counters = Arc::new(CallCounters::default());
         let live = Arc::new(AtomicUsize::new(count));
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let started = Instant::now();
@@ -357,6 +360,7 @@ impl Vm {
                 count,
                 ram: self.ram.clone(),
                 streams: streams.clone(),
+                counters: counters.clone(),
                 files: self.files.clone(),
                 sockets: self.sockets.clone(),
                 advance: self.config.advance_for(index),
@@ -388,6 +392,7 @@ impl Vm {
             console: self.console,
             ram: self.ram,
             streams,
+            counters,
             rt_report,
             started,
             clock: Mutex::new(self.clock),
@@ -426,6 +431,7 @@ pub struct RunningVm {
     exit: Arc<ExitSignal>,
     console: Console,
     streams: Arc<SampleStreams>,
+    counters: Arc<CallCounters>,
     rt_report: RtReport,
     started: Instant,
     clock: Mutex<Option<ClockPage>>,
@@ -536,6 +542,7 @@ impl RunningVm {
             guest_resident,
             guest_time,
             streams,
+            calls: self.counters.snapshot(),
             rt_report: self.rt_report,
         }
     }

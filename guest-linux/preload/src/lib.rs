@@ -232,11 +232,13 @@ unsafe fn long_poll_sleep(
             libc::CLOCK_REALTIME => GuestDeadline::Realtime(deadline),
             _ => GuestDeadline::Monotonic(deadline),
         };
-        let host = client.host_clock()?.host_deadline(target)?;
-        client.sleep_until_host(host).ok()
+        client.sleep_until_guest(target).ok()
     }));
     match polled {
-        Ok(Some(_)) => {
+        // Never early by the guest's own clock: the host deadline was only
+        // as good as the two clocks' agreement, so a sleep that the guest
+        // clock says is not over yet sleeps the rest the ordinary way.
+        Ok(Some(_)) if guest_clock_ns(guest_clock) >= deadline => {
             if relative && !rem.is_null() {
                 *rem = decision::ns_to_timespec(0);
             }

@@ -13,7 +13,7 @@ use rtvm_vmm::memory::GuestRam;
 use rtvm_vmm::rpc::net::{NetPolicy, NetService};
 use rtvm_vmm::rpc::timer::{AdvanceMode, Interrupted, Park};
 use rtvm_vmm::rpc::wait::now_ns;
-use rtvm_vmm::rpc::{Doorbell, RpcServer, SampleStreams, TscOffset, VcpuFacts};
+use rtvm_vmm::rpc::{CallCounters, Doorbell, RpcServer, SampleStreams, TscOffset, VcpuFacts};
 
 /// Guest RAM size.
 pub const RAM: u64 = 16 << 20;
@@ -121,6 +121,7 @@ impl InProcess {
             facts,
             ram.clone(),
             Arc::new(SampleStreams::new()),
+            Arc::new(CallCounters::default()),
             advance,
             None,
             Arc::new(NetService::new(NetPolicy::default()).unwrap()),

@@ -12,6 +12,7 @@ pub mod net;
 pub mod timer;
 pub mod wait;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rtvm_abi::vmrpc::{
@@ -60,6 +61,63 @@ impl SampleStreams {
     }
 }
 
+/// Call numbers below this are counted one by one (all of today's are).
+const COUNTED_CALLS: usize = 64;
+
+/// What the VMRPC servers of one VM have served, shared by its vCPUs:
+/// cheap enough (relaxed atomics) to stay on always.
+pub struct CallCounters {
+    by_number: [AtomicU64; COUNTED_CALLS],
+    refused: AtomicU64,
+    long_polls: AtomicU64,
+}
+
+/// A snapshot of [`CallCounters`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallStats {
+    /// Calls by kind, in call-number order; only those made at least once.
+    pub calls: Vec<(Call, u64)>,
+    /// Calls answered with a status other than `Ok`.
+    pub refused: u64,
+    /// Timer waits (`Sleep`, `SleepUntil`, `WaitNext`) served as long polls:
+    /// the calling vCPU parked in the host until its deadline.
+    pub long_polls: u64,
+}
+
+impl Default for CallCounters {
+    fn default() -> Self {
+        CallCounters {
+            by_number: std::array::from_fn(|_| AtomicU64::new(0)),
+            refused: AtomicU64::new(0),
+            long_polls: AtomicU64::new(0),
+        }
+    }
+}
+
+impl CallCounters {
+    fn served(&self, number: u32, ok: bool) {
+        if let Some(count) = self.by_number.get(number as usize) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        if !ok {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn snapshot(&self) -> CallStats {
+        CallStats {
+            calls: (0..COUNTED_CALLS as u32)
+                .filter_map(|n| {
+                    let count = self.by_number[n as usize].load(Ordering::Relaxed);
+                    Some((Call::from_u32(n)?, count)).filter(|_| count > 0)
+                })
+                .collect(),
+            refused: self.refused.load(Ordering::Relaxed),
+            long_polls: self.long_polls.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// What became of a doorbell.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Doorbell {
@@ -99,6 +157,7 @@ pub struct RpcServer {
     facts: VcpuFacts,
     ram: Arc<GuestRam>,
     streams: Arc<SampleStreams>,
+    counters: Arc<CallCounters>,
     timer: TimerService,
     files: Option<Arc<fs::FileService>>,
     sockets: Arc<net::NetService>,
@@ -109,6 +168,7 @@ impl RpcServer {
         facts: VcpuFacts,
         ram: Arc<GuestRam>,
         streams: Arc<SampleStreams>,
+        counters: Arc<CallCounters>,
         advance: AdvanceMode,
         files: Option<Arc<fs::FileService>>,
         sockets: Arc<net::NetService>,
@@ -117,6 +177,7 @@ impl RpcServer {
             facts,
             ram,
             streams,
+            counters,
             timer: TimerService::new(advance),
             files,
             sockets,
@@ -142,12 +203,13 @@ impl RpcServer {
             Ok(()) => Request::decode(&request).and_then(|req| self.dispatch(&req, park)),
             Err(_) => Err(Status::BadAddress),
         };
+        let number = u32::from_le_bytes(request[4..8].try_into().unwrap());
+        self.counters.served(number, outcome.is_ok());
         let (status, results) = match outcome {
             Ok(results) => (Status::Ok, results),
             Err(status) => {
                 // Outcomes a correct guest meets in normal work stay at
                 // debug; malformed or forbidden requests are worth a warning.
-                let number = u32::from_le_bytes(request[4..8].try_into().unwrap());
                 match status {
                     Status::Interrupted
                     | Status::TimedOut
@@ -182,6 +244,14 @@ impl RpcServer {
     }
 
     fn dispatch(&mut self, req: &Request, park: &mut dyn Park) -> Result<[u64; 4], Status> {
+        let results = self.dispatch_call(req, park);
+        if results.is_ok() && matches!(req.call, Call::Sleep | Call::SleepUntil | Call::WaitNext) {
+            self.counters.long_polls.fetch_add(1, Ordering::Relaxed);
+        }
+        results
+    }
+
+    fn dispatch_call(&mut self, req: &Request, park: &mut dyn Park) -> Result<[u64; 4], Status> {
         let a = req.args;
         match req.call {
             Call::Ping => Ok([a[0], 0, 0, 0]),
@@ -418,6 +488,7 @@ mod tests {
             facts,
             ram,
             Arc::new(SampleStreams::new()),
+            Arc::new(CallCounters::default()),
             AdvanceMode::Off,
             None,
             Arc::new(net::NetService::new(net::NetPolicy::default()).unwrap()),
