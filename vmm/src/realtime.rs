@@ -399,6 +399,16 @@ impl RtHost {
                 )),
             );
             None
+        } else if Path::new(CGROUP_V1_CPU).join("cpu.shares").exists() {
+            report.record(
+                "RT bandwidth cap for RT vCPUs",
+                Err(
+                    "the cgroup v1 cpu controller has no RT bandwidth (a kernel built without \
+                     CONFIG_RT_GROUP_SCHED); only the system-wide RT throttle applies"
+                        .into(),
+                ),
+            );
+            None
         } else {
             report.record(
                 "RT bandwidth cap for RT vCPUs",
