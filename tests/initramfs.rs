@@ -442,7 +442,10 @@ fn added_dynamic_elf_files_come_with_their_libraries() {
             &format!("{}:/etc/data", static_file.display()),
         ],
     );
-    assert_eq!(archive.get("/lib/libpreload.so").data, fs::read(LIBGCC).unwrap());
+    assert_eq!(
+        archive.get("/lib/libpreload.so").data,
+        fs::read(LIBGCC).unwrap()
+    );
     for file in [LIBGCC, CYCLICTEST] {
         let ldd = Command::new("ldd").arg(file).output().unwrap();
         let mut needed = 0;

@@ -2,6 +2,8 @@
 //! and reading what it printed.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod nested;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;

@@ -100,7 +100,10 @@ fn com1() -> Vec<u8> {
     let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let crs = aml::Name::new("_CRS".into(), &resources);
-    bytes(&aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]))
+    bytes(&aml::Device::new(
+        "_SB_.COM1".into(),
+        vec![&hid, &uid, &crs],
+    ))
 }
 
 /// Writes the tables for `vcpus` vCPUs; returns the RSDP's address.
@@ -184,9 +187,15 @@ mod tests {
         // _HID EISAID("PNP0501"): the compressed EISA id, a DWord constant.
         assert!(has(b"_HID\x0c\x41\xd0\x05\x01"), "_HID PNP0501");
         // I/O port descriptor: decode16, min = max = 0x3f8, 8 ports.
-        assert!(has(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]), "I/O 0x3f8-0x3ff");
+        assert!(
+            has(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]),
+            "I/O 0x3f8-0x3ff"
+        );
         // Extended IRQ descriptor: consumer, edge, active high, one interrupt: 4.
-        assert!(has(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00]), "IRQ 4");
+        assert!(
+            has(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00]),
+            "IRQ 4"
+        );
     }
 
     #[test]

@@ -427,7 +427,10 @@ pub fn boot_regs(entry: u64) -> kvm_regs {
 /// console.
 fn kernel_cmdline(user: &str, region: u64) -> String {
     let mut line = user.trim().to_string();
-    if !line.split_whitespace().any(|word| word.starts_with("panic=")) {
+    if !line
+        .split_whitespace()
+        .any(|word| word.starts_with("panic="))
+    {
         line.push_str(" panic=-1");
     }
     format!("{line} {}={region:#x}", region::CMDLINE_KEY)
@@ -447,7 +450,10 @@ mod tests {
             super::kernel_cmdline("panic=10 quiet", 0x1000),
             "panic=10 quiet rtvm.vmrpc=0x1000"
         );
-        assert_eq!(super::kernel_cmdline("", 0x1000), "panic=-1 rtvm.vmrpc=0x1000");
+        assert_eq!(
+            super::kernel_cmdline("", 0x1000),
+            "panic=-1 rtvm.vmrpc=0x1000"
+        );
     }
 
     use super::*;
