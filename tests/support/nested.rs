@@ -126,6 +126,12 @@ impl Outcome {
         );
     }
 
+    /// rtvm ended with a fatal guest event before the inner /init printed
+    /// anything (the outer /init's line is the first "starting").
+    fn died_before_guest_init(&self) -> bool {
+        self.rtvm_status == Some(125) && self.console.matches("rtvm-init: starting").count() < 2
+    }
+
     /// A counter from rtvm's statistics (`vmrpc.NAME`), 0 when absent.
     pub fn vmrpc_counter(&self, name: &str) -> u64 {
         self.stats
@@ -188,7 +194,28 @@ pub fn run(scenario: &Scenario) -> Option<Result<Outcome, NestedError>> {
         }
     };
     let _turn = lock();
-    Some(run_with(assets, scenario))
+    let first = run_with(assets, scenario);
+    // The emulated SVM is not flawless: about one boot in several of the inner
+    // kernel has died in early boot with a triple fault (RIP lost), never
+    // after /init started. Such a run is tried once more, loudly; a guest
+    // that dies after its /init started is never retried.
+    match &first {
+        Ok(outcome) if outcome.died_before_guest_init() => {
+            eprintln!(
+                "nested run {:?}: the inner guest died before its /init (status {:?}); \
+                 trying once more. First console kept in {}",
+                scenario.name,
+                outcome.rtvm_status,
+                outcome.dir.display()
+            );
+            let again = Scenario {
+                name: format!("{}-again", scenario.name),
+                ..scenario.clone()
+            };
+            Some(run_with(assets, &again))
+        }
+        _ => Some(first),
+    }
 }
 
 fn lock() -> MutexGuard<'static, ()> {
@@ -265,9 +292,9 @@ fn prepare() -> Result<Assets, String> {
     }
     let outer_kernel = debian_kernel(Kernel::Cloud)?;
     let outer_modules = modules_of(&outer_kernel)?;
-    // The guest tools, built in a target directory of their own: cargo test
-    // holds the lock of the one it runs from, and the static build needs
-    // other flags.
+    // The guest tools, built in a target directory of their own: the
+    // static build needs other flags, which would otherwise invalidate the
+    // artefacts of the test build this runs from.
     let tools = format!("{ROOT}/target/nested-tools");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     checked(
