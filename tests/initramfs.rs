@@ -355,6 +355,18 @@ fn init_passes_sh_syntax_check_and_notes_the_rt_cpu() {
     assert_eq!(out.status.code(), Some(3));
 }
 
+/// The files `ldd` says `file` needs (loader included), as absolute paths.
+fn ldd_paths(file: &str) -> Vec<String> {
+    let ldd = Command::new("ldd").arg(file).output().unwrap();
+    text(&ldd.stdout)
+        .lines()
+        .map(|line| line.split_once("=> ").map_or(line.trim(), |(_, rest)| rest))
+        .filter_map(|path| path.split(" (").next())
+        .filter(|path| path.starts_with('/'))
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
 fn program_comes_with_its_libraries_and_loader() {
     if !host_has(CYCLICTEST, "rt-tests") {
@@ -386,17 +398,9 @@ fn program_comes_with_its_libraries_and_loader() {
     assert!(named("libc.so.6").data.len() > 100_000, "the real libc");
     assert!(named("ld-linux-x86-64.so.2").data.starts_with(b"\x7fELF"));
     // Exactly where ldd (and so the guest's loader) looks for them.
-    let ldd = Command::new("ldd").arg(CYCLICTEST).output().unwrap();
-    for line in text(&ldd.stdout).lines() {
-        let path = match line.split_once("=> ") {
-            Some((_, rest)) => rest,
-            None => line.trim(),
-        };
-        let path = path.split(" (").next().unwrap();
-        if path.starts_with('/') {
-            assert!(archive.has(path), "{path} from ldd is missing");
-            assert_eq!(archive.get(path).data, fs::read(path).unwrap(), "{path}");
-        }
+    for path in ldd_paths(CYCLICTEST) {
+        assert!(archive.has(&path), "{path} from ldd is missing");
+        assert_eq!(archive.get(&path).data, fs::read(&path).unwrap(), "{path}");
     }
 
     // The program runs from the archive alone (root: chroot).
@@ -447,17 +451,14 @@ fn added_dynamic_elf_files_come_with_their_libraries() {
         fs::read(LIBGCC).unwrap()
     );
     for file in [LIBGCC, CYCLICTEST] {
-        let ldd = Command::new("ldd").arg(file).output().unwrap();
-        let mut needed = 0;
-        for line in text(&ldd.stdout).lines() {
-            let path = line.split_once("=> ").map_or(line.trim(), |(_, rest)| rest);
-            let path = path.split(" (").next().unwrap();
-            if path.starts_with('/') {
-                needed += 1;
-                assert!(archive.has(path), "{path}, which {file} needs, is missing");
-            }
+        let needed = ldd_paths(file);
+        for path in &needed {
+            assert!(archive.has(path), "{path}, which {file} needs, is missing");
         }
-        assert!(needed >= 2, "ldd {file} lists libc and the loader at least");
+        assert!(
+            needed.len() >= 2,
+            "ldd {file} lists libc and the loader at least"
+        );
     }
     assert_eq!(archive.get("/etc/data").data, b"not ELF");
 }
