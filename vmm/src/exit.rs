@@ -9,6 +9,10 @@ use crate::error::{Error, Result};
 
 /// Process exit status when the guest crashed or the VMM met a fatal guest event.
 pub const EXIT_GUEST_CRASH: u8 = 125;
+/// Process exit status when the guest reset the machine. rtvm does not
+/// reboot a guest, so a reset ends the VM, and it is no success: a Linux
+/// guest resets when it panics (rtvm gives it `panic=-1`).
+pub const EXIT_GUEST_RESET: u8 = 126;
 
 /// Why a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,7 +21,8 @@ pub enum VmExitReason {
     GuestExit { vcpu: usize, status: u32 },
     /// Every vCPU wrote to the vCPU-off port.
     AllVcpusOff,
-    /// The guest reset the machine (i8042 or a KVM system event).
+    /// The guest reset the machine (i8042 or a KVM system event): for a
+    /// Linux guest, a panic or a reboot.
     Reset,
     /// The guest asked for power-off through a KVM system event.
     PowerOff,
@@ -40,10 +45,8 @@ impl VmExitReason {
     pub fn exit_code(&self) -> u8 {
         match self {
             VmExitReason::GuestExit { status, .. } => u8::try_from(*status).unwrap_or(u8::MAX),
-            VmExitReason::AllVcpusOff
-            | VmExitReason::Reset
-            | VmExitReason::PowerOff
-            | VmExitReason::Stopped => 0,
+            VmExitReason::AllVcpusOff | VmExitReason::PowerOff | VmExitReason::Stopped => 0,
+            VmExitReason::Reset => EXIT_GUEST_RESET,
             VmExitReason::GuestPanic { .. } | VmExitReason::Fatal { .. } => EXIT_GUEST_CRASH,
             VmExitReason::Signal(sig) => 128u8.saturating_add(*sig as u8),
         }
@@ -53,7 +56,7 @@ impl VmExitReason {
     pub fn is_clean(&self) -> bool {
         !matches!(
             self,
-            VmExitReason::GuestPanic { .. } | VmExitReason::Fatal { .. }
+            VmExitReason::GuestPanic { .. } | VmExitReason::Fatal { .. } | VmExitReason::Reset
         )
     }
 }
@@ -65,7 +68,11 @@ impl fmt::Display for VmExitReason {
                 write!(f, "guest exited with status {status} (from vCPU {vcpu})")
             }
             VmExitReason::AllVcpusOff => write!(f, "every vCPU finished"),
-            VmExitReason::Reset => write!(f, "guest reset the machine"),
+            VmExitReason::Reset => write!(
+                f,
+                "guest reset the machine (a Linux guest does when it panics or reboots: \
+                 its console says which)"
+            ),
             VmExitReason::PowerOff => write!(f, "guest powered off"),
             VmExitReason::GuestPanic { vcpu, code } => write!(
                 f,
@@ -160,6 +167,8 @@ mod tests {
             255
         );
         assert_eq!(VmExitReason::AllVcpusOff.exit_code(), 0);
+        assert_eq!(VmExitReason::Reset.exit_code(), EXIT_GUEST_RESET);
+        assert!(!VmExitReason::Reset.is_clean());
         assert_eq!(VmExitReason::Signal(15).exit_code(), 143);
         let fatal = VmExitReason::Fatal {
             vcpu: 1,

@@ -37,6 +37,9 @@ pub mod linux_layout {
     pub const HIGH_RAM: u64 = 0x10_0000;
     /// Linux RAM ends below the 32-bit MMIO hole; more is not supported yet.
     pub const MAX_RAM: u64 = 3 << 30;
+    /// The reset vector (F000:FFF0 in real mode), where a PC's firmware
+    /// starts: rtvm's [`reset_stub`](super::reset_stub) sits there.
+    pub const RESET_VECTOR: u64 = 0xf_fff0;
 }
 
 const E820_RAM: u32 = 1;
@@ -345,6 +348,9 @@ pub fn load(
     params.e820_entries = map.len() as u8;
     write(mem, params, linux_layout::ZERO_PAGE)?;
 
+    mem.write_slice(&reset_stub(), GuestAddress(linux_layout::RESET_VECTOR))
+        .map_err(|e| Error::GuestMemory(format!("writing the reset stub: {e}")))?;
+
     super::x86::write_page_tables(mem)?;
     let gdt: [u64; 5] = [
         0,
@@ -419,6 +425,28 @@ pub fn boot_regs(entry: u64) -> kvm_regs {
     }
 }
 
+/// Real-mode code for the reset vector: pulse the i8042 reset line (which
+/// ends the VM), then halt.
+///
+/// There is no firmware, and Linux's reboot (a panic with `panic=-1`
+/// included) ends up there: with a hardware-reduced FADT it reboots "through
+/// EFI", finds none, and falls back to jumping to the firmware's reset
+/// vector in real mode (`machine_real_restart`). With nothing there the vCPU
+/// would run zeroed memory forever, without one exit, and the VM would never
+/// end. This stub is the one thing a PC's firmware does that rtvm needs.
+fn reset_stub() -> [u8; 7] {
+    use rtvm_abi::port::{I8042_COMMAND, I8042_RESET};
+    [
+        0xb0,
+        I8042_RESET, // mov al, 0xfe
+        0xe6,
+        I8042_COMMAND as u8, // out 0x64, al
+        0xf4,                // hlt
+        0xeb,
+        0xfd, // jmp back to the hlt
+    ]
+}
+
 /// The command line the kernel gets: the user's, `panic=-1` unless it says
 /// otherwise, and the VMRPC region's address.
 ///
@@ -457,6 +485,20 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn the_reset_vector_resets_through_the_i8042_and_fits_below_1_mib() {
+        let stub = reset_stub();
+        assert_eq!(&stub[..4], &[0xb0, 0xfe, 0xe6, 0x64]);
+        // Below 1 MiB, in a range e820 reserves: the kernel never takes it
+        // for RAM.
+        let end = linux_layout::RESET_VECTOR + stub.len() as u64;
+        assert!(end <= 0x10_0000);
+        let map = e820(256 << 20, (256 << 20) - 3 * 4096);
+        assert!(map.iter().any(|e| e.r#type == E820_RESERVED
+            && e.addr <= linux_layout::RESET_VECTOR
+            && end <= e.addr + e.size));
+    }
 
     #[test]
     fn e820_reserves_the_bios_area_and_the_vmrpc_region() {
@@ -546,5 +588,10 @@ mod tests {
         let hdr = params.hdr;
         assert_eq!({ hdr.ramdisk_size }, 6);
         assert_eq!(params.e820_entries, 4);
+        let mut stub = [0u8; 7];
+        ram.mem()
+            .read_slice(&mut stub, GuestAddress(linux_layout::RESET_VECTOR))
+            .unwrap();
+        assert_eq!(stub, reset_stub());
     }
 }

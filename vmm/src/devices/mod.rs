@@ -48,3 +48,28 @@ impl Trigger for ResetTrigger {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtvm_abi::port::{I8042_COMMAND, I8042_DATA, I8042_RESET};
+
+    #[test]
+    fn the_i8042_reset_command_ends_the_vm_with_reset() {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let mut bus = Bus::new();
+        bus.insert(
+            I8042_DATA.into(),
+            5,
+            Arc::new(std::sync::Mutex::new(ResetController::new(exit.clone()))),
+        )
+        .unwrap();
+        // What Linux's kb_wait() polls before it writes the command.
+        let mut status = [0xffu8];
+        assert!(bus.read(I8042_COMMAND.into(), &mut status));
+        assert_eq!(status[0] & 0x02, 0, "input buffer empty");
+        assert_eq!(exit.reason(), None);
+        assert!(bus.write(I8042_COMMAND.into(), &[I8042_RESET]));
+        assert_eq!(exit.reason(), Some(VmExitReason::Reset));
+    }
+}
