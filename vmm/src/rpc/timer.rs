@@ -165,6 +165,22 @@ struct Periodic {
     next: u64,
 }
 
+impl Periodic {
+    /// The deadline to wait for when the task asks at `now`, and how many
+    /// deadlines passed unserved before it asked: those are skipped, so the
+    /// task stays in phase.
+    fn take(&mut self, now: u64) -> (u64, u64) {
+        let mut missed = 0;
+        if now >= self.next {
+            missed = (now - self.next) / self.period + 1;
+            self.next += missed * self.period;
+        }
+        let deadline = self.next;
+        self.next += self.period;
+        (deadline, missed)
+    }
+}
+
 /// Longest period or relative sleep we accept, so deadlines cannot overflow.
 const MAX_PERIOD_NS: u64 = 3_600 * 1_000_000_000;
 /// Shortest period: below this the exit cost alone exceeds the period.
@@ -262,16 +278,8 @@ impl TimerService {
         opts: WaitOptions,
         park: &mut dyn Park,
     ) -> Result<[u64; 4], Status> {
-        let mut p = self.periodic.ok_or(Status::NotConfigured)?;
-        let now = now_ns();
-        let mut missed = 0;
-        if now >= p.next {
-            missed = (now - p.next) / p.period + 1;
-            p.next += missed * p.period;
-        }
-        let deadline = p.next;
-        p.next += p.period;
-        self.periodic = Some(p);
+        let periodic = self.periodic.as_mut().ok_or(Status::NotConfigured)?;
+        let (deadline, missed) = periodic.take(now_ns());
         let returned = self.wait_for(deadline, opts, park)?;
         let late = returned.saturating_sub(deadline);
         Ok([deadline, late, missed, self.advance.current()])
@@ -418,6 +426,21 @@ mod tests {
 
     #[test]
     fn periodic_counts_missed_periods_and_keeps_phase() {
+        let period = 1_000;
+        let mut p = Periodic {
+            period,
+            next: 10_000,
+        };
+        assert_eq!(p.take(9_000), (10_000, 0), "asked in time");
+        assert_eq!(p.take(11_000), (12_000, 1), "asked on the next deadline");
+        // Asked 3.5 periods after the deadline due at 13 000: that one and
+        // three more passed unserved; the next is in phase.
+        assert_eq!(p.take(16_500), (17_000, 4));
+        assert_eq!(p.take(17_100), (18_000, 0));
+    }
+
+    #[test]
+    fn periodic_waits_are_served_in_phase_and_never_early() {
         let mut t = TimerService::new(AdvanceMode::Off);
         assert_eq!(
             t.wait_next(WaitOptions::default(), &mut SleepPark)
@@ -428,12 +451,13 @@ mod tests {
         let period = 1_000_000;
         let first = t.start_periodic(period, 0).unwrap()[0];
         let r = t.wait_next(WaitOptions::default(), &mut SleepPark).unwrap();
-        assert_eq!((r[0], r[2]), (first, 0));
-        // Overrun by 3.5 periods: three deadlines pass unserved.
-        let until = r[0] + 3 * period + period / 2;
-        while now_ns() < until {}
+        assert_eq!(r[0], first);
+        assert!(now_ns() >= first, "never before the deadline");
+        // However late the next call comes, its deadline is in phase and
+        // ahead of it.
         let r = t.wait_next(WaitOptions::default(), &mut SleepPark).unwrap();
-        assert_eq!(r[2], 3, "missed periods");
-        assert_eq!(r[0], first + 4 * period, "next deadline stays in phase");
+        assert_eq!((r[0] - first) % period, 0, "in phase");
+        assert!(r[0] >= first + period);
+        assert!(now_ns() >= r[0]);
     }
 }
