@@ -14,16 +14,36 @@ fn run(args: &[&str]) -> Output {
 }
 
 /// Runs `rtvm ARGS` (a bench with `--json`), checks it succeeded, and
-/// returns its JSON object.
-fn bench_json(args: &[&str]) -> serde_json::Value {
+/// returns its JSON object; `None` where it had to refuse for want of a TSC
+/// clock (see [`refused_without_tsc_clock`]).
+fn bench_json(args: &[&str]) -> Option<serde_json::Value> {
     let out = output_within(rtvm().args(args), Duration::from_secs(120));
+    if refused_without_tsc_clock(&out) {
+        return None;
+    }
     assert_eq!(
         out.status.code(),
         Some(0),
         "{args:?}: {}",
         text(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("one JSON object")
+    Some(serde_json::from_slice(&out.stdout).expect("one JSON object"))
+}
+
+/// Where the host's clocksource is not the TSC (QEMU TCG, the nested-KVM
+/// harness), what times the built-in guest with its TSC must refuse with a
+/// clear message and status 1; checks that and says whether it was so.
+fn refused_without_tsc_clock(out: &Output) -> bool {
+    if rtvm_vmm::host::tsc_is_clocksource() || out.status.success() {
+        return false;
+    }
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("rather than the TSC") && stderr.contains("clocksource is tsc"),
+        "{stderr}"
+    );
+    true
 }
 
 #[test]
@@ -56,24 +76,26 @@ fn guest_exit_status_is_the_process_status() {
 }
 
 #[test]
-fn triple_fault_ends_quickly_with_a_clear_message() {
+fn triple_fault_ends_the_run_with_a_clear_message() {
     if !kvm_available() {
         return;
     }
-    let start = Instant::now();
+    // The limit only catches a hang: the run ends at the fault.
     let out = output_within(
         rtvm().args(["run", "--guest", "builtin:fault"]),
-        Duration::from_secs(10),
+        Duration::from_secs(60),
     );
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{stderr}");
     assert!(stderr.contains("vCPU 0: guest triple fault"), "{stderr}");
+    assert!(stderr.contains("KVM_EXIT_SHUTDOWN"), "{stderr}");
+    // KVM on AMD resets the vCPU before rtvm sees the exit: then the
+    // message says the RIP is unknown instead of naming it.
     assert!(
-        stderr.contains("KVM_EXIT_SHUTDOWN") && stderr.contains("at RIP 0x"),
+        stderr.contains("at RIP 0x") || stderr.contains("the faulting RIP is unknown"),
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(start.elapsed() < Duration::from_secs(10));
 }
 
 #[test]
@@ -324,6 +346,11 @@ fn bench_boot_reports_json() {
     assert_eq!(json["first_output_ms"]["runs"], 3);
     let overhead = json["vmm_overhead_mib"].as_f64().unwrap();
     assert!(overhead > 0.0 && overhead < 1024.0, "{json}");
+    assert_eq!(json["stop_parked_ms"]["runs"], 3);
+    assert!(
+        json["stop_parked_ms"]["max"].as_f64().unwrap() > 0.0,
+        "{json}"
+    );
     assert!(json["machine"]["kvm_module"].is_string());
 }
 
@@ -361,6 +388,9 @@ fn bench_rpc_reports_json() {
         return;
     }
     let out = run(&["bench", "rpc", "--json", "--samples", "200"]);
+    if refused_without_tsc_clock(&out) {
+        return;
+    }
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     for path in ["floor", "ping"] {
@@ -388,8 +418,11 @@ fn demo_boots_and_compares_timer_paths() {
         Duration::from_secs(120),
     );
     let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
     assert!(stdout.contains("boot: 2 of 2 vCPUs answered"), "{stdout}");
+    if refused_without_tsc_clock(&out) {
+        return;
+    }
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
     assert!(stdout.contains("preemption model"), "{stdout}");
     for path in ["host", "guest_interrupt", "guest_longpoll"] {
         assert!(
@@ -419,7 +452,7 @@ fn bench_timer_reports_json_histograms_and_plot() {
     }
     let dir = temp_path("timer");
     let plot = dir.join("plot.svg");
-    let json = bench_json(&[
+    let Some(json) = bench_json(&[
         "bench",
         "timer",
         "--json",
@@ -430,7 +463,9 @@ fn bench_timer_reports_json_histograms_and_plot() {
         dir.to_str().unwrap(),
         "--plot",
         plot.to_str().unwrap(),
-    ]);
+    ]) else {
+        return;
+    };
     for path in [
         "host",
         "guest_interrupt",
@@ -472,14 +507,16 @@ fn bench_timer_host_path_agrees_with_cyclictest() {
         return;
     }
     // .ci/run installs rt-tests; cyclictest is the reference, not optional there.
-    let json = bench_json(&[
+    let Some(json) = bench_json(&[
         "bench",
         "timer",
         "--json",
         "--seconds",
         "4",
         "--with-cyclictest",
-    ]);
+    ]) else {
+        return;
+    };
     let ours = json["host"]["p50_us"].as_f64().unwrap();
     let theirs = json["host_cyclictest"]["p50_us"].as_f64().unwrap();
     assert!(
@@ -498,7 +535,7 @@ fn bench_timer_frames_counts_deadline_misses() {
     if !kvm_available() {
         return;
     }
-    let json = bench_json(&[
+    let Some(json) = bench_json(&[
         "bench",
         "timer",
         "--json",
@@ -506,7 +543,9 @@ fn bench_timer_frames_counts_deadline_misses() {
         "frames",
         "--seconds",
         "3",
-    ]);
+    ]) else {
+        return;
+    };
     for path in ["host", "guest_interrupt", "guest_longpoll"] {
         assert!(json["frames"][path]["deadline_misses"].is_u64(), "{json}");
         assert!(json["frames"][path]["jitter_us"].is_f64(), "{json}");
@@ -526,7 +565,7 @@ fn bench_net_probes_host_and_guest_from_outside() {
     if !kvm_available() {
         return;
     }
-    let json = bench_json(&[
+    let Some(json) = bench_json(&[
         "bench",
         "net",
         "--json",
@@ -534,7 +573,9 @@ fn bench_net_probes_host_and_guest_from_outside() {
         "2",
         "--subnet",
         "198.18.0.40",
-    ]);
+    ]) else {
+        return;
+    };
     for path in ["host", "guest_rt"] {
         assert!(
             json[path]["samples"].as_u64().unwrap() >= 900,

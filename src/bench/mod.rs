@@ -47,6 +47,22 @@ pub fn run(cmd: &BenchCommand) -> ExitCode {
     }
 }
 
+/// Refuses a measurement that reads guest time from the TSC where the
+/// host's clocksource is not the TSC: there KVM does not keep a guest's TSC
+/// in step with host time (`rtvm_vmm::host::tsc_is_clocksource`), so the
+/// built-in guest is not told the TSC rate and its figures would be wrong.
+pub fn need_tsc_clock(what: &str) -> Result<(), String> {
+    if rtvm_vmm::host::tsc_is_clocksource() {
+        return Ok(());
+    }
+    Err(format!(
+        "{what} times the guest with its TSC, and this host keeps time with {} rather than \
+         the TSC, so KVM does not keep a guest's TSC in step with host time: run it on a \
+         host whose clocksource is tsc (README: \"The guest TSC as a clock\")",
+        rtvm_vmm::host::clocksource().unwrap_or_else(|| "an unknown clocksource".into())
+    ))
+}
+
 /// The `machine` object of every bench's JSON.
 pub fn machine_json(host: &HostInfo) -> Value {
     json!({

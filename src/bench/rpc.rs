@@ -32,6 +32,7 @@ const FLOOR_STREAM: usize = 0;
 const PING_STREAM: usize = 1;
 
 pub fn run(args: &RpcArgs) -> Result<(), String> {
+    super::need_tsc_clock("bench rpc")?;
     let host = HostInfo::probe();
     let mut config = VmConfig::new(GuestSpec::Builtin("rpc-bench".into()));
     config.cmdline = format!("count={}", args.samples);

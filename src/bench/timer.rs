@@ -387,6 +387,9 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
             period / 1000
         ));
     }
+    if args.linux.is_none() {
+        super::need_tsc_clock("bench timer (the built-in guest's paths)")?;
+    }
     // With --load, long polling is first measured quiet, as the baseline
     // its growth under load is judged against; then every path runs loaded.
     let mut names = Vec::new();

@@ -18,10 +18,14 @@ use std::sync::OnceLock;
 /// on such a mapping, and an early wake was seen too.
 pub fn tsc_is_clocksource() -> bool {
     static TSC: OnceLock<bool> = OnceLock::new();
-    *TSC.get_or_init(|| {
-        fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
-            .is_ok_and(|name| name.trim() == "tsc")
-    })
+    *TSC.get_or_init(|| clocksource().as_deref() == Some("tsc"))
+}
+
+/// The host kernel's current clocksource (`tsc`, `hpet`, `kvm-clock`…).
+pub fn clocksource() -> Option<String> {
+    fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+        .ok()
+        .map(|name| name.trim().to_string())
 }
 
 /// What the host is, as far as timing results are concerned.
