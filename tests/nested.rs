@@ -186,3 +186,139 @@ fn preempt_rt_kernel_on_two_vcpus_calls_from_each_and_long_polls_unmodified_prog
     };
     check_two_vcpu_run(&out);
 }
+
+/// rtvm's status when the guest reset the machine (`EXIT_GUEST_RESET`).
+const RESET_STATUS: i32 = 126;
+
+/// A dead guest ends rtvm: it resets (the `panic=-1` rtvm adds), the reset
+/// vector's stub pulses the i8042 reset line, and rtvm says so and exits
+/// with the reset status, the panic on the console above.
+fn check_panicked(out: &Outcome) {
+    out.expect_rtvm_status(RESET_STATUS);
+    assert!(
+        out.console.contains("Kernel panic - not syncing"),
+        "{}",
+        out.tail()
+    );
+    assert!(
+        out.console.contains("rtvm: error: guest reset the machine"),
+        "{}",
+        out.tail()
+    );
+}
+
+#[test]
+fn preempt_rt_kernel_on_one_vcpu_reaches_user_space_and_a_panic_ends_rtvm() {
+    let Some(out) = run(Scenario::new(
+        "rt-one-vcpu-panic",
+        Kernel::Rt,
+        "echo user space on one vCPU; echo c > /proc/sysrq-trigger; sleep 600",
+        &[
+            "--vcpus",
+            "1",
+            "--memory",
+            "256M",
+            "--cmdline",
+            "console=ttyS0",
+        ],
+    )) else {
+        return;
+    };
+    assert!(
+        out.console.contains("user space on one vCPU"),
+        "{}",
+        out.tail()
+    );
+    assert!(
+        out.console.contains("sysrq: Trigger a crash"),
+        "{}",
+        out.tail()
+    );
+    check_panicked(&out);
+}
+
+#[test]
+fn a_guest_with_no_init_panics_and_ends_rtvm() {
+    let Some(out) = run(Scenario::new(
+        "cloud-no-init",
+        Kernel::Cloud,
+        "",
+        &[
+            "--vcpus",
+            "2",
+            "--memory",
+            "256M",
+            "--cmdline",
+            "console=ttyS0 rdinit=/no/such/init",
+        ],
+    )) else {
+        return;
+    };
+    assert_eq!(
+        out.guest_status,
+        None,
+        "/init must not have run:\n{}",
+        out.tail()
+    );
+    check_panicked(&out);
+}
+
+/// The VMM's own KVM test suites, run inside the outer VM: AMD SVM, a
+/// second KVM beside our hosts' (Intel, `kvm_pvm`). Left out: `bench net`
+/// (it needs a network namespace tool the outer VM has not) and the
+/// triple-fault tests: they pass there (AMD resets the vCPU before the exit,
+/// and the message says the RIP is unknown), but a triple fault of a guest
+/// nested under QEMU's emulated SVM froze the whole outer VM, its own
+/// watchdog shell included, in one run of two, and a suite run after them
+/// hung in the other; a user-space VMM cannot do that, the emulator can.
+#[test]
+fn the_vmm_kvm_suites_pass_on_amd_svm() {
+    let dir =
+        std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/nested/suites"));
+    let suites = nested::kvm_suites(&dir).unwrap_or_else(|why| panic!("{why}"));
+    let mut script = String::from(
+        "ip link set lo up\n\
+         export RTVM_REQUIRE_KVM=1 CI=true RTVM_TEST_KERNEL=/guest/vmlinuz\n\
+         cd /tmp\n\
+         failed=0\n",
+    );
+    for suite in &suites {
+        let name = suite.file_name().unwrap().to_string_lossy();
+        // A suite that hangs is killed, after a look at what was running.
+        script.push_str(&format!(
+            "echo 'nested: suite {name}'\n\
+             {exe} --test-threads=1 --skip bench_net --skip triple_fault 2>&1 &\n\
+             suite=$!\n\
+             ( sleep 300; echo 'nested: suite {name} hangs'; top -b -n 1 | head -25; kill -9 $suite ) &\n\
+             watchdog=$!\n\
+             wait $suite || failed=$((failed + 1))\n\
+             kill $watchdog 2>/dev/null\n",
+            exe = suite.display()
+        ));
+    }
+    script.push_str("(exit $failed)\n");
+    let mut scenario = Scenario::new("vmm-suites", Kernel::Cloud, "", &[]);
+    scenario.outer_run = Some(script);
+    scenario.outer_programs = suites.clone();
+    scenario.command_limit = std::time::Duration::from_secs(600);
+    let Some(out) = run(scenario) else {
+        return;
+    };
+    for suite in &suites {
+        let name = suite.file_name().unwrap().to_string_lossy();
+        let part = out
+            .console
+            .split(&format!("nested: suite {name}\n"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("suite {name} never started:\n{}", out.tail()));
+        let result = part
+            .lines()
+            .find(|l| l.starts_with("test result:"))
+            .unwrap_or_else(|| panic!("suite {name} gave no result:\n{part}"));
+        assert!(
+            result.starts_with("test result: ok."),
+            "suite {name}:\n{part}"
+        );
+    }
+    out.expect_rtvm_status(0);
+}

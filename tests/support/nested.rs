@@ -27,7 +27,7 @@
 //! rt-tests, apt-get (for the Debian kernels) and cargo. Nothing needs the
 //! host's /dev/kvm.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -532,7 +532,10 @@ fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError
     });
 
     // A line showing a later stage's marker skips the stages between (a
-    // guest that panics never shows its /init starting).
+    // guest that panics never shows its /init starting). The console goes
+    // to its file as it comes, to follow a long run.
+    let mut log = std::fs::File::create(&console_path)
+        .map_err(|e| fail(format!("{}: {e}", console_path.display())))?;
     let mut console = String::new();
     let mut timed_out = None;
     let start = Instant::now();
@@ -549,6 +552,7 @@ fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError
                         deadline = Instant::now() + next.limit;
                     }
                 }
+                let _ = writeln!(log, "{line}");
                 console.push_str(line);
                 console.push('\n');
             }
@@ -563,10 +567,10 @@ fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError
     let _ = child.kill();
     let _ = child.wait();
     while let Ok(line) = from_qemu.try_recv() {
+        let _ = writeln!(log, "{line}");
         console.push_str(&line);
         console.push('\n');
     }
-    let _ = std::fs::write(&console_path, &console);
     if let Some(stage) = timed_out {
         return Err(fail(format!(
             "nested run {:?}: stage \"{}\" did not finish within {:?} ({:.0} s into the run); \
@@ -619,4 +623,55 @@ fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError
 pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The test binaries of the VMM's own KVM suites (`rtvm-vmm`'s unit and
+/// integration tests and the `rtvm` binary's `cli` tests), as this `cargo test` built
+/// them, each copied without its debug information into `dir` (the outer
+/// initramfs holds them all in RAM).
+pub fn kvm_suites(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // The same command as the run this test is part of, so nothing is
+    // rebuilt: only the names of the fresh artefacts are wanted.
+    let listing = checked(
+        Command::new(&cargo)
+            .args(["test", "--workspace", "--no-run", "--message-format=json"])
+            .current_dir(ROOT),
+        "listing the test binaries",
+    )?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut suites = Vec::new();
+    for line in listing.lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let target = &message["target"];
+        let package = message["package_id"].as_str().unwrap_or("");
+        let name = target["name"].as_str().unwrap_or("");
+        let Some(exe) = message["executable"].as_str() else {
+            continue;
+        };
+        // Every test binary of rtvm-vmm (its unit tests' too) and `cli`.
+        let tests = message["profile"]["test"].as_bool() == Some(true)
+            || target["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"));
+        if !(tests && (package.contains("#rtvm-vmm@") || name == "cli")) {
+            continue;
+        }
+        let copy = dir.join(name);
+        checked(
+            Command::new("objcopy")
+                .arg("--strip-debug")
+                .arg(exe)
+                .arg(&copy),
+            "objcopy --strip-debug of a test binary",
+        )?;
+        suites.push(copy);
+    }
+    suites.sort();
+    if suites.is_empty() {
+        return Err(format!("cargo listed no VMM test binaries:\n{listing}"));
+    }
+    Ok(suites)
 }
