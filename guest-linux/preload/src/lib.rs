@@ -40,7 +40,8 @@
 //!   (`ioperm`) in each thread on its first long poll; the process must run
 //!   as root.
 //! - Set `RTVM_PRELOAD=off` to disable the library, `RTVM_PRELOAD_DEBUG=1`
-//!   to have it say on stderr why it falls through for good.
+//!   to have it say on stderr why it falls through for good, and why a sleep
+//!   it took went the ordinary way.
 
 pub mod decision;
 
@@ -75,13 +76,20 @@ fn state() -> Option<&'static State> {
         .get_or_init(|| match init() {
             Ok(s) => Some(s),
             Err(why) => {
-                if std::env::var_os("RTVM_PRELOAD_DEBUG").is_some_and(|v| v != "0") {
-                    eprintln!("librtvm_preload: sleeping the ordinary way: {why}");
-                }
+                debug(&format!("sleeping the ordinary way: {why}"));
                 None
             }
         })
         .as_ref()
+}
+
+/// A line on stderr under `RTVM_PRELOAD_DEBUG=1`: why a sleep was not
+/// long-polled.
+fn debug(what: &str) {
+    static ON: OnceLock<bool> = OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("RTVM_PRELOAD_DEBUG").is_some_and(|v| v != "0")) {
+        eprintln!("librtvm_preload: {what}");
+    }
 }
 
 /// The C library's own function `name`.
@@ -226,13 +234,21 @@ unsafe fn long_poll_sleep(
         // A busy client means this thread interrupted a sleep on the same
         // vCPU (a signal handler) or another thread is mid-call on it.
         let Ok(mut client) = state.clients.get(cpu as usize)?.try_lock() else {
+            debug("this vCPU's client is busy: this sleep goes the ordinary way");
             return None;
         };
         let target = match guest_clock {
             libc::CLOCK_REALTIME => GuestDeadline::Realtime(deadline),
             _ => GuestDeadline::Monotonic(deadline),
         };
-        client.sleep_until_guest(target).ok()
+        client
+            .sleep_until_guest(target)
+            .map_err(|e| {
+                debug(&format!(
+                    "long poll failed ({e}): this sleep goes the ordinary way"
+                ))
+            })
+            .ok()
     }));
     match polled {
         // Never early by the guest's own clock: the host deadline was only
@@ -243,6 +259,10 @@ unsafe fn long_poll_sleep(
                 *rem = decision::ns_to_timespec(0);
             }
             Some(0)
+        }
+        Err(_) => {
+            debug("a long poll panicked: this sleep goes the ordinary way");
+            Some(finish_real(guest_clock, deadline, relative, rem))
         }
         _ => Some(finish_real(guest_clock, deadline, relative, rem)),
     }
