@@ -47,6 +47,15 @@ fn two_vcpu_script() -> String {
     )
 }
 
+const ONE_VCPU: &[&str] = &[
+    "--vcpus",
+    "1",
+    "--memory",
+    "256M",
+    "--cmdline",
+    "console=ttyS0",
+];
+
 const TWO_VCPUS: &[&str] = &[
     "--vcpus",
     "2",
@@ -121,7 +130,7 @@ fn check_two_vcpu_run(out: &Outcome) {
         "the preload fell through:\n{}",
         out.tail()
     );
-    assert!(console.contains("== done"), "{}", out.tail());
+    out.expect_console("== done");
 
     // The host's count: the rtvm-guest sleep, the preloaded cyclictest's
     // loops and the coreutils sleeps parked the RT vCPU in the host, but for
@@ -148,24 +157,13 @@ fn cloud_kernel_on_one_vcpu_reaches_user_space_and_its_status_ends_rtvm() {
         "cloud-one-vcpu",
         Kernel::Cloud,
         "echo user space writes to the console; exit 7",
-        &[
-            "--vcpus",
-            "1",
-            "--memory",
-            "256M",
-            "--cmdline",
-            "console=ttyS0",
-        ],
+        ONE_VCPU,
     )) else {
         return;
     };
     out.expect_rtvm_status(7);
     assert_eq!(out.guest_status, Some(7), "{}", out.tail());
-    assert!(
-        out.console.contains("user space writes to the console"),
-        "{}",
-        out.tail()
-    );
+    out.expect_console("user space writes to the console");
 }
 
 #[test]
@@ -202,16 +200,8 @@ const RESET_STATUS: i32 = 126;
 /// with the reset status, the panic on the console above.
 fn check_panicked(out: &Outcome) {
     out.expect_rtvm_status(RESET_STATUS);
-    assert!(
-        out.console.contains("Kernel panic - not syncing"),
-        "{}",
-        out.tail()
-    );
-    assert!(
-        out.console.contains("rtvm: error: guest reset the machine"),
-        "{}",
-        out.tail()
-    );
+    out.expect_console("Kernel panic - not syncing");
+    out.expect_console("rtvm: error: guest reset the machine");
 }
 
 #[test]
@@ -220,27 +210,12 @@ fn preempt_rt_kernel_on_one_vcpu_reaches_user_space_and_a_panic_ends_rtvm() {
         "rt-one-vcpu-panic",
         Kernel::Rt,
         "echo user space on one vCPU; echo c > /proc/sysrq-trigger; sleep 600",
-        &[
-            "--vcpus",
-            "1",
-            "--memory",
-            "256M",
-            "--cmdline",
-            "console=ttyS0",
-        ],
+        ONE_VCPU,
     )) else {
         return;
     };
-    assert!(
-        out.console.contains("user space on one vCPU"),
-        "{}",
-        out.tail()
-    );
-    assert!(
-        out.console.contains("sysrq: Trigger a crash"),
-        "{}",
-        out.tail()
-    );
+    out.expect_console("user space on one vCPU");
+    out.expect_console("sysrq: Trigger a crash");
     check_panicked(&out);
 }
 

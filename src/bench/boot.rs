@@ -31,8 +31,8 @@ pub struct BootArgs {
 /// Targets from the foundation issue (Firecracker's published figures).
 const TARGET_FIRST_OUTPUT_MS: f64 = 20.0;
 const TARGET_OVERHEAD_MIB: f64 = 5.0;
-/// A stop must not wait for a parked vCPU's deadline: one exit round trip
-/// and a thread join, well under a scheduling tick of a loaded host.
+/// A stop must not wait for a parked vCPU's deadline: a kick, a wake, a
+/// thread join and the VM's teardown, well under a scheduling tick.
 const TARGET_STOP_PARKED_MS: f64 = 10.0;
 
 struct BootSample {
@@ -84,7 +84,8 @@ fn boot_once(exe: &PathBuf, vcpus: usize, stats: &PathBuf) -> Result<BootSample,
 }
 
 /// Starts a VM whose vCPU parks in an hour-long sleep, waits until it is
-/// parked, and times `RunningVm::stop` (kick, wake, join).
+/// parked, and times `RunningVm::stop` (kick, wake, join, and dropping the
+/// VM, which it returns after).
 fn stop_parked_once() -> Result<f64, String> {
     let mut config = VmConfig::new(GuestSpec::Builtin("sleep-test".into()));
     config.memory = 32 << 20;

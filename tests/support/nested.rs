@@ -132,6 +132,16 @@ impl Outcome {
         self.rtvm_status == Some(125) && self.console.matches("rtvm-init: starting").count() < 2
     }
 
+    /// Panics with the console's tail unless the console shows `text`.
+    pub fn expect_console(&self, text: &str) {
+        assert!(
+            self.console.contains(text),
+            "no {text:?} on the console (in {}):\n{}",
+            self.dir.display(),
+            self.tail()
+        );
+    }
+
     /// A counter from rtvm's statistics (`vmrpc.NAME`), 0 when absent.
     pub fn vmrpc_counter(&self, name: &str) -> u64 {
         self.stats
@@ -257,6 +267,11 @@ fn debian_kernel(kernel: Kernel) -> Result<PathBuf, String> {
     Ok(PathBuf::from(path))
 }
 
+/// The cargo that runs this test.
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
 /// `lib/modules/VERSION` beside a kernel unpacked from its package
 /// (`DIR/boot/vmlinuz-VERSION`).
 fn modules_of(kernel: &Path) -> Result<PathBuf, String> {
@@ -296,7 +311,7 @@ fn prepare() -> Result<Assets, String> {
     // static build needs other flags, which would otherwise invalidate the
     // artefacts of the test build this runs from.
     let tools = format!("{ROOT}/target/nested-tools");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let cargo = cargo();
     checked(
         Command::new(&cargo)
             .args([
@@ -630,11 +645,10 @@ pub fn tail(text: &str, lines: usize) -> String {
 /// them, each copied without its debug information into `dir` (the outer
 /// initramfs holds them all in RAM).
 pub fn kvm_suites(dir: &Path) -> Result<Vec<PathBuf>, String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // The same command as the run this test is part of, so nothing is
     // rebuilt: only the names of the fresh artefacts are wanted.
     let listing = checked(
-        Command::new(&cargo)
+        Command::new(cargo())
             .args(["test", "--workspace", "--no-run", "--message-format=json"])
             .current_dir(ROOT),
         "listing the test binaries",

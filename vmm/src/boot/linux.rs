@@ -434,16 +434,14 @@ pub fn boot_regs(entry: u64) -> kvm_regs {
 /// vector in real mode (`machine_real_restart`). With nothing there the vCPU
 /// would run zeroed memory forever, without one exit, and the VM would never
 /// end. This stub is the one thing a PC's firmware does that rtvm needs.
+#[rustfmt::skip]
 fn reset_stub() -> [u8; 7] {
     use rtvm_abi::port::{I8042_COMMAND, I8042_RESET};
     [
-        0xb0,
-        I8042_RESET, // mov al, 0xfe
-        0xe6,
-        I8042_COMMAND as u8, // out 0x64, al
-        0xf4,                // hlt
-        0xeb,
-        0xfd, // jmp back to the hlt
+        0xb0, I8042_RESET,         // mov al, 0xfe
+        0xe6, I8042_COMMAND as u8, // out 0x64, al
+        0xf4,                      // hlt
+        0xeb, 0xfd,                // jmp back to the hlt
     ]
 }
 
