@@ -515,17 +515,23 @@ fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError
     });
 
     let console_path = dir.join("console.log");
+    let monitor = dir.join("monitor.sock");
     let mut child = Command::new(&assets.qemu)
         .args(["-accel", "tcg,thread=multi", "-smp", "2", "-m", "2G"])
         // EPYC: an SVM-capable model whose nested guests keep both vCPUs
         // (EPYC-Rome hangs the inner guest's second vCPU).
         .args(["-cpu", "EPYC", "-M", "q35", "-nodefaults", "-no-reboot"])
-        .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
+        .args(["-display", "none", "-serial", "stdio", "-monitor"])
+        // The monitor answers where each outer vCPU is when a stage
+        // overruns: a frozen emulator and a busy guest look alike on the
+        // console.
+        .arg(format!("unix:{},server=on,wait=off", monitor.display()))
         .arg("-kernel")
         .arg(&assets.outer_kernel)
         .arg("-initrd")
         .arg(path("outer.cpio.gz"))
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        // nokaslr: the outer kernel's addresses match its System.map.
+        .args(["-append", "console=ttyS0 panic=-1 quiet nokaslr"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -579,6 +585,7 @@ fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
+    let cpus = timed_out.map(|_| where_the_cpus_are(&monitor));
     let _ = child.kill();
     let _ = child.wait();
     while let Ok(line) = from_qemu.try_recv() {
@@ -589,13 +596,14 @@ fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError
     if let Some(stage) = timed_out {
         return Err(fail(format!(
             "nested run {:?}: stage \"{}\" did not finish within {:?} ({:.0} s into the run); \
-             console in {}, its tail:\n{}",
+             console in {}, its tail:\n{}\n\n{}",
             scenario.name,
             stage.name,
             stage.limit,
             start.elapsed().as_secs_f64(),
             console_path.display(),
-            tail(&console, 60)
+            tail(&console, 60),
+            cpus.unwrap_or_default()
         )));
     }
 
@@ -632,6 +640,52 @@ fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError
         stats,
         dir,
     })
+}
+
+/// Where QEMU's vCPUs are, three looks half a second apart, through its
+/// monitor: each vCPU's RIP, CPL and halt state, and the instructions
+/// there. Under emulated SVM a vCPU in guest mode shows the nested
+/// guest's registers. (Debian ships no real System.map; with `nokaslr`
+/// the outer kernel's addresses match its /proc/kallsyms, to look up by
+/// hand.)
+fn where_the_cpus_are(monitor: &Path) -> String {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let mut report = String::from("where QEMU's vCPUs were (its monitor):\n");
+    for look in 0..3 {
+        if look > 0 {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let answer = (|| -> std::io::Result<String> {
+            let mut stream = UnixStream::connect(monitor)?;
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            stream.write_all(b"info registers -a\ncpu 0\nx/3i $pc\ncpu 1\nx/3i $pc\n")?;
+            let mut text = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // The answer ends when the monitor goes quiet.
+            while let Ok(n) = stream.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                text.extend_from_slice(&chunk[..n]);
+            }
+            Ok(String::from_utf8_lossy(&text).into_owned())
+        })();
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                report.push_str(&format!("  the monitor did not answer: {e}\n"));
+                break;
+            }
+        };
+        report.push_str(&format!("  look {look}:\n"));
+        for line in answer.lines().map(str::trim) {
+            if line.starts_with("CPU#") || line.starts_with("RIP=") || line.starts_with("0x") {
+                report.push_str(&format!("    {line}\n"));
+            }
+        }
+    }
+    report
 }
 
 /// The last `lines` lines of `text`.
