@@ -5,7 +5,7 @@ mod support;
 
 use rtvm_abi::vmrpc::{flags, vcpu_info, Call, Status, HOST_STREAM};
 use rtvm_guest_linux::{Client, Error, GuestDeadline};
-use rtvm_vmm::rpc::wait::now_ns;
+use rtvm_vmm::clock::now_ns;
 use support::InProcess;
 
 #[test]

@@ -25,10 +25,10 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use rtvm_abi::vmrpc::HOST_STREAM;
+use rtvm_vmm::clock::now_ns;
 use rtvm_vmm::host::HostInfo;
 use rtvm_vmm::realtime::{self, RtItem, RtPolicy};
 use rtvm_vmm::rpc::timer::{AdvanceMode, DEFAULT_MAX_ADVANCE_NS};
-use rtvm_vmm::rpc::wait::now_ns;
 use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig};
 use serde_json::{json, Value};
 

@@ -7,12 +7,14 @@
 //! - [`vcpu`]: one thread per vCPU, its state machine and exit dispatch.
 //! - [`devices`]: the port/MMIO bus, serial console, reset controller.
 //! - [`exit`]: why a VM ended, and the process status that follows.
+//! - [`clock`]: host time (`now_ns`, the host TSC) and how a vCPU's TSC relates to it.
 //! - [`host`]: facts about the host that decide how timing results read.
 //! - [`rpc`]: the VMRPC server (ping, clock, long-polling timers, log, report).
 //! - [`realtime`]: RT vCPUs: SCHED_FIFO, pinning, RT-bandwidth cgroups, report.
 //! - [`signals`]: SIGINT/SIGTERM to a clean shutdown.
 
 pub mod boot;
+pub mod clock;
 pub mod config;
 pub mod devices;
 pub mod error;

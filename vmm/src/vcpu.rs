@@ -24,17 +24,15 @@ use rtvm_abi::{port, vmrpc};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::clock;
 use crate::devices::Bus;
 use crate::error::{Error, Result};
 use crate::exit::{ExitSignal, VmExitReason};
 use crate::memory::GuestRam;
 use crate::realtime::{self, RtCgroups, RtItem, RtPolicy};
-use crate::rpc::timer::{AdvanceMode, Interrupted, Park};
-use crate::rpc::wait::Waiter;
-use crate::rpc::{
-    host_tsc, CallCounters, Doorbell, RpcServer, SampleStreams, TscOffset, VcpuFacts,
-};
-use kvm_bindings::{kvm_msr_entry, Msrs};
+use crate::rpc::park::{Parker, Requests};
+use crate::rpc::timer::AdvanceMode;
+use crate::rpc::{CallCounters, Doorbell, RpcServer, SampleStreams, VcpuFacts};
 
 /// Offset from SIGRTMIN of the signal that kicks a vCPU out of `KVM_RUN`.
 const KICK_SIGNAL_OFFSET: i32 = 0;
@@ -94,6 +92,25 @@ impl Control {
     fn set_state(&self, state: VcpuState) {
         self.lock().state = state;
         self.changed.notify_all();
+    }
+}
+
+/// A vCPU parked in a long poll answers its handle's requests.
+impl Requests for Control {
+    fn wake(&self) -> &EventFd {
+        &self.wake
+    }
+
+    fn obey(&self) -> bool {
+        obey_requests(self)
+    }
+
+    fn set_parked(&self, parked: bool) {
+        self.set_state(if parked {
+            VcpuState::Waiting
+        } else {
+            VcpuState::Running
+        });
     }
 }
 
@@ -290,11 +307,11 @@ fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
         index: ctx.index,
         count: ctx.count,
         realtime: ctx.rt.is_some(),
-        tsc_khz: guest_tsc_khz(&fd),
+        tsc_khz: clock::guest_tsc_khz(&fd),
         tsc_offset: None,
     };
     let facts = VcpuFacts {
-        tsc_offset: measure_tsc_offset(&fd, facts.tsc_khz),
+        tsc_offset: clock::measure_tsc_offset(&fd, facts.tsc_khz),
         ..facts
     };
     let mut rpc = RpcServer::new(
@@ -306,8 +323,8 @@ fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
         ctx.files.clone(),
         ctx.sockets.clone(),
     );
-    let finished = match Waiter::new() {
-        Ok(waiter) => run_loop(&mut fd, &ctx, control, &mut rpc, &waiter),
+    let finished = match Parker::new() {
+        Ok(parker) => run_loop(&mut fd, &ctx, control, &mut rpc, &parker),
         Err(e) => {
             ctx.exit.request(VmExitReason::Fatal {
                 vcpu: ctx.index,
@@ -342,7 +359,7 @@ fn run_loop(
     ctx: &VcpuContext,
     control: &Control,
     rpc: &mut RpcServer,
-    waiter: &Waiter,
+    parker: &Parker,
 ) -> bool {
     control.set_state(VcpuState::Running);
     loop {
@@ -362,7 +379,7 @@ fn run_loop(
         match flow {
             Flow::Continue => {}
             Flow::Doorbell(value) => {
-                let mut park = VcpuPark { waiter, control };
+                let mut park = parker.park_for(control);
                 if let Doorbell::BadPage(status) = rpc.on_doorbell(value, &mut park) {
                     // No call page to answer in: the status goes into EAX.
                     if let Err(e) = set_eax(fd, vmrpc::DOORBELL_ERROR | status as u32) {
@@ -405,105 +422,10 @@ fn fatal(fd: &VcpuFd, ctx: &VcpuContext, mut what: String) -> bool {
     false
 }
 
-/// The guest TSC's frequency as guests may use it to tell time: KVM's
-/// figure, or 0 ("no TSC clock") when the host does not keep time with its
-/// TSC, as then KVM shifts the guest's TSC (see
-/// [`crate::host::tsc_is_clocksource`]).
-pub(crate) fn guest_tsc_khz(fd: &VcpuFd) -> u64 {
-    if !crate::host::tsc_is_clocksource() {
-        return 0;
-    }
-    fd.get_tsc_khz().map(u64::from).unwrap_or(0)
-}
-
-/// Guest TSC minus host TSC: the guest's IA32_TSC read through KVM between
-/// two host TSC reads; the error is half that window.
-pub(crate) fn measure_tsc_offset(fd: &VcpuFd, tsc_khz: u64) -> Option<TscOffset> {
-    const MSR_IA32_TSC: u32 = 0x10;
-    if tsc_khz == 0 {
-        return None;
-    }
-    let mut best: Option<(u64, i64)> = None;
-    for _ in 0..5 {
-        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-            index: MSR_IA32_TSC,
-            ..Default::default()
-        }])
-        .ok()?;
-        let before = host_tsc();
-        let read = fd.get_msrs(&mut msrs).ok()?;
-        let after = host_tsc();
-        if read != 1 {
-            return None;
-        }
-        let window = after.wrapping_sub(before);
-        let offset = msrs.as_slice()[0].data.wrapping_sub(before + window / 2) as i64;
-        if best.is_none_or(|(w, _)| window < w) {
-            best = Some((window, offset));
-        }
-    }
-    let (window, ticks) = best?;
-    Some(TscOffset {
-        ticks,
-        error_ns: (window / 2) * 1_000_000 / tsc_khz,
-    })
-}
-
 fn set_eax(fd: &VcpuFd, value: u32) -> std::result::Result<(), vmm_sys_util::errno::Error> {
     let mut regs = fd.get_regs()?;
     regs.rax = (regs.rax & !0xffff_ffff) | u64::from(value);
     fd.set_regs(&regs)
-}
-
-/// How a vCPU thread parks in a long poll: on its timerfd and wake eventfd,
-/// pausing in place when asked and giving up only when asked to stop.
-struct VcpuPark<'a> {
-    waiter: &'a Waiter,
-    control: &'a Control,
-}
-
-impl Park for VcpuPark<'_> {
-    fn park_on(
-        &mut self,
-        fds: &mut [libc::pollfd],
-        deadline: u64,
-    ) -> std::result::Result<bool, Interrupted> {
-        self.control.set_state(VcpuState::Waiting);
-        loop {
-            match self.waiter.wait_fds(fds, deadline, &self.control.wake) {
-                crate::rpc::wait::WokenIo::Ready | crate::rpc::wait::WokenIo::Deadline => {
-                    self.control.set_state(VcpuState::Running);
-                    return Ok(fds.iter().any(|p| p.revents != 0));
-                }
-                crate::rpc::wait::WokenIo::Kicked => {
-                    let _ = self.control.wake.read();
-                    if !obey_requests(self.control) {
-                        return Err(Interrupted);
-                    }
-                    self.control.set_state(VcpuState::Waiting);
-                }
-            }
-        }
-    }
-
-    fn park_until(&mut self, deadline: u64) -> std::result::Result<(), Interrupted> {
-        self.control.set_state(VcpuState::Waiting);
-        loop {
-            match self.waiter.wait_until(deadline, &self.control.wake) {
-                crate::rpc::wait::Woken::Deadline => {
-                    self.control.set_state(VcpuState::Running);
-                    return Ok(());
-                }
-                crate::rpc::wait::Woken::Kicked => {
-                    let _ = self.control.wake.read();
-                    if !obey_requests(self.control) {
-                        return Err(Interrupted);
-                    }
-                    self.control.set_state(VcpuState::Waiting);
-                }
-            }
-        }
-    }
 }
 
 /// Waits while paused; returns false once the vCPU must stop.

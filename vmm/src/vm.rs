@@ -70,7 +70,7 @@ struct ClockPage {
     ram: Arc<GuestRam>,
     region: u64,
     tsc_khz: u64,
-    offset: crate::rpc::TscOffset,
+    offset: crate::clock::TscOffset,
     seq: u64,
 }
 
@@ -87,13 +87,13 @@ impl ClockPage {
         const ERROR_NS: u64 = 56;
         let mem = self.ram.mem();
         let at = |field: u64| GuestAddress(self.region + field);
-        let tsc = crate::rpc::host_tsc();
-        let now = crate::rpc::wait::now_ns();
+        let tsc = crate::clock::host_tsc();
+        let now = crate::clock::now_ns();
         self.seq += 1; // odd: being written
         let writes = [
             (SEQ, self.seq),
             (HOST_NS, now),
-            (GUEST_TSC, tsc.wrapping_add_signed(self.offset.ticks)),
+            (GUEST_TSC, self.offset.guest_tsc(tsc)),
             (ERROR_NS, self.offset.error_ns),
             (TSC_KHZ, self.tsc_khz),
             (SEQ, self.seq + 1),
@@ -299,8 +299,8 @@ impl Vm {
         let ram = Arc::new(ram);
         let clock = match entry {
             Entry::Linux { region, .. } => {
-                let tsc_khz = crate::vcpu::guest_tsc_khz(&vcpu_fds[0]);
-                crate::vcpu::measure_tsc_offset(&vcpu_fds[0], tsc_khz).map(|offset| ClockPage {
+                let tsc_khz = crate::clock::guest_tsc_khz(&vcpu_fds[0]);
+                crate::clock::measure_tsc_offset(&vcpu_fds[0], tsc_khz).map(|offset| ClockPage {
                     ram: ram.clone(),
                     region,
                     tsc_khz,

@@ -9,33 +9,17 @@ use rtvm_abi::linux::{RegionHeader, REGION_MAGIC};
 use rtvm_abi::vmrpc::{Status, CALL_PAGE_SIZE};
 use rtvm_abi::ABI_VERSION;
 use rtvm_guest_linux::{Error, Header, OwnedHeader, Page, Transport};
+use rtvm_vmm::clock::{now_ns, TscOffset};
 use rtvm_vmm::memory::GuestRam;
 use rtvm_vmm::rpc::net::{NetPolicy, NetService};
-use rtvm_vmm::rpc::timer::{AdvanceMode, Interrupted, Park};
-use rtvm_vmm::rpc::wait::now_ns;
-use rtvm_vmm::rpc::{CallCounters, Doorbell, RpcServer, SampleStreams, TscOffset, VcpuFacts};
+use rtvm_vmm::rpc::park::Unattended;
+use rtvm_vmm::rpc::timer::AdvanceMode;
+use rtvm_vmm::rpc::{CallCounters, Doorbell, RpcServer, SampleStreams, VcpuFacts};
 
 /// Guest RAM size.
 pub const RAM: u64 = 16 << 20;
 /// Where the call pages sit in guest RAM: vCPU i's at `PAGES + i * 4096`.
 pub const PAGES: u64 = 0x10_0000;
-
-/// Parks by sleeping until the deadline (host CLOCK_MONOTONIC).
-pub struct SleepPark;
-
-impl Park for SleepPark {
-    fn park_until(&mut self, deadline: u64) -> Result<(), Interrupted> {
-        loop {
-            let now = now_ns();
-            if now >= deadline {
-                return Ok(());
-            }
-            std::thread::sleep(std::time::Duration::from_nanos(
-                (deadline - now).min(200_000),
-            ));
-        }
-    }
-}
 
 /// The host TSC.
 pub fn host_tsc() -> u64 {
@@ -166,7 +150,7 @@ impl Transport for InProcess {
         };
         refresh_clock(&self.header);
         let doorbell = self.doorbell_override.unwrap_or((addr >> 12) as u32);
-        let outcome = self.server.on_doorbell(doorbell, &mut SleepPark);
+        let outcome = self.server.on_doorbell(doorbell, &mut Unattended);
         refresh_clock(&self.header);
         match outcome {
             Doorbell::Served => {

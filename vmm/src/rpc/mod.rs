@@ -9,8 +9,8 @@
 
 pub mod fs;
 pub mod net;
+pub mod park;
 pub mod timer;
-pub mod wait;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,8 +21,10 @@ use rtvm_abi::vmrpc::{
 };
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::clock::{host_tsc, now_ns, TscOffset};
 use crate::memory::GuestRam;
-use timer::{AdvanceMode, Park, TimerService, WaitOptions};
+use park::Park;
+use timer::{AdvanceMode, TimerService, WaitOptions};
 
 /// Most samples one stream keeps; more is refused with `NoResources`, so a
 /// guest cannot grow the VMM's memory without bound.
@@ -136,20 +138,6 @@ pub struct VcpuFacts {
     pub tsc_khz: u64,
     /// Guest TSC minus host TSC, and how precisely that is known (ns).
     pub tsc_offset: Option<TscOffset>,
-}
-
-/// How the vCPU's TSC relates to the host's. rtvm never changes the guest
-/// TSC frequency, so an offset is all there is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TscOffset {
-    pub ticks: i64,
-    pub error_ns: u64,
-}
-
-/// The host TSC.
-pub fn host_tsc() -> u64 {
-    // SAFETY: rdtsc has no preconditions on x86-64.
-    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 /// The VMRPC server of one vCPU.
@@ -409,15 +397,10 @@ impl RpcServer {
         match self.facts.tsc_offset {
             Some(offset) => {
                 let tsc = host_tsc();
-                let now = wait::now_ns();
-                [
-                    now,
-                    tsc.wrapping_add_signed(offset.ticks),
-                    offset.error_ns.max(1),
-                    0,
-                ]
+                let now = now_ns();
+                [now, offset.guest_tsc(tsc), offset.error_ns.max(1), 0]
             }
-            None => [wait::now_ns(), 0, 0, 0],
+            None => [now_ns(), 0, 0, 0],
         }
     }
 
@@ -459,13 +442,13 @@ impl RpcServer {
 
 #[cfg(test)]
 mod tests {
-    use super::timer::Interrupted;
+    use super::park::{Interrupted, Parked};
     use super::*;
     use rtvm_abi::ABI_VERSION;
 
     struct NoPark;
     impl Park for NoPark {
-        fn park_until(&mut self, _: u64) -> Result<(), Interrupted> {
+        fn park(&mut self, _: &mut [libc::pollfd], _: u64) -> Result<Parked, Interrupted> {
             Err(Interrupted)
         }
     }
@@ -629,9 +612,9 @@ mod tests {
     #[test]
     fn clock_pairs_host_time_with_the_guest_tsc() {
         let mut s = server();
-        let before = (wait::now_ns(), host_tsc());
+        let before = (now_ns(), host_tsc());
         let (status, r) = call(&mut s, ABI_VERSION, Call::Clock as u32, 0, [0; 6]);
-        let after = (wait::now_ns(), host_tsc());
+        let after = (now_ns(), host_tsc());
         assert_eq!(status, 0);
         assert!(r[0] >= before.0 && r[0] <= after.0);
         assert!(

@@ -27,8 +27,8 @@ use rtvm_abi::vmrpc::{net, Status};
 use serde::Deserialize;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use super::timer::{Interrupted, Park};
-use super::wait::now_ns;
+use super::park::{Park, Parked};
+use crate::clock::now_ns;
 use crate::error::{Error, Result};
 
 /// Most bytes one send or receive may move.
@@ -375,6 +375,34 @@ impl NetService {
         Ok([0; 4])
     }
 
+    /// Runs `op` on the socket of `handle` until it does not say "would
+    /// block", parking on `events` in between. Each pass looks the handle
+    /// up again, so a socket another vCPU closed (and thereby woke) answers
+    /// `BadHandle`, and a pass at or past the deadline answers `TimedOut`
+    /// instead of trying again: a socket that polls ready while its
+    /// operation would still block cannot keep the vCPU spinning.
+    fn retry<T>(
+        &self,
+        handle: u64,
+        events: i16,
+        deadline: u64,
+        park: &mut dyn Park,
+        mut op: impl FnMut(&Socket) -> io::Result<T>,
+    ) -> std::result::Result<T, Status> {
+        loop {
+            let socket = self.socket(handle)?;
+            match op(&socket) {
+                Ok(done) => return Ok(done),
+                Err(e) if would_block(&e) => {}
+                Err(e) => return Err(status_of(&e)),
+            }
+            if now_ns() >= deadline {
+                return Err(Status::TimedOut);
+            }
+            Self::wait(&socket, events, deadline, park)?;
+        }
+    }
+
     /// Waits until `socket` is ready for `events` or the deadline passes.
     fn wait(
         socket: &Socket,
@@ -387,10 +415,9 @@ impl NetService {
             events,
             revents: 0,
         }];
-        match park.park_on(&mut fd, deadline) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(Status::TimedOut),
-            Err(Interrupted) => Err(Status::Interrupted),
+        match park.park(&mut fd, deadline)? {
+            Parked::Ready => Ok(()),
+            Parked::Deadline => Err(Status::TimedOut),
         }
     }
 
@@ -401,21 +428,13 @@ impl NetService {
         deadline: u64,
         park: &mut dyn Park,
     ) -> std::result::Result<[u64; 4], Status> {
-        let socket = self.socket(handle)?;
-        loop {
-            match socket.accept() {
-                Ok((conn, peer)) => {
-                    conn.set_nonblocking(true).map_err(|e| status_of(&e))?;
-                    let peer = peer
-                        .as_socket()
-                        .map(|a| encode_addr(&a))
-                        .unwrap_or_default();
-                    return Ok([self.register(conn)?, peer[0], peer[1], peer[2]]);
-                }
-                Err(e) if would_block(&e) => Self::wait(&socket, libc::POLLIN, deadline, park)?,
-                Err(e) => return Err(status_of(&e)),
-            }
-        }
+        let (conn, peer) = self.retry(handle, libc::POLLIN, deadline, park, Socket::accept)?;
+        conn.set_nonblocking(true).map_err(|e| status_of(&e))?;
+        let peer = peer
+            .as_socket()
+            .map(|a| encode_addr(&a))
+            .unwrap_or_default();
+        Ok([self.register(conn)?, peer[0], peer[1], peer[2]])
     }
 
     /// `NetConnect`.
@@ -449,7 +468,7 @@ impl NetService {
         to: [u64; 3],
         park: &mut dyn Park,
     ) -> std::result::Result<[u64; 4], Status> {
-        let socket = self.socket(handle)?;
+        self.socket(handle)?;
         let dest = if (to[0] >> 16) & 0xffff == 0 {
             None
         } else {
@@ -458,18 +477,18 @@ impl NetService {
             Some(SockAddr::from(addr))
         };
         let deadline = now_ns().saturating_add(net::SEND_WAIT_NS);
-        loop {
-            // MSG_NOSIGNAL: a peer's reset must not raise SIGPIPE in the VMM.
-            let sent = match &dest {
+        // MSG_NOSIGNAL: a peer's reset must not raise SIGPIPE in the VMM.
+        let sent = self.retry(
+            handle,
+            libc::POLLOUT,
+            deadline,
+            park,
+            |socket| match &dest {
                 Some(dest) => socket.send_to_with_flags(data, dest, libc::MSG_NOSIGNAL),
                 None => socket.send_with_flags(data, libc::MSG_NOSIGNAL),
-            };
-            match sent {
-                Ok(n) => return Ok([n as u64, 0, 0, 0]),
-                Err(e) if would_block(&e) => Self::wait(&socket, libc::POLLOUT, deadline, park)?,
-                Err(e) => return Err(status_of(&e)),
-            }
-        }
+            },
+        )?;
+        Ok([sent as u64, 0, 0, 0])
     }
 
     /// `NetRecv` into a host buffer of `len` bytes; returns the bytes and the results.
@@ -480,29 +499,25 @@ impl NetService {
         deadline: u64,
         park: &mut dyn Park,
     ) -> std::result::Result<(Vec<u8>, [u64; 4]), Status> {
-        let socket = self.socket(handle)?;
+        self.socket(handle)?;
         if len > MAX_TRANSFER {
             return Err(Status::TooLarge);
         }
         let mut buf: Vec<MaybeUninit<u8>> = vec![MaybeUninit::uninit(); len as usize];
-        loop {
-            match socket.recv_from(&mut buf) {
-                Ok((n, from)) => {
-                    // SAFETY: recv_from initialised the first n bytes.
-                    let data: Vec<u8> = buf[..n]
-                        .iter()
-                        .map(|b| unsafe { b.assume_init() })
-                        .collect();
-                    let from = from
-                        .as_socket()
-                        .or_else(|| socket.peer_addr().ok().and_then(|a| a.as_socket()));
-                    let [a, b, c] = from.map(|a| encode_addr(&a)).unwrap_or_default();
-                    return Ok((data, [n as u64, a, b, c]));
-                }
-                Err(e) if would_block(&e) => Self::wait(&socket, libc::POLLIN, deadline, park)?,
-                Err(e) => return Err(status_of(&e)),
-            }
-        }
+        let (n, from) = self.retry(handle, libc::POLLIN, deadline, park, |socket| {
+            let (n, from) = socket.recv_from(&mut buf)?;
+            let from = from
+                .as_socket()
+                .or_else(|| socket.peer_addr().ok().and_then(|a| a.as_socket()));
+            Ok((n, from))
+        })?;
+        // SAFETY: recv_from initialised the first n bytes.
+        let data: Vec<u8> = buf[..n]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect();
+        let [a, b, c] = from.map(|a| encode_addr(&a)).unwrap_or_default();
+        Ok((data, [n as u64, a, b, c]))
     }
 
     /// `NetPoll` over `handles` (already read from the guest).
@@ -527,8 +542,8 @@ impl NetService {
                 revents: 0,
             })
             .collect();
-        match park.park_on(&mut fds, deadline) {
-            Ok(true) => {
+        match park.park(&mut fds, deadline)? {
+            Parked::Ready => {
                 let mask = fds
                     .iter()
                     .enumerate()
@@ -536,8 +551,7 @@ impl NetService {
                     .fold(0u64, |m, (i, _)| m | 1 << i);
                 Ok([mask, u64::from(mask.count_ones()), 0, 0])
             }
-            Ok(false) => Err(Status::TimedOut),
-            Err(Interrupted) => Err(Status::Interrupted),
+            Parked::Deadline => Err(Status::TimedOut),
         }
     }
 
@@ -594,12 +608,7 @@ impl NetService {
 mod tests {
     use super::*;
 
-    struct Now;
-    impl Park for Now {
-        fn park_until(&mut self, _: u64) -> std::result::Result<(), Interrupted> {
-            Ok(())
-        }
-    }
+    use crate::rpc::park::{Unattended as Now, NO_DEADLINE};
 
     fn loopback_policy() -> NetPolicy {
         NetPolicy {
@@ -695,6 +704,30 @@ mod tests {
             Err(Status::BadArgument)
         );
         svc.setsockopt(b, net::opt::TOS, 0xb8).unwrap();
+    }
+
+    /// Issue #12: a receive parked on a socket another vCPU closes ends
+    /// with `BadHandle` (the close shuts the socket down, which wakes it)
+    /// instead of spinning on a readable socket that has nothing to read.
+    #[test]
+    fn a_receive_on_a_socket_another_vcpu_closes_answers_bad_handle() {
+        let svc = Arc::new(NetService::new(loopback_policy()).unwrap());
+        let h = svc.open(net::INET, net::UDP).unwrap()[0];
+        svc.bind(h, net::v4([127, 0, 0, 1], 47_314)).unwrap();
+        let (done, result) = std::sync::mpsc::channel();
+        let waiter = svc.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(waiter.recv(h, 100, NO_DEADLINE, &mut Now).map(|_| ()));
+        });
+        // The receive is parked (or about to be): the close reaches it either way.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        svc.close(h).unwrap();
+        assert_eq!(
+            result
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("the receive never ended"),
+            Err(Status::BadHandle)
+        );
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! `lapic_timer_advance` does: it steps toward the lateness it sees, keeping
 //! a margin of twice the observed jitter, within `[0, max]`.
 
-use super::wait::now_ns;
+use super::park::Park;
+use crate::clock::now_ns;
 use rtvm_abi::vmrpc::{flags, Status};
 
 /// How the timer advance is chosen.
@@ -218,10 +219,6 @@ impl WaitOptions {
 /// the advance far off.
 const MAX_FEEDBACK_NS: i64 = 10_000_000;
 
-/// A wait that was cut short by the VMM (pause requests are handled inside
-/// the wait; only a stop cuts it short).
-pub struct Interrupted;
-
 impl TimerService {
     pub fn new(mode: AdvanceMode) -> Self {
         TimerService {
@@ -299,8 +296,7 @@ impl TimerService {
         let now = now_ns();
         let advance = self.advance.current().min(deadline.saturating_sub(now) / 4);
         let wake_at = deadline.saturating_sub(advance);
-        park.park_until(wake_at)
-            .map_err(|Interrupted| Status::Interrupted)?;
+        park.park_until(wake_at)?;
         let woke = now_ns();
         match opts.feedback {
             // What the guest saw of the previous wait is what counts: its
@@ -328,40 +324,11 @@ impl TimerService {
     }
 }
 
-/// How a vCPU thread parks: the vCPU's own waits on its timerfd and wake
-/// eventfd and honours pause/stop requests (see `vcpu`); tests substitute their own.
-pub trait Park {
-    fn park_until(&mut self, deadline: u64) -> Result<(), Interrupted>;
-
-    /// Waits until one of `fds` is ready (revents filled in; true) or the
-    /// deadline ([`u64::MAX`]: none) passes (false). The default polls in
-    /// short slices, for parks that have no VMM to listen to.
-    fn park_on(&mut self, fds: &mut [libc::pollfd], deadline: u64) -> Result<bool, Interrupted> {
-        loop {
-            if super::wait::poll_now(fds) {
-                return Ok(true);
-            }
-            if now_ns() >= deadline {
-                return Ok(false);
-            }
-            std::thread::sleep(std::time::Duration::from_micros(100));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    struct SleepPark;
-    impl Park for SleepPark {
-        fn park_until(&mut self, deadline: u64) -> Result<(), Interrupted> {
-            while now_ns() < deadline {
-                std::thread::sleep(std::time::Duration::from_micros(50));
-            }
-            Ok(())
-        }
-    }
+    use crate::rpc::park::Unattended;
 
     #[test]
     fn adaptive_advance_settles_on_the_latency_quantile_and_stays_bounded() {
@@ -391,7 +358,7 @@ mod tests {
         let early = WaitOptions::from_call(flags::EARLY_RETURN | flags::FEEDBACK, 30_000);
         for _ in 0..300 {
             let deadline = now_ns() + 400_000;
-            t.sleep_until(deadline, early, &mut SleepPark).unwrap();
+            t.sleep_until(deadline, early, &mut Unattended).unwrap();
         }
         // Every wait reported arriving 30 µs late on top of its advance.
         assert!(t.advance().current() >= 30_000, "{}", t.advance().current());
@@ -403,7 +370,7 @@ mod tests {
         for _ in 0..20 {
             let deadline = now_ns() + 300_000;
             let r = t
-                .sleep_until(deadline, WaitOptions::default(), &mut SleepPark)
+                .sleep_until(deadline, WaitOptions::default(), &mut Unattended)
                 .unwrap();
             assert!(r[1] >= deadline && now_ns() >= deadline);
         }
@@ -417,7 +384,7 @@ mod tests {
             .sleep_until(
                 deadline,
                 WaitOptions::from_call(flags::EARLY_RETURN, 0),
-                &mut SleepPark,
+                &mut Unattended,
             )
             .unwrap();
         assert!(r[1] + 200_000 >= deadline, "not earlier than the advance");
@@ -443,19 +410,23 @@ mod tests {
     fn periodic_waits_are_served_in_phase_and_never_early() {
         let mut t = TimerService::new(AdvanceMode::Off);
         assert_eq!(
-            t.wait_next(WaitOptions::default(), &mut SleepPark)
+            t.wait_next(WaitOptions::default(), &mut Unattended)
                 .unwrap_err(),
             Status::NotConfigured
         );
         assert_eq!(t.start_periodic(0, 0).unwrap_err(), Status::BadArgument);
         let period = 1_000_000;
         let first = t.start_periodic(period, 0).unwrap()[0];
-        let r = t.wait_next(WaitOptions::default(), &mut SleepPark).unwrap();
+        let r = t
+            .wait_next(WaitOptions::default(), &mut Unattended)
+            .unwrap();
         assert_eq!(r[0], first);
         assert!(now_ns() >= first, "never before the deadline");
         // However late the next call comes, its deadline is in phase and
         // ahead of it.
-        let r = t.wait_next(WaitOptions::default(), &mut SleepPark).unwrap();
+        let r = t
+            .wait_next(WaitOptions::default(), &mut Unattended)
+            .unwrap();
         assert_eq!((r[0] - first) % period, 0, "in phase");
         assert!(r[0] >= first + period);
         assert!(now_ns() >= r[0]);
