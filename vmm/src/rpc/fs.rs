@@ -21,11 +21,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use rtvm_abi::vmrpc::{fs, Status, PATH_MAX};
 use serde::Deserialize;
 
+use super::handles::HandleTable;
 use crate::error::{Error, Result};
 
 /// Default limits of a share.
@@ -116,38 +116,15 @@ impl std::str::FromStr for ShareConfig {
 }
 
 struct OpenFile {
-    file: Arc<File>,
+    file: File,
     writable: bool,
-}
-
-struct Slot {
-    generation: u16,
-    file: Option<OpenFile>,
-    /// Taken by an open in progress (the table is unlocked during openat2).
-    reserved: bool,
-}
-
-impl Slot {
-    fn free(&self) -> bool {
-        self.file.is_none() && !self.reserved
-    }
-}
-
-/// A handle is (generation << 16) | (slot + 1): a stale handle of a reused
-/// slot is told apart from the new one, and 0 is never valid.
-/// Generations stay below the socket handles' tag bit (bit 31), so a file
-/// handle is never taken for a socket and the other way round.
-const GENERATION_MASK: u16 = 0x7fff;
-
-fn handle_of(slot: usize, generation: u16) -> u64 {
-    (u64::from(generation & GENERATION_MASK) << 16) | (slot as u64 + 1)
 }
 
 /// The file service of one VM.
 pub struct FileService {
     config: ShareConfig,
     root: OwnedFd,
-    slots: Mutex<Vec<Slot>>,
+    files: HandleTable<OpenFile>,
     written: AtomicU64,
 }
 
@@ -278,8 +255,8 @@ impl FileService {
         }
         Ok(FileService {
             root: dir.into(),
+            files: HandleTable::new(0, config.max_open_files, Status::TooManyOpenFiles),
             config,
-            slots: Mutex::new(Vec::new()),
             written: AtomicU64::new(0),
         })
     }
@@ -290,11 +267,7 @@ impl FileService {
 
     /// Descriptors the service holds open (for leak checks).
     pub fn open_files(&self) -> usize {
-        self.lock().iter().filter(|s| s.file.is_some()).count()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+        self.files.len()
     }
 
     /// Takes `n` bytes from the write quota, or refuses the whole call.
@@ -317,23 +290,6 @@ impl FileService {
             Err(Status::ReadOnly)
         } else {
             Ok(())
-        }
-    }
-
-    fn file(&self, handle: u64) -> std::result::Result<(Arc<File>, bool), Status> {
-        if handle >> 31 != 0 {
-            return Err(Status::BadHandle);
-        }
-        let slot = (handle & 0xffff).checked_sub(1).ok_or(Status::BadHandle)? as usize;
-        let generation = (handle >> 16) as u16;
-        let slots = self.lock();
-        match slots.get(slot) {
-            Some(Slot {
-                generation: g,
-                file: Some(f),
-                ..
-            }) if *g == generation => Ok((f.file.clone(), f.writable)),
-            _ => Err(Status::BadHandle),
         }
     }
 
@@ -389,62 +345,21 @@ impl FileService {
         // Reserve a slot first, so a full table costs no open; then open
         // with the table unlocked: a slow open (a large O_TRUNC, a slow share)
         // must not stall other vCPUs' file calls.
-        let slot = {
-            let mut slots = self.lock();
-            let in_use = slots.iter().filter(|s| !s.free()).count();
-            if in_use >= self.config.max_open_files {
-                return Err(Status::TooManyOpenFiles);
-            }
-            let slot = match slots.iter().position(Slot::free) {
-                Some(i) => i,
-                None => {
-                    slots.push(Slot {
-                        generation: 0,
-                        file: None,
-                        reserved: false,
-                    });
-                    slots.len() - 1
-                }
-            };
-            slots[slot].reserved = true;
-            slot
-        };
-        let opened = (|| {
-            let fd = openat2(self.root.as_raw_fd(), &cstring(path)?, os, mode)
-                .map_err(|e| status_of(&e))?;
-            let file = File::from(fd);
-            let meta = file.metadata().map_err(|e| status_of(&e))?;
-            if !(meta.is_file() || meta.is_dir()) {
-                return Err(Status::NotPermitted);
-            }
-            Ok(file)
-        })();
-        let mut slots = self.lock();
-        let s = &mut slots[slot];
-        s.reserved = false;
-        let file = opened?;
-        s.generation = s.generation.wrapping_add(1) & GENERATION_MASK;
-        s.file = Some(OpenFile {
-            file: Arc::new(file),
-            writable,
-        });
-        Ok([handle_of(slot, s.generation), 0, 0, 0])
+        let slot = self.files.reserve()?;
+        let fd =
+            openat2(self.root.as_raw_fd(), &cstring(path)?, os, mode).map_err(|e| status_of(&e))?;
+        let file = File::from(fd);
+        let meta = file.metadata().map_err(|e| status_of(&e))?;
+        if !(meta.is_file() || meta.is_dir()) {
+            return Err(Status::NotPermitted);
+        }
+        Ok([slot.fill(OpenFile { file, writable }), 0, 0, 0])
     }
 
     /// `FsClose`.
     pub fn close(&self, handle: u64) -> std::result::Result<[u64; 4], Status> {
-        // Check and clear under one lock: two closes racing with an open
-        // must not clear the slot the open just took.
-        self.file(handle)?;
-        let mut slots = self.lock();
-        let slot = ((handle & 0xffff) - 1) as usize;
-        match slots.get_mut(slot) {
-            Some(s) if handle_of(slot, s.generation) == handle && s.file.is_some() => {
-                s.file = None;
-                Ok([0; 4])
-            }
-            _ => Err(Status::BadHandle),
-        }
+        self.files.remove(handle)?;
+        Ok([0; 4])
     }
 
     /// Checks a transfer's length against the per-call limit.
@@ -459,7 +374,7 @@ impl FileService {
     /// `FsRead` into a host buffer (the caller copies it to the guest).
     pub fn read(&self, handle: u64, len: u64, offset: u64) -> std::result::Result<Vec<u8>, Status> {
         self.check_len(len)?;
-        let (file, _) = self.file(handle)?;
+        let file = &self.files.get(handle)?.file;
         let mut buf = vec![0u8; len as usize];
         let n = if offset == fs::CURRENT {
             (&*file).read(&mut buf)
@@ -479,7 +394,8 @@ impl FileService {
         offset: u64,
     ) -> std::result::Result<[u64; 4], Status> {
         self.check_len(data.len() as u64)?;
-        let (file, writable) = self.file(handle)?;
+        let open = self.files.get(handle)?;
+        let (file, writable) = (&open.file, open.writable);
         if !writable {
             return Err(Status::NotPermitted);
         }
@@ -504,14 +420,14 @@ impl FileService {
 
     /// `FsFsync`.
     pub fn fsync(&self, handle: u64) -> std::result::Result<[u64; 4], Status> {
-        let (file, _) = self.file(handle)?;
+        let file = &self.files.get(handle)?.file;
         file.sync_all().map_err(|e| status_of(&e))?;
         Ok([0; 4])
     }
 
     /// `FsFstat`.
     pub fn fstat(&self, handle: u64) -> std::result::Result<[u64; 4], Status> {
-        let (file, _) = self.file(handle)?;
+        let file = &self.files.get(handle)?.file;
         // SAFETY: a zeroed stat is valid output space; the fd is open.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         check(unsafe { libc::fstat(file.as_raw_fd(), &mut st) }).map_err(|e| status_of(&e))?;
@@ -652,16 +568,9 @@ impl Drop for FileService {
     /// Whatever the guest left open is flushed and closed, also after a
     /// guest fault: the data it wrote is on the host's stable storage.
     fn drop(&mut self) {
-        for slot in self
-            .slots
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter_mut()
-        {
-            if let Some(open) = slot.file.take() {
-                if open.writable {
-                    let _ = open.file.sync_data();
-                }
+        for open in self.files.drain() {
+            if open.writable {
+                let _ = open.file.sync_data();
             }
         }
     }

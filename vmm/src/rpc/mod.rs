@@ -8,6 +8,7 @@
 //! through `vm-memory`, which bounds-checks it again).
 
 pub mod fs;
+pub mod handles;
 pub mod net;
 pub mod park;
 pub mod timer;

@@ -21,12 +21,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::os::fd::AsRawFd;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rtvm_abi::vmrpc::{net, Status};
 use serde::Deserialize;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use super::handles::HandleTable;
 use super::park::{Park, Parked};
 use crate::clock::now_ns;
 use crate::error::{Error, Result};
@@ -214,29 +215,18 @@ fn would_block(e: &io::Error) -> bool {
     )
 }
 
-struct Slot {
-    generation: u16,
-    socket: Option<Arc<Socket>>,
-}
-
-const GENERATION_MASK: u16 = 0x7fff;
-
-fn handle_of(slot: usize, generation: u16) -> u64 {
-    net::HANDLE_TAG | (u64::from(generation & GENERATION_MASK) << 16) | (slot as u64 + 1)
-}
-
 /// The socket service of one VM.
 pub struct NetService {
     policy: NetPolicy,
-    slots: Mutex<Vec<Slot>>,
+    sockets: HandleTable<Socket>,
 }
 
 impl NetService {
     pub fn new(policy: NetPolicy) -> Result<Self> {
         policy.validate()?;
         Ok(NetService {
+            sockets: HandleTable::new(net::HANDLE_TAG, policy.max_sockets, Status::NoResources),
             policy,
-            slots: Mutex::new(Vec::new()),
         })
     }
 
@@ -246,34 +236,16 @@ impl NetService {
 
     /// Sockets the VM holds open.
     pub fn open_sockets(&self) -> usize {
-        self.lock().iter().filter(|s| s.socket.is_some()).count()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+        self.sockets.len()
     }
 
     fn socket(&self, handle: u64) -> std::result::Result<Arc<Socket>, Status> {
-        if handle & net::HANDLE_TAG == 0 || handle >> 32 != 0 {
-            return Err(Status::BadHandle);
-        }
-        let slot = (handle & 0xffff).checked_sub(1).ok_or(Status::BadHandle)? as usize;
-        let generation = ((handle >> 16) & u64::from(GENERATION_MASK)) as u16;
-        match self.lock().get(slot) {
-            Some(Slot {
-                generation: g,
-                socket: Some(s),
-            }) if g & GENERATION_MASK == generation => Ok(s.clone()),
-            _ => Err(Status::BadHandle),
-        }
+        self.sockets.get(handle)
     }
 
     /// Registers a socket under a new handle, within the socket limit.
     fn register(&self, socket: Socket) -> std::result::Result<u64, Status> {
-        let mut slots = self.lock();
-        if slots.iter().filter(|s| s.socket.is_some()).count() >= self.policy.max_sockets {
-            return Err(Status::NoResources);
-        }
+        let slot = self.sockets.reserve()?;
         let cap = self.policy.max_buffer as usize;
         for (get, set) in [
             (
@@ -288,20 +260,7 @@ impl NetService {
                 set(&socket, cap).map_err(|e| status_of(&e))?;
             }
         }
-        let slot = match slots.iter().position(|s| s.socket.is_none()) {
-            Some(i) => i,
-            None => {
-                slots.push(Slot {
-                    generation: 0,
-                    socket: None,
-                });
-                slots.len() - 1
-            }
-        };
-        let s = &mut slots[slot];
-        s.generation = s.generation.wrapping_add(1) & GENERATION_MASK;
-        s.socket = Some(Arc::new(socket));
-        Ok(handle_of(slot, s.generation))
+        Ok(slot.fill(socket))
     }
 
     fn permitted(
@@ -588,16 +547,7 @@ impl NetService {
     /// `NetClose`. A vCPU still waiting on the socket is woken (shutdown)
     /// rather than keeping an uncounted socket alive until data comes.
     pub fn close(&self, handle: u64) -> std::result::Result<[u64; 4], Status> {
-        self.socket(handle)?;
-        let socket = {
-            let mut slots = self.lock();
-            let slot = ((handle & 0xffff) - 1) as usize;
-            match slots.get_mut(slot) {
-                Some(s) if handle_of(slot, s.generation) == handle => s.socket.take(),
-                _ => None,
-            }
-        }
-        .ok_or(Status::BadHandle)?;
+        let socket = self.sockets.remove(handle)?;
         // ENOTCONN for a socket that never connected is fine.
         let _ = socket.shutdown(std::net::Shutdown::Both);
         Ok([0; 4])
