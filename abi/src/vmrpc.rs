@@ -92,9 +92,50 @@ pub mod flags {
     pub const ALL: u32 = EARLY_RETURN | FEEDBACK;
 }
 
-/// Call numbers. Stable: a number, once given, keeps its meaning.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A `#[repr(u32)]` enum with stable numbers, and its tables made from the
+/// one list: `from_u32`, `ALL` and `name` (the label after `=>`, or the
+/// variant's own name). A number given twice does not compile.
+macro_rules! numbered {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $($(#[$vmeta:meta])* $variant:ident = $n:literal $(=> $label:literal)?,)*
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant = $n,)*
+        }
+
+        impl $name {
+            /// Every value this ABI version defines, in number order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+
+            /// The value numbered `n`, if this ABI version defines it.
+            pub const fn from_u32(n: u32) -> Option<$name> {
+                match n {
+                    $($n => Some($name::$variant),)*
+                    _ => None,
+                }
+            }
+
+            /// A short name for logs and messages.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $($name::$variant => numbered!(@label $variant $($label)?),)*
+                }
+            }
+        }
+    };
+    (@label $variant:ident) => { stringify!($variant) };
+    (@label $variant:ident $label:literal) => { $label };
+}
+
+numbered! {
+/// Call numbers. Stable: a number, once given, keeps its meaning. Each
+/// service owns a range ([`Service`]).
 pub enum Call {
     /// `results[0] = args[0]`: the round-trip floor of VMRPC.
     Ping = 1,
@@ -221,43 +262,28 @@ pub enum Call {
     /// Close handle `args[0]`.
     NetClose = 49,
 }
+}
+
+/// The services calls are routed to, each owning a range of call numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    /// 1..=19: the calling vCPU's own: ping, clock, timers, vCPU facts,
+    /// log, sample reports.
+    Vcpu,
+    /// 20..=39: outsourced files.
+    Files,
+    /// 40..=59: outsourced sockets.
+    Net,
+}
 
 impl Call {
-    /// The call with number `n`, if this ABI version defines it.
-    pub const fn from_u32(n: u32) -> Option<Call> {
-        Some(match n {
-            1 => Call::Ping,
-            2 => Call::Clock,
-            3 => Call::Sleep,
-            4 => Call::SleepUntil,
-            5 => Call::Periodic,
-            6 => Call::WaitNext,
-            7 => Call::VcpuInfo,
-            8 => Call::Log,
-            9 => Call::Report,
-            20 => Call::FsOpen,
-            21 => Call::FsRead,
-            22 => Call::FsWrite,
-            23 => Call::FsFsync,
-            24 => Call::FsClose,
-            25 => Call::FsStat,
-            26 => Call::FsFstat,
-            27 => Call::FsMkdir,
-            28 => Call::FsUnlink,
-            29 => Call::FsRename,
-            30 => Call::FsReaddir,
-            40 => Call::NetSocket,
-            41 => Call::NetBind,
-            42 => Call::NetListen,
-            43 => Call::NetAccept,
-            44 => Call::NetConnect,
-            45 => Call::NetSend,
-            46 => Call::NetRecv,
-            47 => Call::NetPoll,
-            48 => Call::NetSetsockopt,
-            49 => Call::NetClose,
-            _ => return None,
-        })
+    /// The service that owns this call's number range.
+    pub const fn service(self) -> Service {
+        match self as u32 {
+            1..=19 => Service::Vcpu,
+            20..=39 => Service::Files,
+            _ => Service::Net,
+        }
     }
 
     /// Whether the call may park the vCPU in the host (a long poll).
@@ -377,127 +403,62 @@ pub mod vcpu_info {
     pub const TIMER_ADVANCE: u64 = 1 << 1;
 }
 
+numbered! {
 /// Status of a call. Stable numbers.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
-    Ok = 0,
+    Ok = 0 => "ok",
     /// An address or address + length lies outside guest RAM (or overflows).
-    BadAddress = 1,
+    BadAddress = 1 => "bad address",
     /// A handle is unknown, closed or not this VM's.
-    BadHandle = 2,
+    BadHandle = 2 => "bad handle",
     /// The configured policy forbids it.
-    NotPermitted = 3,
+    NotPermitted = 3 => "not permitted",
     /// A wait reached its timeout before its event.
-    TimedOut = 4,
+    TimedOut = 4 => "timed out",
     /// A wait was cut short because the VM is stopping.
-    Interrupted = 5,
+    Interrupted = 5 => "interrupted",
     /// The call number is unknown.
-    UnsupportedCall = 6,
+    UnsupportedCall = 6 => "unsupported call",
     /// The call page names another ABI version.
-    BadAbiVersion = 7,
+    BadAbiVersion = 7 => "bad ABI version",
     /// Unknown flag bits are set.
-    BadFlags = 8,
+    BadFlags = 8 => "bad flags",
     /// An argument is out of range.
-    BadArgument = 9,
+    BadArgument = 9 => "bad argument",
     /// The call needs state this vCPU does not have (e.g. `WaitNext` with no
     /// periodic timer).
-    NotConfigured = 10,
+    NotConfigured = 10 => "not configured",
     /// A limit on resources was reached (the host's own, e.g. descriptors).
-    NoResources = 11,
+    NoResources = 11 => "no resources",
     /// The path does not exist.
-    NotFound = 12,
+    NotFound = 12 => "not found",
     /// The path exists already (exclusive create, mkdir, rename over a directory).
-    AlreadyExists = 13,
+    AlreadyExists = 13 => "already exists",
     /// A directory was expected.
-    NotADirectory = 14,
+    NotADirectory = 14 => "not a directory",
     /// A file was expected.
-    IsADirectory = 15,
+    IsADirectory = 15 => "is a directory",
     /// The directory is not empty.
-    NotEmpty = 16,
+    NotEmpty = 16 => "directory not empty",
     /// The share is read-only.
-    ReadOnly = 17,
+    ReadOnly = 17 => "read-only share",
     /// The VM has as many files open as its limit allows.
-    TooManyOpenFiles = 18,
+    TooManyOpenFiles = 18 => "too many open files",
     /// More bytes in one call than the limit allows (split the request).
-    TooLarge = 19,
+    TooLarge = 19 => "too large for one call",
     /// The VM has written as many bytes as its limit allows.
-    QuotaExceeded = 20,
+    QuotaExceeded = 20 => "write quota exceeded",
     /// No share is configured for this VM.
-    NoShare = 21,
+    NoShare = 21 => "no share",
     /// The host's file system or network stack reported an error.
-    IoError = 22,
+    IoError = 22 => "I/O error",
     /// The peer refused the connection (nothing listens there).
-    ConnectionRefused = 23,
+    ConnectionRefused = 23 => "connection refused",
     /// The peer reset the connection.
-    ConnectionReset = 24,
+    ConnectionReset = 24 => "connection reset",
     /// The local address is in use by another socket.
-    AddressInUse = 25,
+    AddressInUse = 25 => "address in use",
 }
-
-impl Status {
-    pub const fn from_u32(n: u32) -> Option<Status> {
-        Some(match n {
-            0 => Status::Ok,
-            1 => Status::BadAddress,
-            2 => Status::BadHandle,
-            3 => Status::NotPermitted,
-            4 => Status::TimedOut,
-            5 => Status::Interrupted,
-            6 => Status::UnsupportedCall,
-            7 => Status::BadAbiVersion,
-            8 => Status::BadFlags,
-            9 => Status::BadArgument,
-            10 => Status::NotConfigured,
-            11 => Status::NoResources,
-            12 => Status::NotFound,
-            13 => Status::AlreadyExists,
-            14 => Status::NotADirectory,
-            15 => Status::IsADirectory,
-            16 => Status::NotEmpty,
-            17 => Status::ReadOnly,
-            18 => Status::TooManyOpenFiles,
-            19 => Status::TooLarge,
-            20 => Status::QuotaExceeded,
-            21 => Status::NoShare,
-            22 => Status::IoError,
-            23 => Status::ConnectionRefused,
-            24 => Status::ConnectionReset,
-            25 => Status::AddressInUse,
-            _ => return None,
-        })
-    }
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::BadAddress => "bad address",
-            Status::BadHandle => "bad handle",
-            Status::NotPermitted => "not permitted",
-            Status::TimedOut => "timed out",
-            Status::Interrupted => "interrupted",
-            Status::UnsupportedCall => "unsupported call",
-            Status::BadAbiVersion => "bad ABI version",
-            Status::BadFlags => "bad flags",
-            Status::BadArgument => "bad argument",
-            Status::NotConfigured => "not configured",
-            Status::NoResources => "no resources",
-            Status::NotFound => "not found",
-            Status::AlreadyExists => "already exists",
-            Status::NotADirectory => "not a directory",
-            Status::IsADirectory => "is a directory",
-            Status::NotEmpty => "directory not empty",
-            Status::ReadOnly => "read-only share",
-            Status::TooManyOpenFiles => "too many open files",
-            Status::TooLarge => "too large for one call",
-            Status::QuotaExceeded => "write quota exceeded",
-            Status::NoShare => "no share",
-            Status::IoError => "I/O error",
-            Status::ConnectionRefused => "connection refused",
-            Status::ConnectionReset => "connection reset",
-            Status::AddressInUse => "address in use",
-        }
-    }
 }
 
 /// A decoded, validated request.

@@ -3,11 +3,39 @@
 
 use proptest::prelude::*;
 use rtvm_abi::vmrpc::{
-    self, buffer_in_ram, call_page_address, Call, Request, Status, REQUEST_SIZE,
+    self, buffer_in_ram, call_page_address, Call, Request, Service, Status, REQUEST_SIZE,
 };
 
 fn any_call() -> impl Strategy<Value = Call> {
-    prop_oneof![1u32..=9, 20u32..=30, 40u32..=49].prop_map(|n| Call::from_u32(n).unwrap())
+    proptest::sample::select(Call::ALL)
+}
+
+#[test]
+fn the_tables_are_one_with_the_numbers() {
+    for &call in Call::ALL {
+        assert_eq!(Call::from_u32(call as u32), Some(call));
+        let service = match call.name() {
+            name if name.starts_with("Fs") => Service::Files,
+            name if name.starts_with("Net") => Service::Net,
+            _ => Service::Vcpu,
+        };
+        assert_eq!(
+            call.service(),
+            service,
+            "{call:?} is in another service's range"
+        );
+    }
+    for &status in Status::ALL {
+        assert_eq!(Status::from_u32(status as u32), Some(status));
+        assert!(!status.name().is_empty());
+    }
+    let numbers = (0..100).filter(|&n| Call::from_u32(n).is_some()).count();
+    assert_eq!(
+        numbers,
+        Call::ALL.len(),
+        "no number decodes to a call the table lacks"
+    );
+    assert_eq!(Status::name(Status::NotEmpty), "directory not empty");
 }
 
 proptest! {

@@ -32,7 +32,7 @@ use crate::memory::GuestRam;
 use crate::realtime::{self, RtCgroups, RtItem, RtPolicy};
 use crate::rpc::park::{Parker, Requests};
 use crate::rpc::timer::AdvanceMode;
-use crate::rpc::{CallCounters, Doorbell, RpcServer, SampleStreams, VcpuFacts};
+use crate::rpc::{Doorbell, RpcServer, Services, VcpuFacts};
 
 /// Offset from SIGRTMIN of the signal that kicks a vCPU out of `KVM_RUN`.
 const KICK_SIGNAL_OFFSET: i32 = 0;
@@ -125,10 +125,8 @@ pub struct VcpuContext {
     pub live: Arc<AtomicUsize>,
     pub count: usize,
     pub ram: Arc<GuestRam>,
-    pub streams: Arc<SampleStreams>,
-    pub counters: Arc<CallCounters>,
-    pub files: Option<Arc<crate::rpc::fs::FileService>>,
-    pub sockets: Arc<crate::rpc::net::NetService>,
+    /// The VMRPC services this vCPU shares with the others.
+    pub services: Arc<Services>,
     pub advance: AdvanceMode,
     pub rt: Option<RtPolicy>,
     pub cgroups: Option<Arc<RtCgroups>>,
@@ -314,15 +312,7 @@ fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
         tsc_offset: clock::measure_tsc_offset(&fd, facts.tsc_khz),
         ..facts
     };
-    let mut rpc = RpcServer::new(
-        facts,
-        ctx.ram.clone(),
-        ctx.streams.clone(),
-        ctx.counters.clone(),
-        ctx.advance,
-        ctx.files.clone(),
-        ctx.sockets.clone(),
-    );
+    let mut rpc = RpcServer::new(facts, ctx.ram.clone(), ctx.services.clone(), ctx.advance);
     let finished = match Parker::new() {
         Ok(parker) => run_loop(&mut fd, &ctx, control, &mut rpc, &parker),
         Err(e) => {

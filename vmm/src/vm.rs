@@ -24,9 +24,7 @@ use crate::error::{Error, Result};
 use crate::exit::{ExitSignal, VmExitReason};
 use crate::memory::{self, layout, GuestRam};
 use crate::realtime::{RtHost, RtHostSettings, RtReport};
-use crate::rpc::fs::FileService;
-use crate::rpc::net::NetService;
-use crate::rpc::{CallCounters, CallStats, SampleStreams};
+use crate::rpc::{CallStats, Services};
 use crate::signals;
 use crate::vcpu::UnhandledIo;
 use crate::vcpu::{VcpuContext, VcpuHandle, VcpuState};
@@ -54,8 +52,7 @@ pub struct Vm {
     exit: Arc<ExitSignal>,
     console: Console,
     config: VmConfig,
-    files: Option<Arc<FileService>>,
-    sockets: Arc<NetService>,
+    services: Arc<Services>,
     /// The host-clock page of a Linux guest's VMRPC region.
     clock: Option<ClockPage>,
 }
@@ -289,13 +286,7 @@ impl Vm {
             vcpu_fds.push(vcpu);
         }
 
-        let files = config
-            .share
-            .clone()
-            .map(FileService::new)
-            .transpose()?
-            .map(Arc::new);
-        let sockets = Arc::new(NetService::new(config.net.clone())?);
+        let services = Arc::new(Services::new(config.share.clone(), config.net.clone())?);
         let ram = Arc::new(ram);
         let clock = match entry {
             Entry::Linux { region, .. } => {
@@ -311,8 +302,7 @@ impl Vm {
             Entry::Builtin(_) => None,
         };
         Ok(Vm {
-            files,
-            sockets,
+            services,
             kvm,
             fd,
             ram,
@@ -343,8 +333,6 @@ impl Vm {
             rt_vcpus,
             &mut rt_report,
         );
-        let streams = Arc::new(SampleStreams::new());
-        let counters = Arc::new(CallCounters::default());
         let live = Arc::new(AtomicUsize::new(count));
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let started = Instant::now();
@@ -359,10 +347,7 @@ impl Vm {
                 live: live.clone(),
                 count,
                 ram: self.ram.clone(),
-                streams: streams.clone(),
-                counters: counters.clone(),
-                files: self.files.clone(),
-                sockets: self.sockets.clone(),
+                services: self.services.clone(),
                 advance: self.config.advance_for(index),
                 rt: self.config.rt_policy(index),
                 cgroups: rt_host.cgroups.clone(),
@@ -391,8 +376,7 @@ impl Vm {
             exit: self.exit,
             console: self.console,
             ram: self.ram,
-            streams,
-            counters,
+            services: self.services,
             rt_report,
             started,
             clock: Mutex::new(self.clock),
@@ -430,8 +414,7 @@ pub struct RunningVm {
     vcpus: Vec<VcpuHandle>,
     exit: Arc<ExitSignal>,
     console: Console,
-    streams: Arc<SampleStreams>,
-    counters: Arc<CallCounters>,
+    services: Arc<Services>,
     rt_report: RtReport,
     started: Instant,
     clock: Mutex<Option<ClockPage>>,
@@ -534,7 +517,7 @@ impl RunningVm {
         }
         self.console.finish();
         let streams = (0..rtvm_abi::vmrpc::STREAMS as usize)
-            .map(|s| self.streams.take(s))
+            .map(|s| self.services.streams.take(s))
             .collect();
         VmRun {
             reason,
@@ -542,7 +525,7 @@ impl RunningVm {
             guest_resident,
             guest_time,
             streams,
-            calls: self.counters.snapshot(),
+            calls: self.services.counters.snapshot(),
             rt_report: self.rt_report,
         }
     }

@@ -11,10 +11,10 @@ use rtvm_abi::ABI_VERSION;
 use rtvm_guest_linux::{Error, Header, OwnedHeader, Page, Transport};
 use rtvm_vmm::clock::{now_ns, TscOffset};
 use rtvm_vmm::memory::GuestRam;
-use rtvm_vmm::rpc::net::{NetPolicy, NetService};
+use rtvm_vmm::rpc::net::NetPolicy;
 use rtvm_vmm::rpc::park::Unattended;
 use rtvm_vmm::rpc::timer::AdvanceMode;
-use rtvm_vmm::rpc::{CallCounters, Doorbell, RpcServer, SampleStreams, VcpuFacts};
+use rtvm_vmm::rpc::{Doorbell, RpcServer, Services, VcpuFacts};
 
 /// Guest RAM size.
 pub const RAM: u64 = 16 << 20;
@@ -101,15 +101,8 @@ impl InProcess {
         } else {
             AdvanceMode::Off
         };
-        let server = RpcServer::new(
-            facts,
-            ram.clone(),
-            Arc::new(SampleStreams::new()),
-            Arc::new(CallCounters::default()),
-            advance,
-            None,
-            Arc::new(NetService::new(NetPolicy::default()).unwrap()),
-        );
+        let services = Services::new(None, NetPolicy::default()).unwrap();
+        let server = RpcServer::new(facts, ram.clone(), Arc::new(services), advance);
         let header = OwnedHeader::new(RegionHeader {
             magic: REGION_MAGIC,
             abi_version: ABI_VERSION,

@@ -22,10 +22,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rtvm_abi::vmrpc::{fs, Status, PATH_MAX};
+use rtvm_abi::vmrpc::{fs, Call, Request, Status, PATH_MAX};
 use serde::Deserialize;
 
+use super::context::CallContext;
 use super::handles::HandleTable;
+use super::VmService;
 use crate::error::{Error, Result};
 
 /// Default limits of a share.
@@ -561,6 +563,45 @@ impl FileService {
         let more = if next < entries.len() { next as u64 } else { 0 };
         let bytes = out.len() as u64;
         Ok((out, [more, bytes, written as u64, 0]))
+    }
+}
+
+impl VmService for FileService {
+    fn serve(
+        &self,
+        req: &Request,
+        cx: &mut CallContext<'_>,
+    ) -> std::result::Result<[u64; 4], Status> {
+        let a = req.args;
+        let path = |addr, len| guest_path(&cx.path(addr, len)?);
+        match req.call {
+            Call::FsOpen => self.open(&path(a[0], a[1])?, a[2], a[3]),
+            Call::FsRead => {
+                self.check_len(a[2])?;
+                cx.check_buffer(a[1], a[2])?;
+                let data = self.read(a[0], a[2], a[3])?;
+                cx.write(a[1], &data)?;
+                Ok([data.len() as u64, 0, 0, 0])
+            }
+            Call::FsWrite => {
+                self.check_len(a[2])?;
+                self.write(a[0], &cx.read(a[1], a[2])?, a[3])
+            }
+            Call::FsFsync => self.fsync(a[0]),
+            Call::FsClose => self.close(a[0]),
+            Call::FsStat => self.stat(&path(a[0], a[1])?),
+            Call::FsFstat => self.fstat(a[0]),
+            Call::FsMkdir => self.mkdir(&path(a[0], a[1])?, a[2]),
+            Call::FsUnlink => self.unlink(&path(a[0], a[1])?, a[2]),
+            Call::FsRename => self.rename(&path(a[0], a[1])?, &path(a[2], a[3])?),
+            Call::FsReaddir => {
+                cx.check_buffer(a[3], a[4])?;
+                let (records, results) = self.readdir(&path(a[0], a[1])?, a[2], a[4])?;
+                cx.write(a[3], &records)?;
+                Ok(results)
+            }
+            _ => Err(Status::UnsupportedCall),
+        }
     }
 }
 

@@ -23,12 +23,14 @@ use std::os::fd::AsRawFd;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use rtvm_abi::vmrpc::{net, Status};
+use rtvm_abi::vmrpc::{net, Call, Request, Status};
 use serde::Deserialize;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use super::context::CallContext;
 use super::handles::HandleTable;
 use super::park::{Park, Parked};
+use super::VmService;
 use crate::clock::now_ns;
 use crate::error::{Error, Result};
 
@@ -551,6 +553,46 @@ impl NetService {
         // ENOTCONN for a socket that never connected is fine.
         let _ = socket.shutdown(std::net::Shutdown::Both);
         Ok([0; 4])
+    }
+}
+
+impl VmService for NetService {
+    fn serve(
+        &self,
+        req: &Request,
+        cx: &mut CallContext<'_>,
+    ) -> std::result::Result<[u64; 4], Status> {
+        let a = req.args;
+        match req.call {
+            Call::NetSocket => self.open(a[0], a[1]),
+            Call::NetBind => self.bind(a[0], [a[1], a[2], a[3]]),
+            Call::NetListen => self.listen(a[0], a[1]),
+            Call::NetAccept => self.accept(a[0], a[1], cx.park),
+            Call::NetConnect => self.connect(a[0], [a[1], a[2], a[3]], a[4], cx.park),
+            Call::NetSend => {
+                if a[2] > MAX_TRANSFER {
+                    return Err(Status::TooLarge);
+                }
+                let data = cx.read(a[1], a[2])?;
+                self.send(a[0], &data, [a[3], a[4], a[5]], cx.park)
+            }
+            Call::NetRecv => {
+                cx.check_buffer(a[1], a[2])?;
+                let (data, results) = self.recv(a[0], a[2], a[3], cx.park)?;
+                cx.write(a[1], &data)?;
+                Ok(results)
+            }
+            Call::NetPoll => {
+                if a[1] == 0 || a[1] > net::POLL_MAX {
+                    return Err(Status::BadArgument);
+                }
+                let handles = cx.read_words(a[0], a[1])?;
+                self.poll(&handles, a[2], cx.park)
+            }
+            Call::NetSetsockopt => self.setsockopt(a[0], a[1], a[2]),
+            Call::NetClose => self.close(a[0]),
+            _ => Err(Status::UnsupportedCall),
+        }
     }
 }
 

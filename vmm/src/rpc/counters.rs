@@ -1,0 +1,111 @@
+//! What a VM's calls leave behind for the host to read: call counters and
+//! the sample streams benchmarks collect.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use rtvm_abi::vmrpc::{self, Call, Status};
+
+/// Most samples one stream keeps; more is refused with `NoResources`, so a
+/// guest cannot grow the VMM's memory without bound.
+pub const STREAM_CAPACITY: usize = 4 << 20;
+
+/// Sample streams guests hand to the host with `Call::Report`.
+pub struct SampleStreams {
+    streams: Mutex<Vec<Vec<u64>>>,
+}
+
+impl Default for SampleStreams {
+    fn default() -> Self {
+        SampleStreams {
+            streams: Mutex::new(vec![Vec::new(); vmrpc::STREAMS as usize]),
+        }
+    }
+}
+
+impl SampleStreams {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends to `stream` (< `vmrpc::STREAMS`); returns its length.
+    pub fn append(&self, stream: usize, samples: &[u64]) -> Result<u64, Status> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let s = streams.get_mut(stream).ok_or(Status::BadArgument)?;
+        if s.len() + samples.len() > STREAM_CAPACITY {
+            return Err(Status::NoResources);
+        }
+        s.extend_from_slice(samples);
+        Ok(s.len() as u64)
+    }
+
+    /// Takes the samples of `stream` out.
+    pub fn take(&self, stream: usize) -> Vec<u64> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams
+            .get_mut(stream)
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+}
+
+/// Call numbers below this are counted one by one (all of today's are).
+const COUNTED_CALLS: usize = 64;
+
+/// What the VMRPC servers of one VM have served, shared by its vCPUs:
+/// cheap enough (relaxed atomics) to stay on always.
+pub struct CallCounters {
+    by_number: [AtomicU64; COUNTED_CALLS],
+    refused: AtomicU64,
+    long_polls: AtomicU64,
+}
+
+/// A snapshot of [`CallCounters`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallStats {
+    /// Calls by kind, in call-number order; only those made at least once.
+    pub calls: Vec<(Call, u64)>,
+    /// Calls answered with a status other than `Ok`.
+    pub refused: u64,
+    /// Timer waits (`Sleep`, `SleepUntil`, `WaitNext`) served as long polls:
+    /// the calling vCPU parked in the host until its deadline.
+    pub long_polls: u64,
+}
+
+impl Default for CallCounters {
+    fn default() -> Self {
+        CallCounters {
+            by_number: std::array::from_fn(|_| AtomicU64::new(0)),
+            refused: AtomicU64::new(0),
+            long_polls: AtomicU64::new(0),
+        }
+    }
+}
+
+impl CallCounters {
+    /// Counts one answered call: its number as the guest wrote it (known
+    /// or not), and how it went.
+    pub fn served(&self, number: u32, call: Option<Call>, ok: bool) {
+        if let Some(count) = self.by_number.get(number as usize) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        if !ok {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        } else if call.is_some_and(Call::is_long_poll) {
+            self.long_polls.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn snapshot(&self) -> CallStats {
+        CallStats {
+            calls: (0..COUNTED_CALLS as u32)
+                .filter_map(|n| {
+                    let count = self.by_number[n as usize].load(Ordering::Relaxed);
+                    Some((Call::from_u32(n)?, count)).filter(|_| count > 0)
+                })
+                .collect(),
+            refused: self.refused.load(Ordering::Relaxed),
+            long_polls: self.long_polls.load(Ordering::Relaxed),
+        }
+    }
+}
