@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod flags;
 mod initramfs;
 mod probe;
 
@@ -10,11 +11,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use rtvm_vmm::config::{parse_byte_size, parse_size};
-use rtvm_vmm::realtime::{RtBandwidth, RtVcpuArg};
-use rtvm_vmm::rpc::fs::ShareConfig;
-use rtvm_vmm::rpc::net::AddrRule;
-use rtvm_vmm::rpc::timer::AdvanceMode;
+use flags::{RtVcpuArg, ShareArg};
+use rtvm_vmm::config::{parse_byte_size, parse_size, AddrRule, AdvanceMode, RtBandwidth};
 use rtvm_vmm::{Console, Error, GuestSpec, Vm, VmConfig, VmRun};
 
 /// Exit status for bad user input (flags, config file, guest name).
@@ -101,7 +99,7 @@ pub struct RunArgs {
     timer_advance: Option<AdvanceMode>,
     /// Serve the guest's file calls from host directory DIR (DIR:ro for read-only).
     #[arg(long, value_name = "DIR[:ro]")]
-    share: Option<ShareConfig>,
+    share: Option<ShareArg>,
     /// Most files the guest may hold open in the share [default: 64].
     #[arg(long, value_name = "N", requires = "share")]
     share_max_open: Option<usize>,
@@ -177,7 +175,7 @@ impl RunArgs {
         if let Some(advance) = self.timer_advance {
             config.timer_advance = advance;
         }
-        if let Some(share) = &self.share {
+        if let Some(ShareArg(share)) = &self.share {
             config.share = Some(share.clone());
         }
         config.net.bind.extend(self.net_bind.iter().cloned());

@@ -11,7 +11,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use rtvm_vmm::realtime::{RtItem, RtPolicy};
+use rtvm_vmm::config::RtPolicy;
+use rtvm_vmm::realtime::RtItem;
 use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig, VmExitReason};
 
 use super::histogram::Histogram;

@@ -17,9 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use rtvm_vmm::config::RtPolicy;
+use rtvm_vmm::config::{AddrRule, NetPolicy};
 use rtvm_vmm::host::HostInfo;
-use rtvm_vmm::realtime::{self, RtItem, RtPolicy};
-use rtvm_vmm::rpc::net::{AddrRule, NetPolicy};
+use rtvm_vmm::realtime::{self, RtItem};
 use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig};
 use serde_json::json;
 

@@ -3,8 +3,8 @@
 //! interleaved from guest CPL3 with the guest's TSC, in one VM.
 
 use clap::Args;
+use rtvm_vmm::config::{RtBandwidth, RtPolicy};
 use rtvm_vmm::host::HostInfo;
-use rtvm_vmm::realtime::{RtBandwidth, RtPolicy};
 use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig};
 use serde_json::json;
 

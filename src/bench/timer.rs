@@ -26,9 +26,10 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use rtvm_abi::vmrpc::HOST_STREAM;
 use rtvm_vmm::clock::now_ns;
+use rtvm_vmm::config::RtPolicy;
+use rtvm_vmm::config::{AdvanceMode, DEFAULT_MAX_ADVANCE_NS};
 use rtvm_vmm::host::HostInfo;
-use rtvm_vmm::realtime::{self, RtItem, RtPolicy};
-use rtvm_vmm::rpc::timer::{AdvanceMode, DEFAULT_MAX_ADVANCE_NS};
+use rtvm_vmm::realtime::{self, RtItem};
 use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig};
 use serde_json::{json, Value};
 

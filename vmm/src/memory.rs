@@ -5,15 +5,11 @@
 //! every access against the mapping: a guest-supplied address can never make
 //! the VMM touch host memory outside guest RAM.
 
+use crate::config::{MAX_RAM, MIN_RAM};
 use rtvm_abi::{BootInfo, GUEST_IMAGE_BASE, MAX_VCPUS};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::error::{Error, Result};
-
-/// Smallest guest RAM we accept.
-pub const MIN_RAM: u64 = 16 << 20;
-/// Largest guest RAM we accept.
-pub const MAX_RAM: u64 = 64 << 30;
 
 /// Fixed guest-physical layout of the low pages and of the per-vCPU areas.
 pub mod layout {

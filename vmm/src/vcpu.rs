@@ -25,13 +25,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::clock;
+use crate::config::{AdvanceMode, RtPolicy, UnhandledIo};
 use crate::devices::Bus;
 use crate::error::{Error, Result};
 use crate::exit::{ExitSignal, VmExitReason};
 use crate::memory::GuestRam;
-use crate::realtime::{self, RtCgroups, RtItem, RtPolicy};
+use crate::realtime::{self, RtCgroups, RtItem};
 use crate::rpc::park::{Parker, Requests};
-use crate::rpc::timer::AdvanceMode;
 use crate::rpc::{Doorbell, RpcServer, Services, VcpuFacts};
 
 /// Offset from SIGRTMIN of the signal that kicks a vCPU out of `KVM_RUN`.
@@ -58,17 +58,6 @@ enum Request {
     Run,
     Pause,
     Stop,
-}
-
-/// What to do about unclaimed port or MMIO accesses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum UnhandledIo {
-    /// End the VM with an error naming the access. Right for our own guests,
-    /// which touch no device they do not expect.
-    #[default]
-    Fatal,
-    /// Log the access; reads return all ones, as on an empty bus.
-    Log,
 }
 
 struct Shared {

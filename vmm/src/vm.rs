@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::builtin::{self, GuestImage};
 use crate::boot::linux;
 use crate::boot::x86;
+use crate::config::UnhandledIo;
 use crate::config::{GuestSpec, VmConfig};
 use crate::devices::{Bus, Console, ResetController, SerialDevice};
 use crate::error::{Error, Result};
@@ -26,7 +27,6 @@ use crate::memory::{self, layout, GuestRam};
 use crate::realtime::{RtHost, RtHostSettings, RtReport};
 use crate::rpc::{CallStats, Services};
 use crate::signals;
-use crate::vcpu::UnhandledIo;
 use crate::vcpu::{VcpuContext, VcpuHandle, VcpuState};
 
 /// KVM wants a three-page region for the TSS of real-mode emulation; put it

@@ -4,8 +4,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rtvm_vmm::config::UnhandledIo;
 use rtvm_vmm::testing::kvm_available;
-use rtvm_vmm::vcpu::{UnhandledIo, VcpuState};
+use rtvm_vmm::vcpu::VcpuState;
 use rtvm_vmm::{Console, Error, GuestSpec, Vm, VmConfig, VmExitReason, VmRun};
 
 fn config(workload: &str, vcpus: usize) -> VmConfig {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rtvm_vmm::rpc::fs::ShareConfig;
+use rtvm_vmm::config::ShareConfig;
 use rtvm_vmm::testing::kvm_available;
 use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig, VmExitReason, VmRun};
 

@@ -7,7 +7,7 @@ use std::net::{TcpStream, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rtvm_vmm::rpc::net::NetPolicy;
+use rtvm_vmm::config::NetPolicy;
 use rtvm_vmm::testing::kvm_available;
 use rtvm_vmm::{Console, GuestSpec, RunningVm, Vm, VmConfig, VmExitReason, VmRun};
 

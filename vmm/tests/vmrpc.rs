@@ -4,8 +4,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rtvm_vmm::realtime::{RtBandwidth, RtPolicy};
-use rtvm_vmm::rpc::timer::AdvanceMode;
+use rtvm_vmm::config::AdvanceMode;
+use rtvm_vmm::config::{RtBandwidth, RtPolicy};
 use rtvm_vmm::testing::kvm_available;
 use rtvm_vmm::vcpu::VcpuState;
 use rtvm_vmm::{Console, Error, GuestSpec, RunningVm, Vm, VmConfig, VmExitReason, VmRun};

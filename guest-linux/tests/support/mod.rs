@@ -10,10 +10,10 @@ use rtvm_abi::vmrpc::{Status, CALL_PAGE_SIZE};
 use rtvm_abi::ABI_VERSION;
 use rtvm_guest_linux::{Error, Header, OwnedHeader, Page, Transport};
 use rtvm_vmm::clock::{now_ns, TscOffset};
+use rtvm_vmm::config::AdvanceMode;
+use rtvm_vmm::config::NetPolicy;
 use rtvm_vmm::memory::GuestRam;
-use rtvm_vmm::rpc::net::NetPolicy;
 use rtvm_vmm::rpc::park::Unattended;
-use rtvm_vmm::rpc::timer::AdvanceMode;
 use rtvm_vmm::rpc::{Doorbell, RpcServer, Services, VcpuFacts};
 
 /// Guest RAM size.

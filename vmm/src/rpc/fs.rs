@@ -19,104 +19,22 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rtvm_abi::vmrpc::{fs, Call, Request, Status, PATH_MAX};
-use serde::Deserialize;
 
 use super::context::CallContext;
 use super::handles::HandleTable;
 use super::VmService;
+use crate::config::ShareConfig;
 use crate::error::{Error, Result};
 
-/// Default limits of a share.
-pub const DEFAULT_MAX_OPEN_FILES: usize = 64;
-pub const DEFAULT_MAX_BYTES_PER_CALL: u64 = 1 << 20;
-pub const DEFAULT_MAX_BYTES_WRITTEN: u64 = 1 << 30;
 /// What creating a directory costs against the write quota: inodes and
 /// directory entries use host disk even when no byte is written. (File
 /// creation is not charged yet: telling a create from an open of an existing
 /// file needs a second lookup.)
 pub const CREATE_COST: u64 = 4096;
-/// The per-call limit can be lowered, not raised beyond this.
-pub const MAX_BYTES_PER_CALL: u64 = 16 << 20;
-
-/// The host directory a VM may use, and its limits.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ShareConfig {
-    pub path: PathBuf,
-    #[serde(default)]
-    pub read_only: bool,
-    #[serde(default = "default_max_open")]
-    pub max_open_files: usize,
-    #[serde(
-        default = "default_max_call",
-        deserialize_with = "crate::config::byte_size"
-    )]
-    pub max_bytes_per_call: u64,
-    #[serde(
-        default = "default_max_written",
-        deserialize_with = "crate::config::byte_size"
-    )]
-    pub max_bytes_written: u64,
-}
-
-fn default_max_open() -> usize {
-    DEFAULT_MAX_OPEN_FILES
-}
-fn default_max_call() -> u64 {
-    DEFAULT_MAX_BYTES_PER_CALL
-}
-fn default_max_written() -> u64 {
-    DEFAULT_MAX_BYTES_WRITTEN
-}
-
-impl ShareConfig {
-    pub fn new(path: PathBuf, read_only: bool) -> Self {
-        ShareConfig {
-            path,
-            read_only,
-            max_open_files: DEFAULT_MAX_OPEN_FILES,
-            max_bytes_per_call: DEFAULT_MAX_BYTES_PER_CALL,
-            max_bytes_written: DEFAULT_MAX_BYTES_WRITTEN,
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        if self.max_open_files == 0 || self.max_open_files > 65_535 {
-            return Err(Error::Config(format!(
-                "share max_open_files = {}: must be 1..=65535",
-                self.max_open_files
-            )));
-        }
-        if self.max_bytes_per_call == 0 || self.max_bytes_per_call > MAX_BYTES_PER_CALL {
-            return Err(Error::Config(format!(
-                "share max_bytes_per_call = {}: must be 1..={MAX_BYTES_PER_CALL}",
-                self.max_bytes_per_call
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// `--share DIR[:ro]`.
-impl std::str::FromStr for ShareConfig {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let (path, read_only) = match s.strip_suffix(":ro") {
-            Some(p) => (p, true),
-            None => (s.strip_suffix(":rw").unwrap_or(s), false),
-        };
-        if path.is_empty() {
-            return Err("--share needs a directory (DIR or DIR:ro)".into());
-        }
-        Ok(ShareConfig::new(PathBuf::from(path), read_only))
-    }
-}
-
 struct OpenFile {
     file: File,
     writable: bool,
@@ -620,6 +538,7 @@ impl Drop for FileService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn share() -> (PathBuf, FileService) {
         let base = std::env::temp_dir().join(format!(

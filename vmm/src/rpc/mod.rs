@@ -40,10 +40,10 @@ pub use context::CallContext;
 pub use counters::{CallCounters, CallStats, SampleStreams, STREAM_CAPACITY};
 pub use vcpu::{VcpuFacts, VcpuService};
 
+use crate::config::{AdvanceMode, NetPolicy, ShareConfig};
 use crate::error::Result;
 use crate::memory::GuestRam;
 use park::Park;
-use timer::AdvanceMode;
 
 /// A service the vCPUs of one VM share (one instance per VM), serving the
 /// calls of its number range.
@@ -66,7 +66,7 @@ pub struct Services {
 
 impl Services {
     /// The services a VM with this share (if any) and network policy gets.
-    pub fn new(share: Option<fs::ShareConfig>, net: net::NetPolicy) -> Result<Self> {
+    pub fn new(share: Option<ShareConfig>, net: NetPolicy) -> Result<Self> {
         Ok(Services {
             streams: SampleStreams::new(),
             counters: CallCounters::default(),
@@ -223,7 +223,7 @@ mod tests {
                 error_ns: 5,
             }),
         };
-        let services = Services::new(None, net::NetPolicy::default()).unwrap();
+        let services = Services::new(None, NetPolicy::default()).unwrap();
         RpcServer::new(facts, ram, Arc::new(services), AdvanceMode::Off)
     }
 

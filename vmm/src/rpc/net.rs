@@ -17,14 +17,11 @@
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::ops::RangeInclusive;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use rtvm_abi::vmrpc::{net, Call, Request, Status};
-use serde::Deserialize;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use super::context::CallContext;
@@ -32,135 +29,11 @@ use super::handles::HandleTable;
 use super::park::{Park, Parked};
 use super::VmService;
 use crate::clock::now_ns;
-use crate::error::{Error, Result};
+use crate::config::{AddrRule, NetPolicy};
+use crate::error::Result;
 
 /// Most bytes one send or receive may move.
 pub const MAX_TRANSFER: u64 = 1 << 20;
-
-/// One rule of the policy: an address (or any) and a port range.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AddrRule {
-    /// `None`: any address.
-    pub ip: Option<IpAddr>,
-    pub ports: RangeInclusive<u16>,
-}
-
-impl AddrRule {
-    pub fn allows(&self, addr: &SocketAddr) -> bool {
-        self.ip.is_none_or(|ip| ip == addr.ip()) && self.ports.contains(&addr.port())
-    }
-}
-
-/// `IP:PORT`, `IP:LO-HI`, `IP:*`, `[IPv6]:PORT`, `*:PORT`.
-impl FromStr for AddrRule {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let usage = || {
-            format!(
-                "'{s}' is not ADDRESS:PORT (e.g. 198.18.0.1:7000, 127.0.0.1:*, [::1]:7000-7010)"
-            )
-        };
-        let (host, port) = s.rsplit_once(':').ok_or_else(usage)?;
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        let ip = if host == "*" {
-            None
-        } else {
-            Some(host.parse::<IpAddr>().map_err(|_| usage())?)
-        };
-        let ports = match port {
-            "*" => 0..=u16::MAX,
-            p => match p.split_once('-') {
-                Some((lo, hi)) => {
-                    let (lo, hi) = (
-                        lo.parse().map_err(|_| usage())?,
-                        hi.parse().map_err(|_| usage())?,
-                    );
-                    if lo > hi {
-                        return Err(usage());
-                    }
-                    lo..=hi
-                }
-                None => {
-                    let p = p.parse().map_err(|_| usage())?;
-                    p..=p
-                }
-            },
-        };
-        Ok(AddrRule { ip, ports })
-    }
-}
-
-impl<'de> Deserialize<'de> for AddrRule {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-/// What a VM may do on the host's network.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetPolicy {
-    /// Local addresses the guest may bind.
-    #[serde(default)]
-    pub bind: Vec<AddrRule>,
-    /// Destinations the guest may connect or send to.
-    #[serde(default)]
-    pub connect: Vec<AddrRule>,
-    /// Most sockets open at once.
-    #[serde(default = "default_max_sockets")]
-    pub max_sockets: usize,
-    /// Most bytes each socket may buffer per direction (SO_SNDBUF/SO_RCVBUF).
-    #[serde(
-        default = "default_max_buffer",
-        deserialize_with = "crate::config::byte_size"
-    )]
-    pub max_buffer: u64,
-}
-
-pub const DEFAULT_MAX_SOCKETS: usize = 64;
-pub const DEFAULT_MAX_BUFFER: u64 = 256 << 10;
-
-fn default_max_sockets() -> usize {
-    DEFAULT_MAX_SOCKETS
-}
-fn default_max_buffer() -> u64 {
-    DEFAULT_MAX_BUFFER
-}
-
-impl Default for NetPolicy {
-    fn default() -> Self {
-        NetPolicy {
-            bind: Vec::new(),
-            connect: Vec::new(),
-            max_sockets: DEFAULT_MAX_SOCKETS,
-            max_buffer: DEFAULT_MAX_BUFFER,
-        }
-    }
-}
-
-impl NetPolicy {
-    pub fn validate(&self) -> Result<()> {
-        if self.max_sockets == 0 || self.max_sockets > 32_767 {
-            return Err(Error::Config(format!(
-                "net max_sockets = {}: must be 1..=32767",
-                self.max_sockets
-            )));
-        }
-        if !(4096..=64 << 20).contains(&self.max_buffer) {
-            return Err(Error::Config(format!(
-                "net max_buffer = {}: must be 4K..=64M",
-                self.max_buffer
-            )));
-        }
-        Ok(())
-    }
-}
 
 /// Decodes the three address words of the ABI.
 pub fn decode_addr(words: [u64; 3]) -> std::result::Result<SocketAddr, Status> {

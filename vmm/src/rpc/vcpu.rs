@@ -7,8 +7,9 @@ use rtvm_abi::vmrpc::{self, vcpu_info, Call, Request, Status};
 
 use super::context::CallContext;
 use super::counters::SampleStreams;
-use super::timer::{AdvanceMode, TimerService, WaitOptions};
+use super::timer::{TimerService, WaitOptions};
 use crate::clock::{host_tsc, now_ns, TscOffset};
+use crate::config::AdvanceMode;
 
 /// Static facts about the vCPU a server belongs to.
 #[derive(Clone, Copy, Debug)]

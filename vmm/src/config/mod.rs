@@ -10,18 +10,40 @@ use rtvm_abi::{CMDLINE_MAX, MAX_VCPUS, WORKLOAD_NAME_MAX};
 use serde::{Deserialize, Deserializer};
 
 use crate::error::{Error, Result};
-use crate::memory::{MAX_RAM, MIN_RAM};
-use crate::realtime::{RtBandwidth, RtPolicy};
-use crate::rpc::fs::ShareConfig;
-use crate::rpc::net::NetPolicy;
-use crate::rpc::timer::{AdvanceMode, DEFAULT_MAX_ADVANCE_NS};
-use crate::vcpu::UnhandledIo;
+
+mod net;
+mod realtime;
+mod share;
+mod timer;
+
+pub use net::{AddrRule, NetPolicy, DEFAULT_MAX_BUFFER, DEFAULT_MAX_SOCKETS};
+pub use realtime::{RtBandwidth, RtPolicy};
+pub use share::{
+    ShareConfig, DEFAULT_MAX_BYTES_PER_CALL, DEFAULT_MAX_BYTES_WRITTEN, DEFAULT_MAX_OPEN_FILES,
+    MAX_BYTES_PER_CALL,
+};
+pub use timer::{AdvanceMode, DEFAULT_MAX_ADVANCE_NS};
 
 pub const DEFAULT_VCPUS: usize = 1;
 pub const DEFAULT_MEMORY: u64 = 64 << 20;
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
+/// Smallest guest RAM we accept.
+pub const MIN_RAM: u64 = 16 << 20;
+/// Largest guest RAM we accept.
+pub const MAX_RAM: u64 = 64 << 30;
 /// Longest Linux command line we pass (the VMM appends its own words).
 pub const LINUX_CMDLINE_MAX: usize = 3900;
+
+/// What to do about unclaimed port or MMIO accesses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnhandledIo {
+    /// End the VM with an error naming the access. Right for our own guests,
+    /// which touch no device they do not expect.
+    #[default]
+    Fatal,
+    /// Log the access; reads return all ones, as on an empty bus.
+    Log,
+}
 
 /// Which guest to boot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -296,7 +318,7 @@ impl VmConfig {
         }
         if self.initramfs.is_some() && matches!(self.guest, GuestSpec::Builtin(_)) {
             return Err(Error::Config(
-                "an initramfs is only for Linux guests (--kernel)".into(),
+                "an initramfs is only for Linux guests".into(),
             ));
         }
         if !self
