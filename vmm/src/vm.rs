@@ -387,7 +387,7 @@ impl Vm {
         if self.config.rt_strict {
             let failed = running.rt_report.failures().next().map(|failed| {
                 format!(
-                    "real-time setting not applied (--rt-strict): {}: {}",
+                    "real-time setting not applied (strict real-time was asked for): {}: {}",
                     failed.what,
                     failed.result.as_ref().unwrap_err()
                 )
