@@ -29,11 +29,14 @@ mod portio;
 
 use std::fmt;
 
+use rtvm_abi::client::{answer, Feedback, Refused, Vmrpc};
 use rtvm_abi::vmrpc::{
-    flags, vcpu_info, Call, Request, Status, ARGS, CALL_PAGE_SIZE, REQUEST_SIZE, RESULTS,
-    RESULTS_OFFSET, STATUS_OFFSET,
+    Call, Request, Status, ARGS, CALL_PAGE_SIZE, REQUEST_SIZE, RESULTS, RESULTS_OFFSET,
+    STATUS_OFFSET,
 };
 use rtvm_abi::MAX_VCPUS;
+
+pub use rtvm_abi::client::{VcpuInfo, Woke, UNANSWERED};
 
 pub use header::{
     guest_clock_ns, rdtsc, ClockPair, GuestDeadline, Header, HeaderMemory, HostClock, OwnedHeader,
@@ -43,10 +46,6 @@ pub use portio::{current_cpu, exit_vm, out32, parse_region_address, PortIo, COPI
 
 /// A call page image.
 pub type Page = [u8; CALL_PAGE_SIZE];
-
-/// What `status` holds until the host answers: no status has this number,
-/// so a call page the host never wrote is told apart from any answer.
-pub const UNANSWERED: u32 = 0xFFFF_FFFF;
 
 /// Everything that can go wrong.
 #[derive(Debug)]
@@ -137,6 +136,16 @@ impl From<Status> for Error {
     }
 }
 
+impl From<Refused> for Error {
+    fn from(refused: Refused) -> Self {
+        match refused.status() {
+            Some(status) => Error::Status(status),
+            None if refused.unanswered() => Error::Unanswered,
+            None => Error::UnknownStatus(refused.0),
+        }
+    }
+}
+
 /// Delivers call page images to the host.
 pub trait Transport {
     /// Delivers the call in `page` as vCPU `vcpu` and leaves the host's
@@ -167,43 +176,6 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
 }
 
-/// What `VcpuInfo` tells a vCPU about itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VcpuInfo {
-    pub index: u64,
-    /// `rtvm_abi::vmrpc::vcpu_info` bits.
-    pub flags: u64,
-    pub count: u64,
-    /// TSC frequency in kHz; 0 if the host does not know it.
-    pub tsc_khz: u64,
-}
-
-impl VcpuInfo {
-    /// The vCPU's host thread runs with a real-time policy.
-    pub fn is_realtime(&self) -> bool {
-        self.flags & vcpu_info::REALTIME != 0
-    }
-
-    /// Waits on this vCPU use a timer advance.
-    pub fn has_timer_advance(&self) -> bool {
-        self.flags & vcpu_info::TIMER_ADVANCE != 0
-    }
-}
-
-/// How a [`Client::sleep_until_host`] went.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Woke {
-    /// The deadline (host ns).
-    pub deadline: u64,
-    /// Host time when control came back (after the spin, if any), by the
-    /// host clock the client reads; never before `deadline`.
-    pub returned: u64,
-    /// Whether the host handed control back early and the client spun the rest.
-    pub early_return: bool,
-    /// The host's timer advance for this vCPU (ns).
-    pub advance_ns: u64,
-}
-
 /// A VMRPC client over a transport.
 ///
 /// `&mut self` on every call keeps two calls of one client off one call
@@ -212,12 +184,11 @@ pub struct Woke {
 pub struct Client<T: Transport> {
     transport: T,
     clock: Option<HostClock>,
-    /// Per vCPU: the guest-measured arrival of its previous early-return
-    /// wait (signed ns after that wait's deadline), told to the host with
-    /// the next wait so it tunes its timer advance by it.
-    feedback: [Option<i64>; MAX_VCPUS],
-    /// vCPUs whose index the host confirmed equals the CPU number.
-    verified: u64,
+    /// Per vCPU: the wait feedback of `rtvm_abi::client`.
+    feedback: [Feedback; MAX_VCPUS],
+    /// Per vCPU, once the host confirmed its index equals the CPU number:
+    /// what the host says about it.
+    infos: [Option<VcpuInfo>; MAX_VCPUS],
 }
 
 impl<T: Transport> Client<T> {
@@ -227,7 +198,7 @@ impl<T: Transport> Client<T> {
             transport,
             clock,
             feedback: [None; MAX_VCPUS],
-            verified: 0,
+            infos: [None; MAX_VCPUS],
         }
     }
 
@@ -280,16 +251,21 @@ impl<T: Transport> Client<T> {
         decode_answer(&page)
     }
 
+    /// The calls of `rtvm_abi::client` as vCPU `vcpu`.
+    fn on(&mut self, vcpu: u32) -> OnVcpu<'_, T> {
+        OnVcpu { client: self, vcpu }
+    }
+
     /// The host echoes `x`.
     pub fn ping(&mut self, x: u64) -> Result<u64, Error> {
         let vcpu = self.current_vcpu()?;
-        Ok(self.call(vcpu, Call::Ping, 0, [x, 0, 0, 0, 0, 0])?[0])
+        self.on(vcpu).ping(x)
     }
 
     /// Host `CLOCK_MONOTONIC` in ns, read by the host (one exit).
     pub fn clock(&mut self) -> Result<u64, Error> {
         let vcpu = self.current_vcpu()?;
-        Ok(self.call(vcpu, Call::Clock, 0, [0; ARGS])?[0])
+        self.on(vcpu).clock()
     }
 
     /// What the host says about vCPU `vcpu`; the caller must run on it.
@@ -298,44 +274,32 @@ impl<T: Transport> Client<T> {
         if running_on != vcpu {
             return Err(Error::WrongCpu { vcpu, running_on });
         }
-        let [index, flags, count, tsc_khz] = self.call(vcpu, Call::VcpuInfo, 0, [0; ARGS])?;
-        Ok(VcpuInfo {
-            index,
-            flags,
-            count,
-            tsc_khz,
-        })
+        self.on(vcpu).vcpu_info()
     }
 
     /// Host time now: from the TSC without an exit when the header allows,
     /// else with a `Clock` call.
     pub fn host_now(&mut self) -> Result<u64, Error> {
-        match self.clock.as_ref().and_then(HostClock::now) {
-            Some(now) => Ok(now),
-            None => self.clock(),
-        }
+        let vcpu = self.current_vcpu()?;
+        self.on(vcpu).host_now()
     }
 
     /// Whether waits on `vcpu` ask the host to return early and spin the
-    /// rest: only on a real-time vCPU (which runs a timer advance), and only
-    /// when the host clock can be read from the TSC.
-    pub fn early_return(&self, vcpu: u32) -> bool {
-        self.clock
-            .as_ref()
-            .is_some_and(|c| c.is_usable() && c.header().is_rt_cpu(vcpu))
+    /// rest (see `rtvm_abi::client::early_return`); the caller must run on
+    /// `vcpu` the first time it asks about it.
+    pub fn early_return(&mut self, vcpu: u32) -> Result<bool, Error> {
+        self.on(vcpu).returns_early()
     }
 
-    /// Checks once per vCPU that the host calls it by its CPU number.
-    fn verify_vcpu(&mut self, vcpu: u32) -> Result<(), Error> {
-        let bit = 1u64.checked_shl(vcpu).unwrap_or(0);
-        if bit == 0 {
-            return Err(Error::NoCallPage {
-                cpu: vcpu,
-                vcpu_count: MAX_VCPUS as u32,
-            });
-        }
-        if self.verified & bit != 0 {
-            return Ok(());
+    /// What the host says about `vcpu`, asked once, after checking that the
+    /// host calls it by its CPU number.
+    fn verified_info(&mut self, vcpu: u32) -> Result<VcpuInfo, Error> {
+        let slot = self.infos.get(vcpu as usize).ok_or(Error::NoCallPage {
+            cpu: vcpu,
+            vcpu_count: MAX_VCPUS as u32,
+        })?;
+        if let Some(info) = slot {
+            return Ok(*info);
         }
         let info = self.vcpu_info(vcpu)?;
         if info.index != u64::from(vcpu) {
@@ -344,58 +308,20 @@ impl<T: Transport> Client<T> {
                 index: info.index,
             });
         }
-        self.verified |= bit;
-        Ok(())
+        self.infos[vcpu as usize] = Some(info);
+        Ok(info)
     }
 
     /// Waits until host `CLOCK_MONOTONIC` reaches `deadline` (ns), parked in
-    /// the host (a long poll) on the vCPU the caller runs on. Never returns
-    /// before the deadline by the client's host clock.
-    ///
-    /// On a real-time vCPU with a known TSC frequency it asks the host to
-    /// return up to its timer advance early (`EARLY_RETURN`), spins the rest
-    /// on `rdtsc` mapped through the header's clock pair, and reports when
-    /// control came back as `FEEDBACK` with the next wait, exactly as the
-    /// built-in guest does. Elsewhere the host itself never returns before
-    /// the deadline.
+    /// the host (a long poll) on the vCPU the caller runs on, by the
+    /// protocol of `rtvm_abi::client` (early return and a final spin where
+    /// that vCPU runs a timer advance and the header's clock pair tells
+    /// host time). Never returns before the deadline by the client's host
+    /// clock.
     pub fn sleep_until_host(&mut self, deadline: u64) -> Result<Woke, Error> {
         let vcpu = self.current_vcpu()?;
-        self.verify_vcpu(vcpu)?;
-        let early = self.early_return(vcpu);
-        let slot = vcpu as usize;
-        let (wait_flags, feedback) = match (early, self.feedback[slot]) {
-            (false, _) => (0, 0),
-            (true, None) => (flags::EARLY_RETURN, 0),
-            (true, Some(arrival)) => (flags::EARLY_RETURN | flags::FEEDBACK, arrival as u64),
-        };
-        let results = self.call(
-            vcpu,
-            Call::SleepUntil,
-            wait_flags,
-            [deadline, feedback, 0, 0, 0, 0],
-        )?;
-        let advance_ns = results[2];
-        if !early {
-            return Ok(Woke {
-                deadline,
-                returned: results[1],
-                early_return: false,
-                advance_ns,
-            });
-        }
-        let arrival = self.host_now()?;
-        self.feedback[slot] = Some(arrival.wrapping_sub(deadline) as i64);
-        let mut now = arrival;
-        while now < deadline {
-            std::hint::spin_loop();
-            now = self.host_now()?;
-        }
-        Ok(Woke {
-            deadline,
-            returned: now,
-            early_return: true,
-            advance_ns,
-        })
+        self.verified_info(vcpu)?;
+        self.on(vcpu).sleep_until(deadline)
     }
 
     /// Waits `ns` from now (host time), as [`Client::sleep_until_host`].
@@ -428,6 +354,33 @@ impl<T: Transport> Client<T> {
     }
 }
 
+/// A client making the calls of one vCPU: the transport of
+/// `rtvm_abi::client`'s protocol for Linux guests.
+struct OnVcpu<'a, T: Transport> {
+    client: &'a mut Client<T>,
+    vcpu: u32,
+}
+
+impl<T: Transport> Vmrpc for OnVcpu<'_, T> {
+    type Error = Error;
+
+    fn call(&mut self, call: Call, flags: u32, args: [u64; ARGS]) -> Result<[u64; RESULTS], Error> {
+        self.client.call(self.vcpu, call, flags, args)
+    }
+
+    fn tsc_now(&mut self) -> Option<u64> {
+        self.client.clock.as_ref().and_then(HostClock::now)
+    }
+
+    fn timer_advance(&mut self) -> Result<bool, Error> {
+        Ok(self.client.verified_info(self.vcpu)?.has_timer_advance())
+    }
+
+    fn feedback(&mut self) -> &mut Feedback {
+        &mut self.client.feedback[self.vcpu as usize]
+    }
+}
+
 /// `deadline` in host time, given that host time `host_now` and guest
 /// time `guest_now` (on the deadline's clock) are the same moment.
 fn host_deadline_from(deadline: GuestDeadline, host_now: u64, guest_now: u64) -> u64 {
@@ -443,16 +396,11 @@ fn host_deadline_from(deadline: GuestDeadline, host_now: u64, guest_now: u64) ->
 /// Status and results of an answered call page image.
 pub fn decode_answer(page: &Page) -> Result<[u64; RESULTS], Error> {
     let word32 = |at: usize| u32::from_le_bytes(page[at..at + 4].try_into().unwrap());
-    let status = word32(STATUS_OFFSET);
-    match Status::from_u32(status) {
-        Some(Status::Ok) => Ok(std::array::from_fn(|i| {
-            let at = RESULTS_OFFSET + 8 * i;
-            u64::from_le_bytes(page[at..at + 8].try_into().unwrap())
-        })),
-        Some(s) => Err(Error::Status(s)),
-        None if status == UNANSWERED => Err(Error::Unanswered),
-        None => Err(Error::UnknownStatus(status)),
-    }
+    let results = std::array::from_fn(|i| {
+        let at = RESULTS_OFFSET + 8 * i;
+        u64::from_le_bytes(page[at..at + 8].try_into().unwrap())
+    });
+    Ok(answer(word32(STATUS_OFFSET), results)?)
 }
 
 #[cfg(test)]

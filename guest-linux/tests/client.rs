@@ -83,7 +83,7 @@ fn never_early(c: &mut Client<InProcess>, rounds: usize, gap: u64) -> Vec<u64> {
 #[test]
 fn rt_sleeps_return_early_from_the_host_then_spin_to_the_deadline() {
     let mut c = Client::new(InProcess::new(1, 2, true));
-    assert!(c.early_return(1));
+    assert!(c.early_return(1).unwrap());
     let late = never_early(&mut c, 60, 400_000);
     // The adaptive advance learned something and the client spun the rest.
     let last = c.sleep_until_host(now_ns() + 400_000).unwrap();
@@ -99,7 +99,7 @@ fn rt_sleeps_return_early_from_the_host_then_spin_to_the_deadline() {
 #[test]
 fn non_rt_sleeps_are_served_whole_by_the_host() {
     let mut c = Client::new(InProcess::new(0, 2, false));
-    assert!(!c.early_return(0));
+    assert!(!c.early_return(0).unwrap());
     never_early(&mut c, 20, 300_000);
     let woke = c.sleep_host(200_000).unwrap();
     assert!(!woke.early_return);

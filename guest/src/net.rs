@@ -5,7 +5,7 @@
 //!
 //! As in `fs`, buffers are passed by address (guest RAM is identity mapped),
 //! never through the call page's payload. Waits take an absolute host
-//! deadline (host `CLOCK_MONOTONIC` ns, as [`Rpc::host_now`] reads it;
+//! deadline (host `CLOCK_MONOTONIC` ns, as [`Rpc::now`] reads it;
 //! [`NO_DEADLINE`]: none, see [`Rpc::deadline_after_ms`]) and park only the
 //! calling vCPU. Everything the host refuses comes back as the status it
 //! answered; for malformed arguments (addresses outside RAM, unknown
@@ -250,7 +250,7 @@ impl Rpc {
         if ms == 0 {
             return NO_DEADLINE;
         }
-        self.host_now().saturating_add(ms.saturating_mul(1_000_000))
+        self.now().saturating_add(ms.saturating_mul(1_000_000))
     }
 
     /// A new socket: `domain` [`INET`] or [`INET6`], `kind` [`UDP`] or
@@ -313,7 +313,7 @@ impl Rpc {
                 Err(e) if e == Error::from(Status::TooLarge) && n > 1 => {
                     self.net_chunk = n / 2;
                 }
-                Err(e) if e == Error::from(Status::TimedOut) && self.host_now() < deadline => {}
+                Err(e) if e == Error::from(Status::TimedOut) && self.now() < deadline => {}
                 Err(e) => return Err(e),
             }
         }

@@ -7,20 +7,21 @@
 //!
 //! An [`Rpc`] is made per workload run on each vCPU and owns that vCPU's
 //! call page for its lifetime (`&mut self` on every call keeps two calls from
-//! sharing the page); there is no global state.
+//! sharing the page); there is no global state. It is this guest's
+//! transport for the protocol in `rtvm_abi::client` ([`Vmrpc`]): the call
+//! page and doorbell, and host time from the calibrated TSC. Calls that a
+//! working host never refuses (ping, clock, log, report) panic on a
+//! refusal here, which reports it to the VMM.
 
 use crate::cpu;
 use crate::workloads::Ctx;
 use core::arch::asm;
-use core::fmt;
-use rtvm_abi::vmrpc::{
-    flags, vcpu_info, Call, CallPage, Status, ARGS, DOORBELL_ERROR, LOG_MAX, REPORT_MAX, RESULTS,
-};
+
+use rtvm_abi::client::{answer, Feedback};
+use rtvm_abi::vmrpc::{Call, CallPage, ARGS, DOORBELL_ERROR, LOG_MAX, REPORT_MAX, RESULTS};
 use rtvm_abi::{port, ABI_VERSION};
 
-/// What `status` holds until the host answers: no status has this number,
-/// so a call page the host never wrote is told apart from any answer.
-pub const UNANSWERED: u32 = 0xFFFF_FFFF;
+pub use rtvm_abi::client::{Refused as Error, VcpuInfo, Vmrpc, UNANSWERED};
 
 /// How many samples the clock calibration takes; it keeps the one with the
 /// shortest round trip, whose midpoint is the least uncertain.
@@ -28,67 +29,6 @@ const CALIBRATION_SAMPLES: usize = 8;
 
 /// Samples per [`Batch`]: 4 KiB of stack, one `Report` call per batch.
 pub const BATCH: usize = 512;
-
-/// A failed call: the status number the host answered with (never `Ok`), or
-/// the one it put in EAX beside [`DOORBELL_ERROR`]. Kept as the raw number so
-/// that one this ABI version does not know can still be printed; `Display`
-/// names any number, `ok` included.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Error(pub u32);
-
-impl Error {
-    /// The status, if this ABI version defines the number.
-    pub fn status(self) -> Option<Status> {
-        Status::from_u32(self.0)
-    }
-}
-
-impl From<Status> for Error {
-    fn from(status: Status) -> Self {
-        Error(status as u32)
-    }
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        match self.status() {
-            Some(status) => f.write_str(status.name()),
-            None if self.0 == UNANSWERED => f.write_str("no answer (status left unwritten)"),
-            None => write!(f, "unknown status {}", self.0),
-        }
-    }
-}
-
-/// What `VcpuInfo` tells a vCPU about itself.
-#[derive(Clone, Copy, Debug)]
-pub struct VcpuInfo {
-    pub index: u64,
-    /// `rtvm_abi::vmrpc::vcpu_info` bits.
-    pub flags: u64,
-    pub count: u64,
-    /// TSC frequency in kHz; 0 if the host does not know it.
-    pub tsc_khz: u64,
-}
-
-impl VcpuInfo {
-    /// Whether waits should ask the host to return early and spin the rest:
-    /// only worth it when the host runs a timer advance, and only possible
-    /// when the guest can read the host clock from its TSC.
-    pub fn early_return(&self) -> bool {
-        self.flags & vcpu_info::TIMER_ADVANCE != 0 && self.tsc_khz != 0
-    }
-}
-
-/// The result of [`Rpc::wait_next`].
-#[derive(Clone, Copy, Debug)]
-pub struct WaitNext {
-    /// The deadline waited for (host ns).
-    pub deadline: u64,
-    /// Host time at return minus `deadline`, measured guest-side.
-    pub late_ns: u64,
-    /// Deadlines that had passed before the wait began.
-    pub missed: u64,
-}
 
 /// Rings the doorbell with `doorbell` and returns what the host left in EAX:
 /// `doorbell` itself, or [`DOORBELL_ERROR`] or-ed with a status.
@@ -142,10 +82,7 @@ pub struct Rpc {
     /// Half the round trip of the calibration sample: how far the mapping's
     /// offset can be off, since the host read its clock somewhere in it.
     clock_error_ns: u64,
-    /// When the previous early-return wait got control back, in signed ns
-    /// after its deadline: told to the host with the next wait so it tunes
-    /// its timer advance by what the guest actually saw.
-    feedback: Option<i64>,
+    feedback: Feedback,
     /// Bytes the file calls move per call when splitting a large request
     /// (see `fs`): starts at `fs::FIRST_CHUNK` and halves whenever the host
     /// answers `TooLarge`, so the host's unknown limit is learned once.
@@ -161,12 +98,7 @@ impl Rpc {
     pub fn new(ctx: &Ctx) -> Rpc {
         let mut rpc = Rpc {
             page: ctx.info.vcpus[ctx.vcpu].call_page,
-            info: VcpuInfo {
-                index: 0,
-                flags: 0,
-                count: 0,
-                tsc_khz: 0,
-            },
+            info: VcpuInfo::default(),
             tsc0: 0,
             host0: 0,
             clock_error_ns: 0,
@@ -174,7 +106,8 @@ impl Rpc {
             fs_chunk: crate::fs::FIRST_CHUNK,
             net_chunk: crate::net::FIRST_CHUNK,
         };
-        rpc.info = rpc.vcpu_info();
+        rpc.info =
+            Vmrpc::vcpu_info(&mut rpc).unwrap_or_else(|e| panic!("VMRPC VcpuInfo failed: {e}"));
         // A mismatch means the host served this page on another vCPU's
         // behalf (or mixed up pages): nothing measured here would mean much.
         assert!(
@@ -211,7 +144,7 @@ impl Rpc {
         let mut best_window = u64::MAX;
         for _ in 0..CALIBRATION_SAMPLES {
             let t0 = cpu::rdtsc_ordered();
-            let host = self.clock();
+            let host = self.now_by_exit();
             let t1 = cpu::rdtsc_ordered();
             let window = t1.wrapping_sub(t0);
             if window < best_window {
@@ -233,7 +166,7 @@ impl Rpc {
         self.page
     }
 
-    /// How far [`Rpc::host_now`] may be off the host clock (0 when it asks
+    /// How far [`Rpc::now`] may be off the host clock (0 when it asks
     /// the host each time), not counting TSC drift since the calibration.
     pub fn clock_error_ns(&self) -> u64 {
         self.clock_error_ns
@@ -244,19 +177,19 @@ impl Rpc {
         (u128::from(ticks) * 1_000_000 / u128::from(self.info.tsc_khz)) as u64
     }
 
-    /// The host clock (CLOCK_MONOTONIC ns), from the TSC without an exit;
-    /// with a `Clock` call if the TSC frequency is unknown.
-    pub fn host_now(&mut self) -> u64 {
-        if self.info.tsc_khz == 0 {
-            return self.clock();
-        }
-        // Saturating: a TSC reading before the calibration point (another
-        // host CPU's TSC a little behind) maps to no earlier than it.
-        self.host0 + self.ticks_to_ns(cpu::rdtsc_ordered().saturating_sub(self.tsc0))
+    /// Host time (CLOCK_MONOTONIC ns): from the TSC without an exit where
+    /// it tells host time, else by a `Clock` call.
+    pub fn now(&mut self) -> u64 {
+        self.tsc_now().unwrap_or_else(|| self.now_by_exit())
     }
 
-    /// The TSC value at which [`Rpc::host_now`] reaches `host_ns` (rounded
-    /// up, so a wait for it never ends before `host_ns` by `host_now`). For
+    /// Host time read by the host (one exit).
+    pub fn now_by_exit(&mut self) -> u64 {
+        self.must(Call::Clock, 0, [0; ARGS])[0]
+    }
+
+    /// The TSC value at which [`Rpc::now`] reaches `host_ns` (rounded
+    /// up, so a wait for it never ends before `host_ns` by `now`). For
     /// programming the TSC-deadline timer. Only for a vCPU whose `tsc_khz`
     /// is known (non-zero).
     pub fn host_to_tsc(&self, host_ns: u64) -> u64 {
@@ -280,37 +213,14 @@ impl Rpc {
         if eax & DOORBELL_ERROR != 0 {
             return Err(Error(eax & !DOORBELL_ERROR));
         }
-        match status {
-            0 => Ok(results),
-            n => Err(Error(n)),
-        }
+        answer(status, results)
     }
 
     /// A call that must not fail: a failure means the host is broken (or
     /// the caller passed nonsense), so panic, which reports it to the VMM.
-    fn must(&mut self, call: Call, flags: u32, args: [u64; ARGS]) -> [u64; RESULTS] {
+    pub fn must(&mut self, call: Call, flags: u32, args: [u64; ARGS]) -> [u64; RESULTS] {
         self.call(call, flags, args)
             .unwrap_or_else(|e| panic!("VMRPC {call:?} failed: {e}"))
-    }
-
-    /// The host echoes `x`.
-    pub fn ping(&mut self, x: u64) -> u64 {
-        self.must(Call::Ping, 0, [x, 0, 0, 0, 0, 0])[0]
-    }
-
-    /// Host CLOCK_MONOTONIC in ns, read by the host (one exit).
-    pub fn clock(&mut self) -> u64 {
-        self.must(Call::Clock, 0, [0; ARGS])[0]
-    }
-
-    pub fn vcpu_info(&mut self) -> VcpuInfo {
-        let [index, flags, count, tsc_khz] = self.must(Call::VcpuInfo, 0, [0; ARGS]);
-        VcpuInfo {
-            index,
-            flags,
-            count,
-            tsc_khz,
-        }
     }
 
     /// Writes `text` to the VMM's log, in pieces of at most `LOG_MAX` bytes
@@ -340,77 +250,29 @@ impl Rpc {
             self.must(Call::Report, 0, args);
         }
     }
+}
 
-    /// Starts this vCPU's periodic timer; returns the first deadline.
-    pub fn periodic(&mut self, period_ns: u64, first_deadline: u64) -> u64 {
-        self.must(Call::Periodic, 0, [period_ns, first_deadline, 0, 0, 0, 0])[0]
+impl Vmrpc for Rpc {
+    type Error = Error;
+
+    fn call(&mut self, call: Call, flags: u32, args: [u64; ARGS]) -> Result<[u64; RESULTS], Error> {
+        Rpc::call(self, call, flags, args)
     }
 
-    /// The flags and feedback argument for a wait: early return when it
-    /// pays (see `VcpuInfo`), with the previous wait's arrival as feedback.
-    fn wait_flags(&self) -> (u32, u64) {
-        if !self.info.early_return() {
-            return (0, 0);
-        }
-        match self.feedback {
-            Some(arrival) => (flags::EARLY_RETURN | flags::FEEDBACK, arrival as u64),
-            None => (flags::EARLY_RETURN, 0),
-        }
+    /// Maps the TSC to host time through the calibration point. Saturating:
+    /// a TSC reading before the calibration point (another host CPU's TSC a
+    /// little behind) maps to no earlier than it.
+    fn tsc_now(&mut self) -> Option<u64> {
+        (self.info.tsc_khz != 0)
+            .then(|| self.host0 + self.ticks_to_ns(cpu::rdtsc_ordered().saturating_sub(self.tsc0)))
     }
 
-    /// Spins at CPL3 until the host clock reaches `deadline`; returns how
-    /// late it got there. Native code, no exits: this is the last stretch
-    /// the host left to the guest with an early return. Records when control
-    /// came back (before the spin) as feedback for the next wait.
-    fn spin_until(&mut self, deadline: u64) -> u64 {
-        let arrival = self.host_now();
-        if self.info.early_return() {
-            self.feedback = Some(arrival.wrapping_sub(deadline) as i64);
-        }
-        let mut now = arrival;
-        while now < deadline {
-            core::hint::spin_loop();
-            now = self.host_now();
-        }
-        now - deadline
+    fn timer_advance(&mut self) -> Result<bool, Error> {
+        Ok(self.info.has_timer_advance())
     }
 
-    /// Waits for the next deadline of the periodic timer. Never returns
-    /// before it: when the host returns early, spins the rest.
-    pub fn wait_next(&mut self) -> Result<WaitNext, Error> {
-        let (wait_flags, feedback) = self.wait_flags();
-        let results = self.call(Call::WaitNext, wait_flags, [feedback, 0, 0, 0, 0, 0])?;
-        let deadline = results[0];
-        // Without early return the host already waited; the spin then only
-        // measures (one pass), so lateness is counted the same way either way.
-        let late_ns = self.spin_until(deadline);
-        Ok(WaitNext {
-            deadline,
-            late_ns,
-            missed: results[2],
-        })
-    }
-
-    /// Waits until host time `deadline`; returns how late (ns, guest-side)
-    /// it returned. Never returns before the deadline. (With early return,
-    /// "before" is judged by `host_now`, whose offset is only known to
-    /// `clock_error_ns`; half an exit, but any host `Clock` read afterwards
-    /// costs a whole exit entry, so it always sees the deadline passed.)
-    pub fn sleep_until(&mut self, deadline: u64) -> Result<u64, Error> {
-        let (wait_flags, feedback) = self.wait_flags();
-        self.call(
-            Call::SleepUntil,
-            wait_flags,
-            [deadline, feedback, 0, 0, 0, 0],
-        )?;
-        Ok(self.spin_until(deadline))
-    }
-
-    /// Waits `ns` from now; returns how late it returned, as `sleep_until`.
-    #[expect(dead_code, reason = "library API; the workloads need their deadlines")]
-    pub fn sleep(&mut self, ns: u64) -> Result<u64, Error> {
-        let deadline = self.host_now() + ns;
-        self.sleep_until(deadline)
+    fn feedback(&mut self) -> &mut Feedback {
+        &mut self.feedback
     }
 }
 

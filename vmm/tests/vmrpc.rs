@@ -295,7 +295,7 @@ fn rt_strict_refuses_to_start_when_a_setting_fails() {
     let vm = Vm::new(&c, Console::default()).unwrap();
     match vm.start() {
         Err(Error::Realtime(msg)) => assert!(
-            msg.contains("--rt-strict") && msg.contains("RT bandwidth"),
+            msg.contains("strict real-time") && msg.contains("RT bandwidth"),
             "{msg}"
         ),
         Err(e) => panic!("wrong error: {e}"),

@@ -4,7 +4,7 @@
 
 use super::Ctx;
 use crate::cpu;
-use crate::vmrpc::{raw_call, Error, Rpc, UNANSWERED};
+use crate::vmrpc::{raw_call, Error, Rpc, Vmrpc, UNANSWERED};
 use rtvm_abi::vmrpc::{
     flags, Call, Status as S, ARGS, DOORBELL_ERROR, LOG_MAX, PAYLOAD_OFFSET, STREAMS,
 };
@@ -132,7 +132,7 @@ pub fn run(ctx: &Ctx) -> ! {
 
     // The VMM survived all of that and still answers.
     let value = 0x600d_ca11;
-    let echo = rpc.ping(value);
+    let echo = rpc.ping(value).expect("VMRPC ping");
     assert_eq!(echo, value, "ping after the bad calls echoed wrong");
 
     if t.failed == 0 {

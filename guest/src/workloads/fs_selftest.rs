@@ -813,7 +813,7 @@ fn limits(ctx: &Ctx, rpc: &mut Rpc, t: &mut Tally) {
 
 fn cycles(ctx: &Ctx, rpc: &mut Rpc, t: &mut Tally) {
     let count = ctx.number_arg("count", 10_000);
-    let start = rpc.host_now();
+    let start = rpc.now();
     t.record("open/close cycles", {
         (|| {
             for i in 0..count {
@@ -824,7 +824,7 @@ fn cycles(ctx: &Ctx, rpc: &mut Rpc, t: &mut Tally) {
             Ok(())
         })()
     });
-    let elapsed = rpc.host_now() - start;
+    let elapsed = rpc.now() - start;
     println!("fs-selftest: {count} open/close cycles");
     if let Some(each) = elapsed.checked_div(count) {
         println!("fs-selftest: {each} ns per open+close");

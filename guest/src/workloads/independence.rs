@@ -5,7 +5,7 @@
 
 use super::Ctx;
 use crate::cpu;
-use crate::vmrpc::Rpc;
+use crate::vmrpc::{Rpc, Vmrpc};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use rtvm_abi::vmrpc::Call;
 
@@ -34,11 +34,11 @@ fn sleeper(ctx: &Ctx) -> ! {
     let ns = ctx.number_arg("ns", 1_000_000_000);
     let mut rpc = Rpc::new(ctx);
     STARTED.store(true, Ordering::Release);
-    let start = rpc.clock();
+    let start = rpc.now_by_exit();
     // One plain call, no early return: the vCPU stays in the host throughout.
     rpc.call(Call::SleepUntil, 0, [start + ns, 0, 0, 0, 0, 0])
         .unwrap_or_else(|e| panic!("SleepUntil: {e}"));
-    SLEPT_NS.store(rpc.clock() - start, Ordering::Relaxed);
+    SLEPT_NS.store(rpc.now_by_exit() - start, Ordering::Relaxed);
     DONE.store(true, Ordering::Release);
     cpu::vcpu_off()
 }
@@ -50,7 +50,7 @@ fn pinger(ctx: &Ctx) -> ! {
     }
     let mut pings: u64 = 0;
     while !DONE.load(Ordering::Acquire) {
-        let echo = rpc.ping(pings);
+        let echo = rpc.ping(pings).expect("VMRPC ping");
         assert_eq!(echo, pings, "ping echoed wrong");
         pings += 1;
     }

@@ -18,7 +18,7 @@ use super::rt::{self, Housekeeping};
 use super::Ctx;
 use crate::fmtbuf::FmtBuf;
 use crate::fs::{open, CURRENT};
-use crate::vmrpc::{Batch, Error, Rpc};
+use crate::vmrpc::{Batch, Error, Rpc, Vmrpc};
 
 pub fn run(ctx: &Ctx) -> ! {
     rt::run(ctx, "logger", Housekeeping::Ping, rt_task)
@@ -57,18 +57,21 @@ fn rt_task(ctx: &Ctx) -> u32 {
     let mut bad_writes = 0;
     let mut first_bad: Option<(u64, Result<usize, Error>)> = None;
 
-    rpc.periodic(period, 0);
+    rpc.periodic(period, 0).expect("VMRPC Periodic");
     for cycle in 1..=count {
         let wait = rpc
             .wait_next()
             .unwrap_or_else(|e| panic!("WaitNext in cycle {cycle}: {e}"));
         if let Some(handle) = handle {
-            let record =
-                Record::format(format_args!("{cycle} {} {}\n", wait.deadline, wait.late_ns));
+            let record = Record::format(format_args!(
+                "{cycle} {} {}\n",
+                wait.woke.deadline,
+                wait.woke.late_ns()
+            ));
             let record = record.as_bytes();
-            let t0 = rpc.host_now();
+            let t0 = rpc.now();
             let result = rpc.write(handle, record, CURRENT);
-            let took = rpc.host_now() - t0;
+            let took = rpc.now() - t0;
             write_ns.push(&mut rpc, took);
             max_write = max_write.max(took);
             sum_write += took;
@@ -86,10 +89,10 @@ fn rt_task(ctx: &Ctx) -> u32 {
                 }
             }
         }
-        late.push(&mut rpc, wait.late_ns);
+        late.push(&mut rpc, wait.woke.late_ns());
         missed.push(&mut rpc, wait.missed);
         total_missed += wait.missed;
-        max_late = max_late.max(wait.late_ns);
+        max_late = max_late.max(wait.woke.late_ns());
     }
     late.flush(&mut rpc);
     missed.flush(&mut rpc);

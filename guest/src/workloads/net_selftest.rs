@@ -189,7 +189,7 @@ impl Net {
     /// by the host clock.
     fn timed_out<T>(&mut self, result: Result<T, Error>, deadline: u64) -> Check {
         expect(result, S::TimedOut)?;
-        let now = self.rpc.clock();
+        let now = self.rpc.now_by_exit();
         if now < deadline {
             fail!("returned {} ns before its deadline", deadline - now);
         }

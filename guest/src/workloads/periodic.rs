@@ -13,7 +13,7 @@
 
 use super::rt::{self, Housekeeping};
 use super::Ctx;
-use crate::vmrpc::{Batch, Rpc};
+use crate::vmrpc::{Batch, Rpc, Vmrpc};
 
 pub fn run(ctx: &Ctx) -> ! {
     rt::run(ctx, "periodic", Housekeeping::Ping, rt_task)
@@ -34,25 +34,25 @@ fn rt_task(ctx: &Ctx) -> u32 {
     // The deadline of the cycle that overran, if the last one did.
     let mut overran: Option<u64> = None;
 
-    rpc.periodic(period, 0);
+    rpc.periodic(period, 0).expect("VMRPC Periodic");
     for cycle in 1..=count {
         let wait = rpc
             .wait_next()
             .unwrap_or_else(|e| panic!("WaitNext in cycle {cycle}: {e}"));
-        late.push(&mut rpc, wait.late_ns);
+        late.push(&mut rpc, wait.woke.late_ns());
         missed.push(&mut rpc, wait.missed);
         total_missed += wait.missed;
-        max_late = max_late.max(wait.late_ns);
+        max_late = max_late.max(wait.woke.late_ns());
         if work != 0 {
             // From the wake, as `timer-irq` does.
-            rt::busy_until(&mut rpc, wait.deadline + wait.late_ns + work);
+            rt::busy_until(&mut rpc, wait.woke.deadline + wait.woke.late_ns() + work);
         }
         if let Some(overran) = overran.filter(|_| wait.missed != 3) {
             bad_overruns += 1;
             first_bad.get_or_insert((cycle, wait.missed));
             // The count matches the deadline the host chose: it is right,
             // only the call reached the host late (the vCPU was preempted).
-            if wait.deadline == overran + (wait.missed + 1) * period {
+            if wait.woke.deadline == overran + (wait.missed + 1) * period {
                 in_phase += 1;
             }
         }
@@ -63,8 +63,8 @@ fn rt_task(ctx: &Ctx) -> u32 {
             // returned, so this cycle's lateness cannot shift the count):
             // exactly 3 deadlines pass before the next wait.
             overruns += 1;
-            overran = Some(wait.deadline);
-            rt::busy_until(&mut rpc, wait.deadline + 3 * period + period / 2);
+            overran = Some(wait.woke.deadline);
+            rt::busy_until(&mut rpc, wait.woke.deadline + 3 * period + period / 2);
         }
     }
     late.flush(&mut rpc);

@@ -6,7 +6,7 @@
 
 use super::Ctx;
 use crate::cpu;
-use crate::vmrpc::{Batch, Rpc};
+use crate::vmrpc::{Batch, Rpc, Vmrpc};
 use rtvm_abi::port;
 
 pub fn run(ctx: &Ctx) -> ! {
@@ -26,7 +26,7 @@ pub fn run(ctx: &Ctx) -> ! {
         let t0 = cpu::rdtsc_ordered();
         cpu::out32(port::NOP, 0);
         let t1 = cpu::rdtsc_ordered();
-        rpc.ping(i);
+        rpc.ping(i).expect("VMRPC ping");
         let t2 = cpu::rdtsc_ordered();
         let (f, p) = (rpc.ticks_to_ns(t1 - t0), rpc.ticks_to_ns(t2 - t1));
         min_floor = min_floor.min(f);

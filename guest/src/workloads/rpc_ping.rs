@@ -3,7 +3,7 @@
 
 use super::Ctx;
 use crate::cpu;
-use crate::vmrpc::Rpc;
+use crate::vmrpc::{Rpc, Vmrpc};
 
 pub fn run(ctx: &Ctx) -> ! {
     if !ctx.is_first_vcpu() {
@@ -15,7 +15,7 @@ pub fn run(ctx: &Ctx) -> ! {
         // Distinct, and different in every byte from the last, so a host that
         // answers a stale or half-written page is caught.
         let value = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xa5a5_a5a5_a5a5_a5a5;
-        let echo = rpc.ping(value);
+        let echo = rpc.ping(value).expect("VMRPC ping");
         if echo != value {
             println!("rpc-ping: call {i}: sent {value:#x}, got {echo:#x} back");
             cpu::exit(1);

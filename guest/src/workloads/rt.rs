@@ -17,7 +17,7 @@
 
 use super::Ctx;
 use crate::cpu;
-use crate::vmrpc::Rpc;
+use crate::vmrpc::{Rpc, Vmrpc};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// Set by the RT task when it has finished, after `STATUS`.
@@ -94,7 +94,7 @@ fn usage_error(ctx: &Ctx, message: core::fmt::Arguments) -> ! {
 /// Spins at CPL3 until the host clock reaches `until`: the work a task does
 /// after a wake (`work=`).
 pub fn busy_until(rpc: &mut Rpc, until: u64) {
-    while rpc.host_now() < until {
+    while rpc.now() < until {
         core::hint::spin_loop();
     }
 }
@@ -137,7 +137,7 @@ fn housekeep(ctx: &Ctx, housekeeping: Housekeeping) -> ! {
                 h = churn(h);
             }
         }
-        let echo = rpc.ping(pings);
+        let echo = rpc.ping(pings).expect("VMRPC ping");
         assert_eq!(echo, pings, "housekeeping ping echoed wrong");
         pings += 1;
     }

@@ -6,7 +6,7 @@
 
 use super::Ctx;
 use crate::cpu;
-use crate::vmrpc::Rpc;
+use crate::vmrpc::{Rpc, Vmrpc};
 use rtvm_abi::vmrpc::Call;
 
 pub fn run(ctx: &Ctx) -> ! {
@@ -21,7 +21,7 @@ pub fn run(ctx: &Ctx) -> ! {
     let mut max_late = [0u64; 2];
     for i in 0..count {
         let path = (i % 2) as usize;
-        let deadline = rpc.clock() + ns;
+        let deadline = rpc.now_by_exit() + ns;
         if path == 0 {
             rpc.sleep_until(deadline)
                 .unwrap_or_else(|e| panic!("sleep_until({deadline}): {e}"));
@@ -32,7 +32,7 @@ pub fn run(ctx: &Ctx) -> ! {
             // The host's own account of when it handed control back.
             check(deadline, results[1], "the host's handback time");
         }
-        let now = rpc.clock();
+        let now = rpc.now_by_exit();
         check(deadline, now, "the clock after the sleep");
         max_late[path] = max_late[path].max(now - deadline);
     }
@@ -42,9 +42,9 @@ pub fn run(ctx: &Ctx) -> ! {
     );
     // How far the TSC-based host clock, which the early-return spin relies
     // on, has drifted from the host's own since the calibration.
-    let (before, host, after) = (rpc.host_now(), rpc.clock(), rpc.host_now());
+    let (before, host, after) = (rpc.now(), rpc.now_by_exit(), rpc.now());
     let drift = host as i64 - (before / 2 + after / 2) as i64;
-    let early_return = if rpc.info().early_return() {
+    let early_return = if rpc.returns_early().unwrap_or(false) {
         "on"
     } else {
         "off"

@@ -43,16 +43,16 @@ fn rt_task(ctx: &Ctx) -> u32 {
     let mut late = Batch::new(0);
     let mut missed = Batch::new(1);
     let (mut total_missed, mut max_late) = (0, 0);
-    let mut next = rpc.host_now() + period;
+    let mut next = rpc.now() + period;
     for _ in 0..count {
-        let now = rpc.host_now();
+        let now = rpc.now();
         let mut missed_now = 0;
         if now >= next {
             missed_now = (now - next) / period + 1;
             next += missed_now * period;
         }
         syscall::wait_tsc(rpc.host_to_tsc(next));
-        let woke = rpc.host_now();
+        let woke = rpc.now();
         let late_ns = woke.saturating_sub(next);
         late.push(&mut rpc, late_ns);
         missed.push(&mut rpc, missed_now);

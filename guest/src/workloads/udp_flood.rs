@@ -12,7 +12,7 @@ use super::Ctx;
 use crate::cpu;
 use crate::net::{Addr, UDP};
 use crate::static_buf::StaticBuf;
-use crate::vmrpc::Rpc;
+use crate::vmrpc::{Rpc, Vmrpc};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use rtvm_abi::vmrpc::Status;
 
@@ -44,7 +44,7 @@ fn pinger(ctx: &Ctx) -> ! {
     }
     let mut pings: u64 = 0;
     while !DONE.load(Ordering::Acquire) {
-        let echo = rpc.ping(pings);
+        let echo = rpc.ping(pings).expect("VMRPC ping");
         assert_eq!(echo, pings, "ping echoed wrong");
         pings += 1;
     }
@@ -82,8 +82,8 @@ fn flood(ctx: &Ctx) -> ! {
     let (mut sent, mut errors) = (0u64, 0u64);
     let mut by_status = [0u64; STATUSES];
     STARTED.store(true, Ordering::Release);
-    let end = rpc.host_now().saturating_add(ms.saturating_mul(1_000_000));
-    while rpc.host_now() < end {
+    let end = rpc.now().saturating_add(ms.saturating_mul(1_000_000));
+    while rpc.now() < end {
         match rpc.send(handle, buf, Some(to)) {
             Ok(_) => sent += 1,
             Err(e) => {
