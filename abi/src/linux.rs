@@ -9,6 +9,8 @@
 //! page (see [`crate::vmrpc`]); a caller must run pinned to vCPU `i` while it
 //! uses page `1 + i`, or use any other page of the region it owns.
 
+use core::sync::atomic::{fence, Ordering};
+
 /// The kernel command-line key that carries the region's address.
 pub const CMDLINE_KEY: &str = "rtvm.vmrpc";
 
@@ -39,6 +41,75 @@ pub struct RegionHeader {
     pub guest_tsc: u64,
     /// How far that pairing may be off, in ns.
     pub error_ns: u64,
+}
+
+/// Byte offsets of the header's fields, for the two sides' word accesses.
+pub mod field {
+    use super::RegionHeader;
+    use core::mem::offset_of;
+
+    pub const MAGIC: usize = offset_of!(RegionHeader, magic);
+    pub const ABI_VERSION: usize = offset_of!(RegionHeader, abi_version);
+    pub const VCPU_COUNT: usize = offset_of!(RegionHeader, vcpu_count);
+    pub const TSC_KHZ: usize = offset_of!(RegionHeader, tsc_khz);
+    pub const RT_VCPUS: usize = offset_of!(RegionHeader, rt_vcpus);
+    pub const SEQ: usize = offset_of!(RegionHeader, seq);
+    pub const HOST_NS: usize = offset_of!(RegionHeader, host_ns);
+    pub const GUEST_TSC: usize = offset_of!(RegionHeader, guest_tsc);
+    pub const ERROR_NS: usize = offset_of!(RegionHeader, error_ns);
+}
+
+/// The header's (host time, guest TSC) pair, as one consistent read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockPair {
+    pub host_ns: u64,
+    pub guest_tsc: u64,
+    pub error_ns: u64,
+}
+
+/// Writes a new clock pair under the header's sequence counter, the VMM's
+/// half of the seqlock: counter odd, the pair, counter even again. `store`
+/// writes a u64 field at a byte offset of the header with the given
+/// ordering (atomically: a guest may read meanwhile); `seq` is the
+/// counter's current value, and the new one is returned.
+pub fn write_clock_pair(
+    mut store: impl FnMut(usize, u64, Ordering),
+    seq: u64,
+    pair: ClockPair,
+) -> u64 {
+    let writing = seq | 1;
+    store(field::SEQ, writing, Ordering::Relaxed);
+    fence(Ordering::Release);
+    store(field::HOST_NS, pair.host_ns, Ordering::Relaxed);
+    store(field::GUEST_TSC, pair.guest_tsc, Ordering::Relaxed);
+    store(field::ERROR_NS, pair.error_ns, Ordering::Relaxed);
+    store(field::SEQ, writing + 1, Ordering::Release);
+    writing + 1
+}
+
+/// Reads the clock pair consistently, the guest's half of the seqlock: the
+/// counter even and unchanged across the read. `load` reads a u64 field at
+/// a byte offset of the header with the given ordering. `None` when the
+/// pair stayed mid-update for `retries` attempts (a VMM that died between
+/// its two counter writes must not hang the guest).
+pub fn read_clock_pair(load: impl Fn(usize, Ordering) -> u64, retries: u32) -> Option<ClockPair> {
+    for _ in 0..retries {
+        let before = load(field::SEQ, Ordering::Acquire);
+        if before & 1 != 0 {
+            core::hint::spin_loop();
+            continue;
+        }
+        let pair = ClockPair {
+            host_ns: load(field::HOST_NS, Ordering::Relaxed),
+            guest_tsc: load(field::GUEST_TSC, Ordering::Relaxed),
+            error_ns: load(field::ERROR_NS, Ordering::Relaxed),
+        };
+        fence(Ordering::Acquire);
+        if load(field::SEQ, Ordering::Relaxed) == before {
+            return Some(pair);
+        }
+    }
+    None
 }
 
 /// Bytes of the region for `vcpus` vCPUs: the header page and a call page each.
@@ -84,5 +155,29 @@ mod tests {
         assert_eq!(core::mem::size_of::<RegionHeader>(), 64);
         assert_eq!(call_page(0x1000_0000, 2), 0x1000_3000);
         assert_eq!(region_size(2), 3 * 4096);
+    }
+
+    #[test]
+    fn the_clock_pair_seqlock_round_trips_and_refuses_a_torn_pair() {
+        use core::cell::Cell;
+        let words: [Cell<u64>; 8] = Default::default();
+        let at = |offset: usize| &words[offset / 8];
+        let pair = ClockPair {
+            host_ns: 5,
+            guest_tsc: 6,
+            error_ns: 7,
+        };
+        let seq = write_clock_pair(|o, v, _| at(o).set(v), 0, pair);
+        assert_eq!(seq, 2);
+        assert_eq!(read_clock_pair(|o, _| at(o).get(), 3), Some(pair));
+        assert_eq!(at(field::SEQ).get(), 2);
+        // A writer that stopped halfway leaves the counter odd.
+        at(field::SEQ).set(3);
+        assert_eq!(read_clock_pair(|o, _| at(o).get(), 3), None);
+        assert_eq!(
+            (field::TSC_KHZ, field::SEQ, field::ERROR_NS),
+            (16, 32, 56),
+            "the layout guests rely on"
+        );
     }
 }

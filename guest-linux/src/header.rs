@@ -7,10 +7,11 @@
 //! counter even and unchanged across the read.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use rtvm_abi::linux::{host_ns_at, RegionHeader};
+pub use rtvm_abi::linux::ClockPair;
+use rtvm_abi::linux::{field, host_ns_at, read_clock_pair, write_clock_pair, RegionHeader};
 
 /// How many times a clock-pair read retries while the VMM is mid-update
 /// before giving up: a VMM that died between its two counter writes must not
@@ -45,49 +46,43 @@ impl OwnedHeader {
         })
     }
 
-    fn word(&self, field: impl FnOnce(*mut RegionHeader) -> *mut u64) -> &AtomicU64 {
-        // SAFETY: the field pointer lies in our cell, is 8-byte aligned
-        // (repr(C), u64 field) and is only ever accessed atomically.
-        unsafe { AtomicU64::from_ptr(field(self.cell.get())) }
+    fn word(&self, offset: usize) -> &AtomicU64 {
+        // SAFETY: `offset` is one of `rtvm_abi::linux::field`'s u64 field
+        // offsets, so the word lies in our cell, 8-byte aligned (repr(C)),
+        // and it is only ever accessed atomically.
+        unsafe { AtomicU64::from_ptr(self.cell.get().cast::<u8>().add(offset).cast()) }
     }
 
-    /// Writes a new clock pair the way the VMM does: counter odd, pair,
-    /// counter even.
+    /// Writes a new clock pair the way the VMM does (the seqlock of
+    /// `rtvm_abi::linux::write_clock_pair`).
     pub fn publish_clock(&self, host_ns: u64, guest_tsc: u64, error_ns: u64) {
-        let seq = self.word(|p| unsafe { &raw mut (*p).seq });
-        let s = seq.load(Ordering::Relaxed);
-        seq.store(s | 1, Ordering::Relaxed);
-        fence(Ordering::Release);
-        self.word(|p| unsafe { &raw mut (*p).host_ns })
-            .store(host_ns, Ordering::Relaxed);
-        self.word(|p| unsafe { &raw mut (*p).guest_tsc })
-            .store(guest_tsc, Ordering::Relaxed);
-        self.word(|p| unsafe { &raw mut (*p).error_ns })
-            .store(error_ns, Ordering::Relaxed);
-        seq.store((s | 1) + 1, Ordering::Release);
+        let seq = self.word(field::SEQ).load(Ordering::Relaxed);
+        let pair = ClockPair {
+            host_ns,
+            guest_tsc,
+            error_ns,
+        };
+        write_clock_pair(|at, v, order| self.word(at).store(v, order), seq, pair);
     }
 
     /// Sets the sequence counter as it is (odd: "being written").
     pub fn set_seq(&self, seq: u64) {
-        self.word(|p| unsafe { &raw mut (*p).seq })
-            .store(seq, Ordering::Release);
+        self.word(field::SEQ).store(seq, Ordering::Release);
     }
 
     /// Writes the clock pair without touching the counter (to play a VMM
     /// that is mid-update, with the counter left odd).
     pub fn store_pair_raw(&self, host_ns: u64, guest_tsc: u64, error_ns: u64) {
-        self.word(|p| unsafe { &raw mut (*p).host_ns })
-            .store(host_ns, Ordering::Relaxed);
-        self.word(|p| unsafe { &raw mut (*p).guest_tsc })
+        self.word(field::HOST_NS).store(host_ns, Ordering::Relaxed);
+        self.word(field::GUEST_TSC)
             .store(guest_tsc, Ordering::Relaxed);
-        self.word(|p| unsafe { &raw mut (*p).error_ns })
+        self.word(field::ERROR_NS)
             .store(error_ns, Ordering::Release);
     }
 
     /// Sets the real-time bitmap.
     pub fn set_rt_vcpus(&self, bits: u64) {
-        self.word(|p| unsafe { &raw mut (*p).rt_vcpus })
-            .store(bits, Ordering::Release);
+        self.word(field::RT_VCPUS).store(bits, Ordering::Release);
     }
 }
 
@@ -97,14 +92,6 @@ unsafe impl HeaderMemory for OwnedHeader {
     fn as_ptr(&self) -> *mut RegionHeader {
         self.cell.get()
     }
-}
-
-/// The (host time, guest TSC) pair of one consistent read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ClockPair {
-    pub host_ns: u64,
-    pub guest_tsc: u64,
-    pub error_ns: u64,
 }
 
 /// A live region header. Cheap to clone (it shares the memory).
@@ -140,40 +127,37 @@ impl Header {
         &self.mem
     }
 
-    fn u64_at(&self, field: *mut u64) -> &AtomicU64 {
-        // SAFETY: `field` points into the header, which `HeaderMemory`
-        // guarantees is live, aligned and accessed atomically in-process.
-        unsafe { AtomicU64::from_ptr(field) }
+    fn word(&self, offset: usize) -> &AtomicU64 {
+        // SAFETY: `offset` is one of `rtvm_abi::linux::field`'s u64 field
+        // offsets, so the word lies in the header, which `HeaderMemory`
+        // guarantees is live, 8-byte aligned and accessed atomically
+        // in-process.
+        unsafe { AtomicU64::from_ptr(self.ptr.cast::<u8>().add(offset).cast()) }
     }
 
-    fn u32_at(&self, field: *mut u32) -> &AtomicU32 {
-        // SAFETY: as for `u64_at`; u32 fields are 4-byte aligned.
-        unsafe { AtomicU32::from_ptr(field) }
+    fn word32(&self, offset: usize) -> &AtomicU32 {
+        // SAFETY: as for `word`, for a u32 field (4-byte aligned).
+        unsafe { AtomicU32::from_ptr(self.ptr.cast::<u8>().add(offset).cast()) }
     }
 
     pub fn magic(&self) -> u64 {
-        self.u64_at(unsafe { &raw mut (*self.ptr).magic })
-            .load(Ordering::Relaxed)
+        self.word(field::MAGIC).load(Ordering::Relaxed)
     }
 
     pub fn abi_version(&self) -> u32 {
-        self.u32_at(unsafe { &raw mut (*self.ptr).abi_version })
-            .load(Ordering::Relaxed)
+        self.word32(field::ABI_VERSION).load(Ordering::Relaxed)
     }
 
     pub fn vcpu_count(&self) -> u32 {
-        self.u32_at(unsafe { &raw mut (*self.ptr).vcpu_count })
-            .load(Ordering::Relaxed)
+        self.word32(field::VCPU_COUNT).load(Ordering::Relaxed)
     }
 
     pub fn tsc_khz(&self) -> u64 {
-        self.u64_at(unsafe { &raw mut (*self.ptr).tsc_khz })
-            .load(Ordering::Relaxed)
+        self.word(field::TSC_KHZ).load(Ordering::Relaxed)
     }
 
     pub fn rt_vcpus(&self) -> u64 {
-        self.u64_at(unsafe { &raw mut (*self.ptr).rt_vcpus })
-            .load(Ordering::Relaxed)
+        self.word(field::RT_VCPUS).load(Ordering::Relaxed)
     }
 
     /// Whether guest CPU (= vCPU) `cpu` is a real-time vCPU, by the header's
@@ -186,27 +170,7 @@ impl Header {
     /// across the read. `None` if it stayed mid-update for
     /// [`SEQLOCK_RETRIES`] attempts.
     pub fn clock_pair(&self) -> Option<ClockPair> {
-        let seq = self.u64_at(unsafe { &raw mut (*self.ptr).seq });
-        let host = self.u64_at(unsafe { &raw mut (*self.ptr).host_ns });
-        let tsc = self.u64_at(unsafe { &raw mut (*self.ptr).guest_tsc });
-        let err = self.u64_at(unsafe { &raw mut (*self.ptr).error_ns });
-        for _ in 0..SEQLOCK_RETRIES {
-            let s1 = seq.load(Ordering::Acquire);
-            if s1 & 1 != 0 {
-                std::hint::spin_loop();
-                continue;
-            }
-            let pair = ClockPair {
-                host_ns: host.load(Ordering::Relaxed),
-                guest_tsc: tsc.load(Ordering::Relaxed),
-                error_ns: err.load(Ordering::Relaxed),
-            };
-            fence(Ordering::Acquire);
-            if seq.load(Ordering::Relaxed) == s1 {
-                return Some(pair);
-            }
-        }
-        None
+        read_clock_pair(|at, order| self.word(at).load(order), SEQLOCK_RETRIES)
     }
 
     /// A consistent copy of the whole header.

@@ -7,23 +7,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs,
-    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use rtvm_abi::{port, BootInfo};
-use vm_memory::{Bytes, GuestAddress};
+use rtvm_abi::port;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::builtin::{self, GuestImage};
+use crate::boot::cpu;
 use crate::boot::linux;
-use crate::boot::x86;
 use crate::config::UnhandledIo;
 use crate::config::{GuestSpec, VmConfig};
 use crate::devices::{Bus, Console, ResetController, SerialDevice};
 use crate::error::{Error, Result};
 use crate::exit::{ExitSignal, VmExitReason};
-use crate::memory::{self, layout, GuestRam};
+use crate::memory::{self, GuestRam};
 use crate::realtime::{RtHost, RtHostSettings, RtReport};
 use crate::rpc::{CallStats, Services};
 use crate::signals;
@@ -33,13 +31,6 @@ use crate::vcpu::{VcpuContext, VcpuHandle, VcpuState};
 /// just below 4 GiB, where no RAM of ours is expected to reach on small VMs.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 const COM1_IRQ: u32 = 4;
-
-const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
-const MISC_ENABLE_FAST_STRING: u64 = 1;
-const APIC_LVT_LINT0: usize = 0x350;
-const APIC_LVT_LINT1: usize = 0x360;
-const APIC_DELIVERY_EXTINT: u32 = 0x7 << 8;
-const APIC_DELIVERY_NMI: u32 = 0x4 << 8;
 
 /// A VM that is set up and whose vCPUs have not run yet.
 pub struct Vm {
@@ -54,74 +45,16 @@ pub struct Vm {
     config: VmConfig,
     services: Arc<Services>,
     /// The host-clock page of a Linux guest's VMRPC region.
-    clock: Option<ClockPage>,
-}
-
-/// The (host time, guest TSC) pair in a Linux guest's VMRPC region header.
-///
-/// One writer — the VMM's control thread — keeps it current under the
-/// header's sequence counter: host CLOCK_MONOTONIC is slewed by NTP while the
-/// TSC is not, so a pair taken once would drift (tens of ppm: milliseconds
-/// an hour).
-struct ClockPage {
-    ram: Arc<GuestRam>,
-    region: u64,
-    tsc_khz: u64,
-    offset: crate::clock::TscOffset,
-    seq: u64,
+    clock: Option<linux::ClockPage>,
 }
 
 /// How often the control thread refreshes the clock page.
 const CLOCK_REFRESH: Duration = Duration::from_millis(100);
 
-impl ClockPage {
-    fn publish(&mut self) {
-        // Offsets in rtvm_abi::linux::RegionHeader.
-        const TSC_KHZ: u64 = 16;
-        const SEQ: u64 = 32;
-        const HOST_NS: u64 = 40;
-        const GUEST_TSC: u64 = 48;
-        const ERROR_NS: u64 = 56;
-        let mem = self.ram.mem();
-        let at = |field: u64| GuestAddress(self.region + field);
-        let tsc = crate::clock::host_tsc();
-        let now = crate::clock::now_ns();
-        self.seq += 1; // odd: being written
-        let writes = [
-            (SEQ, self.seq),
-            (HOST_NS, now),
-            (GUEST_TSC, self.offset.guest_tsc(tsc)),
-            (ERROR_NS, self.offset.error_ns),
-            (TSC_KHZ, self.tsc_khz),
-            (SEQ, self.seq + 1),
-        ];
-        self.seq += 1; // even: stable
-        for (field, value) in writes {
-            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            if mem.write_obj(value, at(field)).is_err() {
-                tracing::warn!(
-                    "cannot publish the clock in the VMRPC region at {:#x}",
-                    self.region
-                );
-                return;
-            }
-        }
-    }
-}
-
 /// A guest read and checked, before RAM exists.
 enum Prepared {
     Builtin(GuestImage),
     Linux(Box<linux::LinuxKernel>, Option<Vec<u8>>),
-}
-
-/// Where and how the vCPUs enter the guest.
-enum Entry {
-    /// Every vCPU at the built-in guest's entry.
-    Builtin(u64),
-    /// The boot vCPU at the kernel's 64-bit entry; the others wait for the
-    /// kernel's INIT/SIPI as on a PC.
-    Linux { entry: u64, region: u64 },
 }
 
 /// How a VM run ended and what it cost.
@@ -237,8 +170,8 @@ impl Vm {
             Prepared::Builtin(image) => {
                 let image_end = builtin::load(ram.mem(), builtin::BUILTIN_GUEST_ELF)?;
                 memory::check_fits(ram.size(), image_end, config.vcpus)?;
-                write_boot_structures(&ram, image, config)?;
-                Entry::Builtin(image.entry)
+                builtin::write_boot_structures(&ram, image, config)?;
+                cpu::Entry::Builtin(image.entry)
             }
             Prepared::Linux(kernel, initramfs) => {
                 let rt_mask = (0..config.vcpus)
@@ -254,7 +187,7 @@ impl Vm {
                     rt_mask,
                 )?;
                 tracing::info!("Linux: {}, command line: {}", kernel.kind, loaded.cmdline);
-                Entry::Linux {
+                cpu::Entry::Linux {
                     entry: loaded.entry,
                     region: loaded.region,
                 }
@@ -274,7 +207,7 @@ impl Vm {
             let vcpu = fd
                 .create_vcpu(index as u64)
                 .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
-            setup_vcpu(
+            cpu::setup_vcpu(
                 &vcpu,
                 index,
                 config.vcpus,
@@ -289,17 +222,12 @@ impl Vm {
         let services = Arc::new(Services::new(config.share.clone(), config.net.clone())?);
         let ram = Arc::new(ram);
         let clock = match entry {
-            Entry::Linux { region, .. } => {
+            cpu::Entry::Linux { region, .. } => {
                 let tsc_khz = crate::clock::guest_tsc_khz(&vcpu_fds[0]);
-                crate::clock::measure_tsc_offset(&vcpu_fds[0], tsc_khz).map(|offset| ClockPage {
-                    ram: ram.clone(),
-                    region,
-                    tsc_khz,
-                    offset,
-                    seq: 0,
-                })
+                let offset = crate::clock::measure_tsc_offset(&vcpu_fds[0], tsc_khz);
+                linux::ClockPage::start(ram.clone(), region, tsc_khz, offset)
             }
-            Entry::Builtin(_) => None,
+            cpu::Entry::Builtin(_) => None,
         };
         Ok(Vm {
             services,
@@ -417,7 +345,7 @@ pub struct RunningVm {
     services: Arc<Services>,
     rt_report: RtReport,
     started: Instant,
-    clock: Mutex<Option<ClockPage>>,
+    clock: Mutex<Option<linux::ClockPage>>,
     _fd: VmFd,
     _kvm: Kvm,
     ram: Arc<GuestRam>,
@@ -548,144 +476,4 @@ fn build_io_bus(fd: &VmFd, exit: &Arc<ExitSignal>, console: Console) -> Result<B
         Arc::new(Mutex::new(ResetController::new(exit.clone()))),
     )?;
     Ok(bus)
-}
-
-fn write_boot_structures(ram: &GuestRam, image: &GuestImage, config: &VmConfig) -> Result<()> {
-    let mem = ram.mem();
-    x86::write_page_tables(mem)?;
-    x86::write_idt(mem, &image.vectors)?;
-
-    let workload = match &config.guest {
-        GuestSpec::Builtin(workload) => workload,
-        GuestSpec::Linux(_) => unreachable!("only built-in guests get BootInfo"),
-    };
-    let mut info = BootInfo::new();
-    info.vcpu_count = config.vcpus as u32;
-    info.ram_size = ram.size();
-    info.workload[..workload.len()].copy_from_slice(workload.as_bytes());
-    info.workload_len = workload.len() as u32;
-    info.cmdline[..config.cmdline.len()].copy_from_slice(config.cmdline.as_bytes());
-    info.cmdline_len = config.cmdline.len() as u32;
-    for index in 0..config.vcpus {
-        let area = ram.vcpu_area(index);
-        x86::write_gdt_and_tss(mem, area)?;
-        let vcpu = &mut info.vcpus[index];
-        vcpu.apic_id = index as u32;
-        vcpu.user_stack_top = area + layout::AREA_USER_STACK_TOP;
-        vcpu.call_page = area + layout::AREA_CALL_PAGE;
-    }
-    mem.write_slice(boot_info_bytes(&info), GuestAddress(layout::BOOT_INFO))
-        .map_err(|e| Error::GuestMemory(format!("writing boot information: {e}")))
-}
-
-fn boot_info_bytes(info: &BootInfo) -> &[u8] {
-    // SAFETY: BootInfo is repr(C), made only of integers and integer arrays
-    // laid out without padding (checked by a test), so every byte is initialised.
-    unsafe { std::slice::from_raw_parts((info as *const BootInfo).cast::<u8>(), BootInfo::SIZE) }
-}
-
-fn setup_vcpu(
-    vcpu: &VcpuFd,
-    index: usize,
-    count: usize,
-    supported: &CpuId,
-    tsc_deadline: bool,
-    ram: &GuestRam,
-    entry: &Entry,
-) -> Result<()> {
-    let mut cpuid = supported.clone();
-    for e in cpuid.as_mut_slice() {
-        match e.function {
-            1 => {
-                // Initial APIC ID and logical processor count.
-                e.ebx = (e.ebx & 0x0000_ffff)
-                    | ((index as u32) << 24)
-                    | (((count as u32) & 0xff) << 16);
-                e.ecx |= 1 << 31; // running under a hypervisor
-                if tsc_deadline {
-                    e.ecx |= 1 << 24;
-                }
-            }
-            0xb | 0x1f => e.edx = index as u32, // x2APIC ID
-            _ => {}
-        }
-    }
-    vcpu.set_cpuid2(&cpuid)
-        .map_err(Error::kvm("KVM_SET_CPUID2"))?;
-
-    let msrs = Msrs::from_entries(&[kvm_msr_entry {
-        index: MSR_IA32_MISC_ENABLE,
-        data: MISC_ENABLE_FAST_STRING,
-        ..Default::default()
-    }])
-    .map_err(|_| Error::KvmMissingCapability("room for boot MSRs"))?;
-    vcpu.set_msrs(&msrs).map_err(Error::kvm("KVM_SET_MSRS"))?;
-
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
-    vcpu.set_fpu(&fpu).map_err(Error::kvm("KVM_SET_FPU"))?;
-    let sregs = vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
-    let area = ram.vcpu_area(index);
-    let long_mode = x86::long_mode_sregs(sregs, area);
-    let runnable = match *entry {
-        Entry::Builtin(entry) => {
-            let regs = x86::entry_regs(entry, area, layout::BOOT_INFO, index as u64);
-            vcpu.set_regs(&regs).map_err(Error::kvm("KVM_SET_REGS"))?;
-            vcpu.set_sregs(&long_mode)
-                .map_err(Error::kvm("KVM_SET_SREGS"))?;
-            true
-        }
-        Entry::Linux { entry, .. } if index == 0 => {
-            vcpu.set_regs(&linux::boot_regs(entry))
-                .map_err(Error::kvm("KVM_SET_REGS"))?;
-            vcpu.set_sregs(&linux::boot_sregs(sregs, long_mode))
-                .map_err(Error::kvm("KVM_SET_SREGS"))?;
-            true
-        }
-        Entry::Linux { .. } => false,
-    };
-
-    // LINT0 as ExtINT and LINT1 as NMI, as a PC's firmware leaves them.
-    let mut lapic = vcpu.get_lapic().map_err(Error::kvm("KVM_GET_LAPIC"))?;
-    for (reg, mode) in [
-        (APIC_LVT_LINT0, APIC_DELIVERY_EXTINT),
-        (APIC_LVT_LINT1, APIC_DELIVERY_NMI),
-    ] {
-        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i] as u8);
-        let value = (u32::from_le_bytes(bytes) & !0x700) | mode;
-        for (i, b) in value.to_le_bytes().iter().enumerate() {
-            lapic.regs[reg + i] = *b as _;
-        }
-    }
-    vcpu.set_lapic(&lapic)
-        .map_err(Error::kvm("KVM_SET_LAPIC"))?;
-
-    if runnable {
-        // Our own guest needs no INIT/SIPI dance, which would cost CPL0 time
-        // on the boot vCPU: every vCPU starts at the entry point at once.
-        vcpu.set_mp_state(kvm_mp_state {
-            mp_state: KVM_MP_STATE_RUNNABLE,
-        })
-        .map_err(Error::kvm("KVM_SET_MP_STATE"))?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn boot_info_has_no_padding() {
-        use rtvm_abi::{VcpuBoot, CMDLINE_MAX, MAX_VCPUS, WORKLOAD_NAME_MAX};
-        let fields = 8 + 4 + 4 + 8 + 4 + 4 + WORKLOAD_NAME_MAX + CMDLINE_MAX;
-        assert_eq!(std::mem::size_of::<VcpuBoot>(), 4 + 4 + 8 + 8 + 8);
-        assert_eq!(
-            BootInfo::SIZE,
-            fields + MAX_VCPUS * std::mem::size_of::<VcpuBoot>()
-        );
-    }
 }

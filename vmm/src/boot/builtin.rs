@@ -4,10 +4,13 @@
 use std::io::Cursor;
 
 use linux_loader::loader::{elf::Elf, KernelLoader};
-use rtvm_abi::{GuestHeader, ABI_VERSION, GUEST_HEADER_MAGIC, GUEST_IMAGE_BASE};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use rtvm_abi::{BootInfo, GuestHeader, ABI_VERSION, GUEST_HEADER_MAGIC, GUEST_IMAGE_BASE};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::x86;
+use crate::config::{GuestSpec, VmConfig};
 use crate::error::{Error, Result};
+use crate::memory::{layout, GuestRam};
 
 /// The built-in guest ELF.
 pub static BUILTIN_GUEST_ELF: &[u8] = include_bytes!(env!("RTVM_GUEST_ELF"));
@@ -157,9 +160,56 @@ impl<'a> ElfFile<'a> {
     }
 }
 
+/// Writes what every vCPU of the built-in guest needs before its first
+/// instruction: page tables, IDT, per-vCPU GDT and TSS, and the [`BootInfo`].
+pub fn write_boot_structures(ram: &GuestRam, image: &GuestImage, config: &VmConfig) -> Result<()> {
+    let mem = ram.mem();
+    x86::write_page_tables(mem)?;
+    x86::write_idt(mem, &image.vectors)?;
+
+    let workload = match &config.guest {
+        GuestSpec::Builtin(workload) => workload,
+        GuestSpec::Linux(_) => unreachable!("only built-in guests get BootInfo"),
+    };
+    let mut info = BootInfo::new();
+    info.vcpu_count = config.vcpus as u32;
+    info.ram_size = ram.size();
+    info.workload[..workload.len()].copy_from_slice(workload.as_bytes());
+    info.workload_len = workload.len() as u32;
+    info.cmdline[..config.cmdline.len()].copy_from_slice(config.cmdline.as_bytes());
+    info.cmdline_len = config.cmdline.len() as u32;
+    for index in 0..config.vcpus {
+        let area = ram.vcpu_area(index);
+        x86::write_gdt_and_tss(mem, area)?;
+        let vcpu = &mut info.vcpus[index];
+        vcpu.apic_id = index as u32;
+        vcpu.user_stack_top = area + layout::AREA_USER_STACK_TOP;
+        vcpu.call_page = area + layout::AREA_CALL_PAGE;
+    }
+    mem.write_slice(boot_info_bytes(&info), GuestAddress(layout::BOOT_INFO))
+        .map_err(|e| Error::GuestMemory(format!("writing boot information: {e}")))
+}
+
+fn boot_info_bytes(info: &BootInfo) -> &[u8] {
+    // SAFETY: BootInfo is repr(C), made only of integers and integer arrays
+    // laid out without padding (checked by a test), so every byte is initialised.
+    unsafe { std::slice::from_raw_parts((info as *const BootInfo).cast::<u8>(), BootInfo::SIZE) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boot_info_has_no_padding() {
+        use rtvm_abi::{VcpuBoot, CMDLINE_MAX, MAX_VCPUS, WORKLOAD_NAME_MAX};
+        let fields = 8 + 4 + 4 + 8 + 4 + 4 + WORKLOAD_NAME_MAX + CMDLINE_MAX;
+        assert_eq!(std::mem::size_of::<VcpuBoot>(), 4 + 4 + 8 + 8 + 8);
+        assert_eq!(
+            BootInfo::SIZE,
+            fields + MAX_VCPUS * std::mem::size_of::<VcpuBoot>()
+        );
+    }
 
     #[test]
     fn builtin_image_has_header_vectors_and_workloads() {

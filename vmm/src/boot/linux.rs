@@ -10,6 +10,8 @@
 
 use std::io::{Cursor, Read};
 use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
@@ -17,8 +19,9 @@ use linux_loader::loader::{elf::Elf, KernelLoader};
 use rtvm_abi::linux as region;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::clock::{host_tsc, now_ns, TscOffset};
 use crate::error::{Error, Result};
-use crate::memory::layout;
+use crate::memory::{layout, GuestRam};
 
 /// Guest-physical layout of what the VMM writes for a Linux guest.
 pub mod linux_layout {
@@ -236,6 +239,66 @@ pub struct LoadedLinux {
     pub entry: u64,
     pub region: u64,
     pub cmdline: String,
+}
+
+/// The host clock in a Linux guest's VMRPC region header: the (host time,
+/// guest TSC) pair by which guest user space reads host CLOCK_MONOTONIC
+/// from `rdtsc`.
+///
+/// One writer, the VMM's control thread, keeps it current through the
+/// header's seqlock (`rtvm_abi::linux::write_clock_pair`): host
+/// CLOCK_MONOTONIC is slewed by NTP while the TSC is not, so a pair taken
+/// once would drift (tens of ppm: milliseconds an hour).
+pub struct ClockPage {
+    ram: Arc<GuestRam>,
+    region: u64,
+    offset: TscOffset,
+    seq: u64,
+}
+
+impl ClockPage {
+    /// Publishes the guest TSC's rate and a first pair, where the guest's
+    /// TSC is a clock (`offset` known); None otherwise, and the header then
+    /// says `tsc_khz` 0 (host time only by `Clock` calls).
+    pub fn start(
+        ram: Arc<GuestRam>,
+        region: u64,
+        tsc_khz: u64,
+        offset: Option<TscOffset>,
+    ) -> Option<ClockPage> {
+        let offset = offset.filter(|_| tsc_khz != 0)?;
+        let mut page = ClockPage {
+            ram,
+            region,
+            offset,
+            seq: 0,
+        };
+        page.store(region::field::TSC_KHZ, tsc_khz, Ordering::Release);
+        page.publish();
+        Some(page)
+    }
+
+    fn store(&self, field: usize, value: u64, order: Ordering) {
+        let at = GuestAddress(self.region + field as u64);
+        if self.ram.mem().store(value, at, order).is_err() {
+            tracing::warn!(
+                "cannot publish the clock in the VMRPC region at {:#x}",
+                self.region
+            );
+        }
+    }
+
+    /// Writes a fresh pair.
+    pub fn publish(&mut self) {
+        let tsc = host_tsc();
+        let pair = region::ClockPair {
+            host_ns: now_ns(),
+            guest_tsc: self.offset.guest_tsc(tsc),
+            error_ns: self.offset.error_ns,
+        };
+        self.seq =
+            region::write_clock_pair(|at, v, order| self.store(at, v, order), self.seq, pair);
+    }
 }
 
 /// The e820 map: RAM, with the BIOS area and the VMRPC region reserved.

@@ -2,5 +2,6 @@
 
 pub mod acpi;
 pub mod builtin;
+pub mod cpu;
 pub mod linux;
 pub mod x86;
