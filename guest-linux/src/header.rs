@@ -104,6 +104,7 @@ pub struct Header {
 // SAFETY: the pointer is only dereferenced through atomics, and the memory
 // it points to is kept alive by `mem`, which is Send + Sync.
 unsafe impl Send for Header {}
+// SAFETY: as for Send: shared access is through atomics only.
 unsafe impl Sync for Header {}
 
 impl std::fmt::Debug for Header {

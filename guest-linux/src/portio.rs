@@ -54,6 +54,7 @@ struct Mapping {
 // header goes through atomics and to call pages through volatile copies by
 // the thread pinned to that page's vCPU.
 unsafe impl Send for Mapping {}
+// SAFETY: as for Send: shared access is atomic or by the page's own thread.
 unsafe impl Sync for Mapping {}
 
 impl Mapping {

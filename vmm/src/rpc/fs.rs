@@ -348,8 +348,9 @@ impl FileService {
     /// `FsFstat`.
     pub fn fstat(&self, handle: u64) -> std::result::Result<[u64; 4], Status> {
         let file = &self.files.get(handle)?.file;
-        // SAFETY: a zeroed stat is valid output space; the fd is open.
+        // SAFETY: stat is plain integers, for which all zeros is valid.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: an open descriptor and a live stat to fill in.
         check(unsafe { libc::fstat(file.as_raw_fd(), &mut st) }).map_err(|e| status_of(&e))?;
         Ok(stat_results(&st))
     }
@@ -359,6 +360,7 @@ impl FileService {
         // SAFETY: a zeroed stat is valid output space.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         if path.trim_end_matches('/') == "." {
+            // SAFETY: the share's open root and a live stat to fill in.
             check(unsafe { libc::fstat(self.root.as_raw_fd(), &mut st) })
                 .map_err(|e| status_of(&e))?;
         } else {

@@ -101,9 +101,8 @@ impl Parker {
             });
         }
         // SAFETY: fd is a fresh, valid descriptor nobody else owns.
-        Ok(Parker {
-            timer: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let timer = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Parker { timer })
     }
 
     /// The park of a vCPU thread that answers to `requests`.
