@@ -5,6 +5,7 @@ mod demo;
 mod flags;
 mod initramfs;
 mod probe;
+mod report;
 
 use std::fs::File;
 use std::path::PathBuf;

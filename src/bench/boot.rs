@@ -13,7 +13,7 @@ use rtvm_vmm::host::HostInfo;
 use rtvm_vmm::vcpu::VcpuState;
 use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig, VmExitReason};
 
-use super::machine_json;
+use crate::report::machine_json;
 
 #[derive(Args)]
 pub struct BootArgs {

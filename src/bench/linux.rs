@@ -15,10 +15,10 @@ use rtvm_vmm::config::RtPolicy;
 use rtvm_vmm::realtime::RtItem;
 use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig, VmExitReason};
 
-use super::histogram::Histogram;
-use super::stats::Stats;
-use super::timer::PathResult;
 use crate::initramfs::{self, AddFile, InitramfsSpec};
+use crate::report::histogram::Histogram;
+use crate::report::stats::Stats;
+use crate::report::PathResult;
 
 const PLAIN: &str = "@@rtvm-bench: cyclictest";
 const POLLED: &str = "@@rtvm-bench: cyclictest+preload";
@@ -139,7 +139,7 @@ pub fn measure(
         run.rt_report
             .items
             .iter()
-            .filter(|i| i.what.starts_with("vCPU 1"))
+            .filter(|i| i.vcpu == Some(1))
             .cloned(),
     );
     let (plain, polled) = parse_console(&text)?;

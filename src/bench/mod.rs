@@ -3,19 +3,14 @@
 //! targets; nothing here is a pass/fail test.
 
 mod boot;
-pub mod histogram;
-pub mod linux;
+mod linux;
 mod net;
-pub mod plot;
 mod rpc;
-pub mod stats;
 pub mod timer;
 
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use rtvm_vmm::host::HostInfo;
-use serde_json::{json, Value};
 
 use crate::EXIT_HOST_ERROR;
 
@@ -61,15 +56,4 @@ pub fn need_tsc_clock(what: &str) -> Result<(), String> {
          host whose clocksource is tsc (README: \"The guest TSC as a clock\")",
         rtvm_vmm::host::clocksource().unwrap_or_else(|| "an unknown clocksource".into())
     ))
-}
-
-/// The `machine` object of every bench's JSON.
-pub fn machine_json(host: &HostInfo) -> Value {
-    json!({
-        "cpu": host.cpu_model,
-        "cpus": host.cpus,
-        "kernel": host.kernel,
-        "preemption": host.preemption,
-        "kvm_module": host.kvm_module,
-    })
 }

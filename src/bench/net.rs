@@ -24,9 +24,9 @@ use rtvm_vmm::realtime::{self, RtItem};
 use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig};
 use serde_json::json;
 
-use super::machine_json;
-use super::stats::Stats;
 use crate::probe::{measure_in, serve_echo, Limit, NetLayout, ProbeNet, ProbeOptions, ProbeResult};
+use crate::report::machine_json;
+use crate::report::stats::Stats;
 
 #[derive(Args)]
 pub struct NetArgs {
@@ -161,7 +161,7 @@ fn guest_path(
         run.rt_report
             .items
             .iter()
-            .filter(|i| i.what.starts_with("vCPU 0"))
+            .filter(|i| i.vcpu == Some(0))
             .cloned(),
     );
     result

@@ -8,8 +8,8 @@ use rtvm_vmm::host::HostInfo;
 use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig};
 use serde_json::json;
 
-use super::machine_json;
-use super::stats::Stats;
+use crate::report::machine_json;
+use crate::report::stats::Stats;
 
 #[derive(Args)]
 pub struct RpcArgs {

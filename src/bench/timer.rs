@@ -33,10 +33,11 @@ use rtvm_vmm::realtime::{self, RtItem};
 use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig};
 use serde_json::{json, Value};
 
-use super::histogram::Histogram;
-use super::machine_json;
-use super::plot::latency_svg;
-use super::stats::Stats;
+use crate::report::histogram::Histogram;
+use crate::report::machine_json;
+use crate::report::plot::latency_svg;
+use crate::report::stats::Stats;
+use crate::report::PathResult;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Workload {
@@ -106,16 +107,6 @@ const FRAME_MISS_NS: u64 = 1_000_000;
 const TARGET_LONGPOLL_OVER_HOST_P99: f64 = 1.0;
 const TARGET_LONGPOLL_OVER_INTERRUPT_P99: f64 = 0.5;
 const TARGET_LOAD_GROWTH_P99: f64 = 1.5;
-
-/// One path's measurement.
-pub struct PathResult {
-    pub name: &'static str,
-    pub late_ns: Vec<u64>,
-    pub missed: u64,
-    /// The host's own record of its wake-ups (long polling only).
-    pub host_side_ns: Vec<u64>,
-    pub stats: Stats,
-}
 
 /// Everything one run of the bench measured.
 pub struct TimerReport {
@@ -273,7 +264,7 @@ fn guest_path(
         run.rt_report
             .items
             .iter()
-            .filter(|i| i.what.starts_with("vCPU 1"))
+            .filter(|i| i.vcpu == Some(1))
             .cloned(),
     );
     let mut streams = run.streams;
@@ -435,22 +426,13 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
     };
 
     let rt = Mutex::new(Vec::new());
-    let _dma = match realtime::hold_cpu_dma_latency() {
-        Ok(f) => {
-            rt.lock().unwrap().push(RtItem {
-                what: "/dev/cpu_dma_latency held at 0 µs".into(),
-                result: Ok(()),
-            });
-            Some(f)
-        }
-        Err(e) => {
-            rt.lock().unwrap().push(RtItem {
-                what: "/dev/cpu_dma_latency held at 0 µs".into(),
-                result: Err(e),
-            });
-            None
-        }
-    };
+    let dma = realtime::hold_cpu_dma_latency();
+    rt.lock().unwrap().push(RtItem {
+        vcpu: None,
+        what: "/dev/cpu_dma_latency held at 0 µs".into(),
+        result: dma.as_ref().map(drop).map_err(Clone::clone),
+    });
+    let _dma = dma.ok();
     let adaptive = AdvanceMode::Adaptive {
         max_ns: DEFAULT_MAX_ADVANCE_NS,
     };

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::net::{in_bench_net, NetLayout, ProbeNet};
-use crate::bench::stats::Stats;
+use crate::report::stats::Stats;
 
 /// Smallest request: magic, run token and sequence number.
 pub const MIN_SIZE: usize = 16;

@@ -41,10 +41,10 @@ pub use measure::{
 #[allow(unused_imports)]
 pub use net::{in_bench_net, NetLayout, ProbeNet};
 
-use crate::bench::histogram::Histogram;
-use crate::bench::machine_json;
-use crate::bench::plot::latency_svg;
-use crate::bench::stats::Stats;
+use crate::report::histogram::Histogram;
+use crate::report::machine_json;
+use crate::report::plot::latency_svg;
+use crate::report::stats::Stats;
 use crate::{EXIT_HOST_ERROR, EXIT_USAGE};
 
 /// Port of the default target (and of `--echo-server`).

@@ -27,6 +27,8 @@ use crate::host::HostInfo;
 /// One step of the real-time setup and how it went.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RtItem {
+    /// The vCPU whose thread the step was for, if it was for one.
+    pub vcpu: Option<usize>,
     pub what: String,
     pub result: Result<(), String>,
 }
@@ -41,6 +43,7 @@ pub struct RtReport {
 impl RtReport {
     pub fn record(&mut self, what: impl Into<String>, result: Result<(), String>) {
         self.items.push(RtItem {
+            vcpu: None,
             what: what.into(),
             result,
         });
@@ -331,7 +334,9 @@ pub fn apply_to_current_thread(
     cgroups: Option<&RtCgroups>,
 ) -> Vec<RtItem> {
     let mut items = Vec::new();
-    let mut record = |what: String, result: Result<(), String>| items.push(RtItem { what, result });
+    let vcpu = Some(index);
+    let mut record =
+        |what: String, result: Result<(), String>| items.push(RtItem { vcpu, what, result });
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
     let Some(policy) = policy else {
@@ -351,7 +356,11 @@ pub fn apply_to_current_thread(
             write_file(&groups.rt_tasks(), tid),
         );
     }
-    items.extend(apply_thread_policy(&format!("vCPU {index}"), policy));
+    items.extend(
+        apply_thread_policy(&format!("vCPU {index}"), policy)
+            .into_iter()
+            .map(|item| RtItem { vcpu, ..item }),
+    );
     items
 }
 
@@ -365,7 +374,11 @@ pub fn apply_thread_policy(who: &str, policy: &RtPolicy) -> Vec<RtItem> {
         } else {
             Err(std::io::Error::last_os_error().to_string())
         };
-        items.push(RtItem { what, result });
+        items.push(RtItem {
+            vcpu: None,
+            what,
+            result,
+        });
     };
     let param = libc::sched_param {
         sched_priority: i32::from(policy.priority),
