@@ -7,7 +7,7 @@ use support::{output_within, rtvm, temp_path, text};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use rtvm_vmm::testing::kvm_available;
+use rtvm_vmm::need_kvm;
 
 fn run(args: &[&str]) -> Output {
     output_within(rtvm().args(args), Duration::from_secs(60))
@@ -48,9 +48,7 @@ fn refused_without_tsc_clock(out: &Output) -> bool {
 
 #[test]
 fn hello_on_two_vcpus_prints_from_each_and_exits_0() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let out = run(&["run", "--guest", "builtin:hello", "--vcpus", "2"]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
@@ -60,9 +58,7 @@ fn hello_on_two_vcpus_prints_from_each_and_exits_0() {
 
 #[test]
 fn guest_exit_status_is_the_process_status() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     for status in ["0", "3", "42"] {
         let out = run(&[
             "run",
@@ -77,9 +73,7 @@ fn guest_exit_status_is_the_process_status() {
 
 #[test]
 fn triple_fault_ends_the_run_with_a_clear_message() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     // The limit only catches a hang: the run ends at the fault.
     let out = output_within(
         rtvm().args(["run", "--guest", "builtin:fault"]),
@@ -100,9 +94,7 @@ fn triple_fault_ends_the_run_with_a_clear_message() {
 
 #[test]
 fn unclaimed_port_is_reported_not_ignored() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let out = run(&[
         "run",
         "--guest",
@@ -121,9 +113,7 @@ fn unclaimed_port_is_reported_not_ignored() {
 
 #[test]
 fn guest_exception_is_reported() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let out = run(&["run", "--guest", "builtin:crash"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stdout).contains("page fault (#PF) (vector 14)"));
@@ -132,9 +122,7 @@ fn guest_exception_is_reported() {
 
 #[test]
 fn config_file_runs_a_guest_and_flags_override_it() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let path = temp_path("ok.toml");
     std::fs::write(
         &path,
@@ -270,9 +258,7 @@ fn missing_kvm_is_a_clear_error() {
 
 #[test]
 fn serial_log_gets_the_console() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let log = temp_path("serial.log");
     let out = run(&[
         "run",
@@ -318,9 +304,7 @@ fn spawn_spinning(vcpus: &str) -> Child {
 
 #[test]
 fn sigterm_and_sigint_stop_a_spinning_guest_cleanly() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
         let child = spawn_spinning("2");
         let start = Instant::now();
@@ -335,9 +319,7 @@ fn sigterm_and_sigint_stop_a_spinning_guest_cleanly() {
 
 #[test]
 fn bench_boot_reports_json() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let out = run(&["bench", "boot", "--json", "--runs", "3"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
@@ -356,9 +338,7 @@ fn bench_boot_reports_json() {
 
 #[test]
 fn rt_vcpu_flag_applies_and_reports_rt_settings() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let out = run(&[
         "run",
         "--guest",
@@ -384,9 +364,7 @@ fn rt_vcpu_flag_applies_and_reports_rt_settings() {
 
 #[test]
 fn bench_rpc_reports_json() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let out = run(&["bench", "rpc", "--json", "--samples", "200"]);
     if refused_without_tsc_clock(&out) {
         return;
@@ -409,9 +387,7 @@ fn bench_rpc_reports_json() {
 
 #[test]
 fn demo_boots_and_compares_timer_paths() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let dir = temp_path("demo");
     let out = output_within(
         rtvm().args(["demo", "--seconds", "3", "--out-dir", dir.to_str().unwrap()]),
@@ -447,9 +423,7 @@ fn demo_boots_and_compares_timer_paths() {
 
 #[test]
 fn bench_timer_reports_json_histograms_and_plot() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let dir = temp_path("timer");
     let plot = dir.join("plot.svg");
     let Some(json) = bench_json(&[
@@ -503,9 +477,7 @@ fn bench_timer_reports_json_histograms_and_plot() {
 
 #[test]
 fn bench_timer_host_path_agrees_with_cyclictest() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     // .ci/run installs rt-tests; cyclictest is the reference, not optional there.
     let Some(json) = bench_json(&[
         "bench",
@@ -532,9 +504,7 @@ fn bench_timer_host_path_agrees_with_cyclictest() {
 
 #[test]
 fn bench_timer_frames_counts_deadline_misses() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let Some(json) = bench_json(&[
         "bench",
         "timer",
@@ -562,9 +532,7 @@ fn bench_timer_frames_counts_deadline_misses() {
 
 #[test]
 fn bench_net_probes_host_and_guest_from_outside() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let Some(json) = bench_json(&[
         "bench",
         "net",
@@ -594,9 +562,7 @@ fn bench_net_probes_host_and_guest_from_outside() {
 
 #[test]
 fn bench_timer_linux_needs_the_guest_tools() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let out = run(&[
         "bench",
         "timer",

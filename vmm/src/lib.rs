@@ -35,6 +35,18 @@ pub use vm::{RunningVm, Vm, VmRun};
 
 /// Support for test suites that boot real guests.
 pub mod testing {
+    /// Returns from a test that needs KVM where there is none, after a
+    /// note; under `RTVM_REQUIRE_KVM=1` (CI) the test fails instead (see
+    /// [`kvm_available`]).
+    #[macro_export]
+    macro_rules! need_kvm {
+        () => {
+            if !$crate::testing::kvm_available() {
+                return;
+            }
+        };
+    }
+
     /// Whether KVM can be used for tests. When it cannot and
     /// `RTVM_REQUIRE_KVM=1` is set (as CI does), this panics, so a KVM test
     /// fails instead of passing without having run.

@@ -1,53 +1,31 @@
 //! Boots the built-in guest in-process and checks what the VMM observes,
 //! KVM-selftest style: the guest workload is named next to the assertion.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rtvm_vmm::config::UnhandledIo;
-use rtvm_vmm::testing::kvm_available;
+use rtvm_vmm::need_kvm;
 use rtvm_vmm::vcpu::VcpuState;
-use rtvm_vmm::{Console, Error, GuestSpec, Vm, VmConfig, VmExitReason, VmRun};
+use rtvm_vmm::{Console, Error, Vm, VmExitReason};
 
-fn config(workload: &str, vcpus: usize) -> VmConfig {
-    let mut c = VmConfig::new(GuestSpec::Builtin(workload.into()));
-    c.vcpus = vcpus;
-    c.memory = 32 << 20;
-    c
-}
+mod support;
+use support::{config, run};
 
-/// Runs `config` to its end (at most 30 s) and returns the run and the console.
-fn run(config: &VmConfig) -> (VmRun, String) {
-    let out = Arc::new(Mutex::new(Vec::new()));
-    let vm = Vm::new(config, Console::capture(out.clone())).expect("VM set up");
-    let running = vm.start().expect("vCPUs started");
-    let ended = running.wait_timeout(Duration::from_secs(30));
-    let run = running.stop();
-    assert!(
-        ended.is_some(),
-        "guest did not end within 30 s: {:?}",
-        run.reason
-    );
-    let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
-    (run, text)
-}
+/// How long a guest here may take.
+const LIMIT: Duration = Duration::from_secs(30);
 
 #[test]
 fn hello_on_one_vcpu() {
-    if !kvm_available() {
-        return;
-    }
-    let (run, out) = run(&config("hello", 1));
+    need_kvm!();
+    let (run, out) = run(&config("hello", 1, ""), LIMIT);
     assert_eq!(run.reason, VmExitReason::AllVcpusOff);
     assert_eq!(out, "hello from vCPU 0 of 1\n");
 }
 
 #[test]
 fn hello_from_every_vcpu() {
-    if !kvm_available() {
-        return;
-    }
-    let (run, out) = run(&config("hello", 4));
+    need_kvm!();
+    let (run, out) = run(&config("hello", 4, ""), LIMIT);
     assert_eq!(run.reason, VmExitReason::AllVcpusOff);
     let mut lines: Vec<&str> = out.lines().collect();
     lines.sort();
@@ -62,12 +40,10 @@ fn hello_from_every_vcpu() {
 
 #[test]
 fn guest_exit_status_reaches_the_vmm() {
-    if !kvm_available() {
-        return;
-    }
-    let mut c = config("exit", 2);
+    need_kvm!();
+    let mut c = config("exit", 2, "");
     c.cmdline = "status=42".into();
-    let (run, _) = run(&c);
+    let (run, _) = run(&c, LIMIT);
     assert_eq!(
         run.reason,
         VmExitReason::GuestExit {
@@ -80,10 +56,8 @@ fn guest_exit_status_reaches_the_vmm() {
 
 #[test]
 fn triple_fault_is_fatal_and_names_vcpu_and_rip() {
-    if !kvm_available() {
-        return;
-    }
-    let (run, _) = run(&config("fault", 1));
+    need_kvm!();
+    let (run, _) = run(&config("fault", 1, ""), LIMIT);
     match &run.reason {
         VmExitReason::Fatal { vcpu: 0, what, rip } => {
             assert!(what.contains("triple fault"), "{what}");
@@ -103,10 +77,8 @@ fn triple_fault_is_fatal_and_names_vcpu_and_rip() {
 
 #[test]
 fn guest_exception_is_reported_with_its_vector() {
-    if !kvm_available() {
-        return;
-    }
-    let (run, out) = run(&config("crash", 2));
+    need_kvm!();
+    let (run, out) = run(&config("crash", 2, ""), LIMIT);
     assert_eq!(run.reason, VmExitReason::GuestPanic { vcpu: 0, code: 14 });
     assert!(out.contains("page fault (#PF) (vector 14)"), "{out}");
     assert!(out.contains("cr2=0x4000000000"), "{out}");
@@ -114,10 +86,8 @@ fn guest_exception_is_reported_with_its_vector() {
 
 #[test]
 fn unclaimed_port_is_fatal_by_default() {
-    if !kvm_available() {
-        return;
-    }
-    let (run, out) = run(&config("bad-port", 1));
+    need_kvm!();
+    let (run, out) = run(&config("bad-port", 1, ""), LIMIT);
     match &run.reason {
         VmExitReason::Fatal {
             vcpu: 0,
@@ -133,22 +103,18 @@ fn unclaimed_port_is_fatal_by_default() {
 
 #[test]
 fn unclaimed_port_can_be_logged_instead() {
-    if !kvm_available() {
-        return;
-    }
-    let mut c = config("bad-port", 1);
+    need_kvm!();
+    let mut c = config("bad-port", 1, "");
     c.unhandled_io = UnhandledIo::Log;
-    let (run, out) = run(&c);
+    let (run, out) = run(&c, LIMIT);
     assert_eq!(run.reason, VmExitReason::GuestExit { vcpu: 0, status: 3 });
     assert!(out.contains("still running"), "{out}");
 }
 
 #[test]
 fn vcpus_pause_resume_and_stop_on_request() {
-    if !kvm_available() {
-        return;
-    }
-    let vm = Vm::new(&config("spin", 2), Console::capture(Default::default())).unwrap();
+    need_kvm!();
+    let vm = Vm::new(&config("spin", 2, ""), Console::capture(Default::default())).unwrap();
     let running = vm.start().unwrap();
     for v in running.vcpus() {
         assert!(
@@ -182,10 +148,8 @@ fn vcpus_pause_resume_and_stop_on_request() {
 
 #[test]
 fn unknown_workload_is_a_config_error() {
-    if !kvm_available() {
-        return;
-    }
-    match Vm::new(&config("no-such-workload", 1), Console::default()) {
+    need_kvm!();
+    match Vm::new(&config("no-such-workload", 1, ""), Console::default()) {
         Err(Error::Config(msg)) => {
             assert!(msg.contains("no workload 'no-such-workload'") && msg.contains("hello"))
         }
@@ -196,10 +160,8 @@ fn unknown_workload_is_a_config_error() {
 
 #[test]
 fn too_little_memory_for_the_vcpus_is_a_config_error() {
-    if !kvm_available() {
-        return;
-    }
-    let mut c = config("hello", 64);
+    need_kvm!();
+    let mut c = config("hello", 64, "");
     c.memory = 16 << 20;
     match Vm::new(&c, Console::default()) {
         Err(Error::Config(msg)) => assert!(msg.contains("too small"), "{msg}"),
@@ -210,7 +172,7 @@ fn too_little_memory_for_the_vcpus_is_a_config_error() {
 
 #[test]
 fn missing_kvm_device_is_a_clear_error() {
-    let mut c = config("hello", 1);
+    let mut c = config("hello", 1, "");
     c.kvm_device = "/nonexistent/kvm".into();
     match Vm::new(&c, Console::default()) {
         Err(e @ Error::KvmUnavailable { .. }) => {
@@ -227,10 +189,8 @@ fn missing_kvm_device_is_a_clear_error() {
 
 #[test]
 fn vmm_memory_overhead_is_measured() {
-    if !kvm_available() {
-        return;
-    }
-    let (run, _) = run(&config("hello", 1));
+    need_kvm!();
+    let (run, _) = run(&config("hello", 1, ""), LIMIT);
     let rss = run.process_rss.expect("RSS read from /proc");
     let guest = run.guest_resident.expect("guest RAM found in smaps");
     assert!(guest > 0 && guest < rss, "guest {guest} of RSS {rss}");

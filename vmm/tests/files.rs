@@ -3,20 +3,19 @@
 //! landed on disk and what stayed untouched outside.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rtvm_vmm::config::ShareConfig;
-use rtvm_vmm::testing::kvm_available;
-use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig, VmExitReason, VmRun};
+use rtvm_vmm::need_kvm;
+use rtvm_vmm::{Console, Vm, VmRun};
+
+mod support;
+use support::{assert_exit_0, config, one_at_a_time, start};
 
 /// Tests here run one at a time: the descriptor-leak checks count the
 /// process's open descriptors, which VMs of parallel tests would change.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A share laid out as `fs-selftest` expects, next to an `outside` directory
 /// the guest must never reach. Removed on drop.
@@ -76,31 +75,12 @@ impl Drop for Share {
     }
 }
 
+/// Runs `workload` with `share` (in 64 MiB) to its end.
 fn run(workload: &str, vcpus: usize, cmdline: &str, share: Option<ShareConfig>) -> (VmRun, String) {
-    let mut config = VmConfig::new(GuestSpec::Builtin(workload.into()));
-    config.vcpus = vcpus;
-    config.memory = 64 << 20;
-    config.cmdline = cmdline.into();
-    config.share = share;
-    let out = Arc::new(Mutex::new(Vec::new()));
-    let running = Vm::new(&config, Console::capture(out.clone()))
-        .unwrap()
-        .start()
-        .unwrap();
-    let ended = running.wait_timeout(Duration::from_secs(120));
-    let run = running.stop();
-    let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
-    assert!(ended.is_some(), "guest did not end: {text}");
-    (run, text)
-}
-
-fn assert_passed(run: &VmRun, out: &str) {
-    assert!(!out.contains("FAIL"), "{out}");
-    assert!(
-        matches!(run.reason, VmExitReason::GuestExit { status: 0, .. }),
-        "{}: {out}",
-        run.reason
-    );
+    let mut c = config(workload, vcpus, cmdline);
+    c.memory = 64 << 20;
+    c.share = share;
+    support::run(&c, Duration::from_secs(120))
 }
 
 fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -111,10 +91,8 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 
 #[test]
 fn every_file_call_and_error_path_works_and_nothing_escapes() {
-    let _serial = serial();
-    if !kvm_available() {
-        return;
-    }
+    let _serial = one_at_a_time(&SERIAL);
+    need_kvm!();
     let share = Share::new("all");
     let before = share.outside();
     let size = 100_000;
@@ -124,7 +102,7 @@ fn every_file_call_and_error_path_works_and_nothing_escapes() {
         &format!("size={size} keep=1"),
         Some(ShareConfig::new(share.root(), false)),
     );
-    assert_passed(&run, &out);
+    assert_exit_0(&run, &out);
     assert!(out.contains("checks passed"), "{out}");
     // The guest read the host-made file byte-exact.
     let expected = format!(
@@ -142,10 +120,8 @@ fn every_file_call_and_error_path_works_and_nothing_escapes() {
 
 #[test]
 fn a_guest_written_file_reads_back_byte_exact_on_the_host() {
-    let _serial = serial();
-    if !kvm_available() {
-        return;
-    }
+    let _serial = one_at_a_time(&SERIAL);
+    need_kvm!();
     let share = Share::new("written");
     let size = 300_000; // far beyond the 3968-byte payload area of a call page
     let (run, out) = run(
@@ -154,7 +130,7 @@ fn a_guest_written_file_reads_back_byte_exact_on_the_host() {
         &format!("size={size} keep=1"),
         Some(ShareConfig::new(share.root(), false)),
     );
-    assert_passed(&run, &out);
+    assert_exit_0(&run, &out);
     let data = std::fs::read(share.root().join("out.bin")).expect("out.bin kept in the share");
     assert_eq!(data.len(), size);
     assert!(
@@ -167,10 +143,8 @@ fn a_guest_written_file_reads_back_byte_exact_on_the_host() {
 
 #[test]
 fn read_only_share_refuses_writes() {
-    let _serial = serial();
-    if !kvm_available() {
-        return;
-    }
+    let _serial = one_at_a_time(&SERIAL);
+    need_kvm!();
     let share = Share::new("ro");
     let before = std::fs::read_dir(share.root()).unwrap().count();
     let (run, out) = run(
@@ -179,7 +153,7 @@ fn read_only_share_refuses_writes() {
         "mode=readonly",
         Some(ShareConfig::new(share.root(), true)),
     );
-    assert_passed(&run, &out);
+    assert_exit_0(&run, &out);
     assert_eq!(
         std::fs::read(share.root().join("input.txt")).unwrap(),
         INPUT
@@ -193,10 +167,8 @@ fn read_only_share_refuses_writes() {
 
 #[test]
 fn limits_are_enforced_with_their_own_statuses() {
-    let _serial = serial();
-    if !kvm_available() {
-        return;
-    }
+    let _serial = one_at_a_time(&SERIAL);
+    need_kvm!();
     let share = Share::new("limits");
     let mut config = ShareConfig::new(share.root(), false);
     config.max_open_files = 4;
@@ -208,7 +180,7 @@ fn limits_are_enforced_with_their_own_statuses() {
         "mode=limits open=4 call=4096 written=10000",
         Some(config),
     );
-    assert_passed(&run, &out);
+    assert_exit_0(&run, &out);
     let written = std::fs::metadata(share.root().join("quota.bin"))
         .map(|m| m.len())
         .unwrap_or(0);
@@ -221,10 +193,8 @@ fn open_fds() -> usize {
 
 #[test]
 fn ten_thousand_open_close_cycles_leak_no_host_descriptor() {
-    let _serial = serial();
-    if !kvm_available() {
-        return;
-    }
+    let _serial = one_at_a_time(&SERIAL);
+    need_kvm!();
     let share = Share::new("cycles");
     // Other tests in this binary open and close descriptors concurrently,
     // so compare the run's own file service, then the process, with slack.
@@ -235,7 +205,7 @@ fn ten_thousand_open_close_cycles_leak_no_host_descriptor() {
         "mode=cycles count=10000",
         Some(ShareConfig::new(share.root(), false)),
     );
-    assert_passed(&run, &out);
+    assert_exit_0(&run, &out);
     assert!(out.contains("10000 open/close cycles"), "{out}");
     let after = open_fds();
     assert!(
@@ -246,20 +216,18 @@ fn ten_thousand_open_close_cycles_leak_no_host_descriptor() {
 
 #[test]
 fn without_a_share_file_calls_answer_no_share() {
-    let _serial = serial();
-    if !kvm_available() {
-        return;
-    }
+    let _serial = one_at_a_time(&SERIAL);
+    need_kvm!();
     let (run, out) = run("fs-selftest", 1, "mode=noshare", None);
-    assert_passed(&run, &out);
+    assert_exit_0(&run, &out);
 }
 
 #[test]
 fn a_missing_share_directory_is_a_config_error() {
-    let _serial = serial();
-    let mut config = VmConfig::new(GuestSpec::Builtin("hello".into()));
-    config.share = Some(ShareConfig::new("/nonexistent/share".into(), false));
-    match Vm::new(&config, Console::default()) {
+    let _serial = one_at_a_time(&SERIAL);
+    let mut c = config("hello", 1, "");
+    c.share = Some(ShareConfig::new("/nonexistent/share".into(), false));
+    match Vm::new(&c, Console::default()) {
         Err(rtvm_vmm::Error::Config(msg)) => assert!(msg.contains("/nonexistent/share"), "{msg}"),
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("VM created with a missing share"),
@@ -268,21 +236,15 @@ fn a_missing_share_directory_is_a_config_error() {
 
 #[test]
 fn files_are_flushed_and_closed_when_the_vm_is_stopped_mid_run() {
-    let _serial = serial();
-    if !kvm_available() {
-        return;
-    }
+    let _serial = one_at_a_time(&SERIAL);
+    need_kvm!();
     let share = Share::new("crash");
     // The logger leaves its file open until the end; ending the VM while it
     // runs must still leave every record written so far on the host.
-    let mut config = VmConfig::new(GuestSpec::Builtin("logger".into()));
-    config.cmdline = "count=100000 period=1000000".into();
-    config.share = Some(ShareConfig::new(share.root(), false));
-    let out = Arc::new(Mutex::new(Vec::new()));
-    let running = Vm::new(&config, Console::capture(out.clone()))
-        .unwrap()
-        .start()
-        .unwrap();
+    let mut c = config("logger", 1, "count=100000 period=1000000");
+    c.memory = 64 << 20;
+    c.share = Some(ShareConfig::new(share.root(), false));
+    let (running, _out) = start(&c);
     std::thread::sleep(Duration::from_millis(500));
     running.stop();
     let log = std::fs::read_to_string(share.root().join("rt.log")).expect("rt.log");
@@ -298,10 +260,8 @@ fn files_are_flushed_and_closed_when_the_vm_is_stopped_mid_run() {
 
 #[test]
 fn logger_keeps_its_deadlines_while_writing() {
-    let _serial = serial();
-    if !kvm_available() {
-        return;
-    }
+    let _serial = one_at_a_time(&SERIAL);
+    need_kvm!();
     let share = Share::new("logger");
     let (run, out) = run(
         "logger",
@@ -309,7 +269,7 @@ fn logger_keeps_its_deadlines_while_writing() {
         "count=300 period=2000000",
         Some(ShareConfig::new(share.root(), false)),
     );
-    assert_passed(&run, &out);
+    assert_exit_0(&run, &out);
     assert!(out.contains("logger: cycles=300"), "{out}");
     let log = std::fs::read_to_string(share.root().join("rt.log")).unwrap();
     assert_eq!(log.lines().count(), 300, "one record per period");

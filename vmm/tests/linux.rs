@@ -10,8 +10,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rtvm_vmm::testing::kvm_available;
+use rtvm_vmm::need_kvm;
 use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig};
+
+mod support;
 
 fn kernel() -> Option<std::path::PathBuf> {
     match std::env::var_os("RTVM_TEST_KERNEL") {
@@ -26,9 +28,7 @@ fn kernel() -> Option<std::path::PathBuf> {
 
 #[test]
 fn debian_kernel_reaches_its_console_with_our_e820_and_cmdline() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let Some(kernel) = kernel() else { return };
     let mut config = VmConfig::new(GuestSpec::Linux(kernel));
     config.memory = 512 << 20;

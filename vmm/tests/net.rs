@@ -4,20 +4,19 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use rtvm_vmm::config::NetPolicy;
-use rtvm_vmm::testing::kvm_available;
-use rtvm_vmm::{Console, GuestSpec, RunningVm, Vm, VmConfig, VmExitReason, VmRun};
+use rtvm_vmm::need_kvm;
+use rtvm_vmm::{RunningVm, VmExitReason, VmRun};
+
+mod support;
+use support::{assert_exit_0, config, one_at_a_time, Output};
 
 /// Tests here run one at a time: the descriptor-leak checks count the
 /// process's open descriptors, which VMs of parallel tests would change.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn policy(bind: &[&str], connect: &[&str]) -> NetPolicy {
     NetPolicy {
@@ -27,67 +26,26 @@ fn policy(bind: &[&str], connect: &[&str]) -> NetPolicy {
     }
 }
 
-fn start(
-    workload: &str,
-    vcpus: usize,
-    cmdline: &str,
-    net: NetPolicy,
-) -> (RunningVm, Arc<Mutex<Vec<u8>>>) {
-    let mut config = VmConfig::new(GuestSpec::Builtin(workload.into()));
-    config.vcpus = vcpus;
-    config.memory = 64 << 20;
-    config.cmdline = cmdline.into();
-    config.net = net;
-    let out = Arc::new(Mutex::new(Vec::new()));
-    let running = Vm::new(&config, Console::capture(out.clone()))
-        .unwrap()
-        .start()
-        .unwrap();
-    (running, out)
+/// Starts `workload` (in 64 MiB) with network policy `net`.
+fn start(workload: &str, vcpus: usize, cmdline: &str, net: NetPolicy) -> (RunningVm, Output) {
+    let mut c = config(workload, vcpus, cmdline);
+    c.memory = 64 << 20;
+    c.net = net;
+    support::start(&c)
 }
 
-fn text(out: &Arc<Mutex<Vec<u8>>>) -> String {
-    String::from_utf8_lossy(&out.lock().unwrap()).into_owned()
-}
-
-/// Waits until the guest printed `needle` (the server is ready).
-fn wait_for(out: &Arc<Mutex<Vec<u8>>>, needle: &str) {
-    let start = Instant::now();
-    while !text(out).contains(needle) {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "no {needle:?} in: {}",
-            text(out)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn finish(running: RunningVm, out: &Arc<Mutex<Vec<u8>>>) -> (VmRun, String) {
-    let ended = running.wait_timeout(Duration::from_secs(60));
-    let run = running.stop();
-    assert!(ended.is_some(), "guest did not end: {}", text(out));
-    (run, text(out))
-}
-
-fn assert_exit_0(run: &VmRun, out: &str) {
-    assert!(!out.contains("FAIL"), "{out}");
-    assert!(
-        matches!(run.reason, VmExitReason::GuestExit { status: 0, .. }),
-        "{}: {out}",
-        run.reason
-    );
+/// Lets the guest end (up to 60 s).
+fn finish(running: RunningVm, out: &Output) -> (VmRun, String) {
+    support::finish(running, out, Duration::from_secs(60))
 }
 
 #[test]
 fn udp_echo_round_trips_byte_exact_including_a_max_size_datagram() {
-    let _serial = serial();
-    if !kvm_available() {
-        return;
-    }
+    let _serial = one_at_a_time(&SERIAL);
+    need_kvm!();
     let net = policy(&["127.0.0.1:47101"], &["127.0.0.1:*"]);
     let (running, out) = start("udp-echo", 1, "addr=127.0.0.1:47101 count=4", net);
-    wait_for(&out, "udp-echo: serving");
+    out.wait_for("udp-echo: serving", Duration::from_secs(20));
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = vec![0u8; 70_000];
@@ -105,13 +63,11 @@ fn udp_echo_round_trips_byte_exact_including_a_max_size_datagram() {
 
 #[test]
 fn tcp_echo_carries_a_multi_megabyte_stream() {
-    let _serial = serial();
-    if !kvm_available() {
-        return;
-    }
+    let _serial = one_at_a_time(&SERIAL);
+    need_kvm!();
     let net = policy(&["127.0.0.1:47102"], &[]);
     let (running, out) = start("tcp-echo", 1, "addr=127.0.0.1:47102 conns=1", net);
-    wait_for(&out, "tcp-echo: serving");
+    out.wait_for("tcp-echo: serving", Duration::from_secs(20));
     let mut stream = TcpStream::connect("127.0.0.1:47102").unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
@@ -149,10 +105,8 @@ fn open_fds() -> usize {
 
 #[test]
 fn every_socket_call_and_error_path_and_no_descriptor_leak() {
-    let _serial = serial();
-    if !kvm_available() {
-        return;
-    }
+    let _serial = one_at_a_time(&SERIAL);
+    need_kvm!();
     let mut net = policy(&["127.0.0.1:*", "[::1]:*"], &["127.0.0.1:*", "[::1]:*"]);
     net.max_sockets = 16;
     let before = open_fds();
@@ -170,10 +124,8 @@ fn every_socket_call_and_error_path_and_no_descriptor_leak() {
 
 #[test]
 fn a_flooding_guest_is_bounded_and_the_vmm_stays_responsive() {
-    let _serial = serial();
-    if !kvm_available() {
-        return;
-    }
+    let _serial = one_at_a_time(&SERIAL);
+    need_kvm!();
     let mut net = policy(&[], &["127.0.0.1:47999"]);
     net.max_buffer = 64 << 10;
     let (running, out) = start("udp-flood", 2, "to=127.0.0.1:47999 ms=1500", net);
@@ -204,10 +156,8 @@ fn a_flooding_guest_is_bounded_and_the_vmm_stays_responsive() {
 
 #[test]
 fn forbidden_binds_and_destinations_are_refused_by_default() {
-    let _serial = serial();
-    if !kvm_available() {
-        return;
-    }
+    let _serial = one_at_a_time(&SERIAL);
+    need_kvm!();
     // No policy at all: the echo server cannot even bind.
     let (running, out) = start("udp-echo", 1, "addr=127.0.0.1:47103", NetPolicy::default());
     let (run, out) = finish(running, &out);

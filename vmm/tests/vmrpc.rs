@@ -1,63 +1,20 @@
 //! VMRPC and VM long polling, through real guests: the built-in guest's
 //! workload runs on one side, the assertion on what the VMM saw on the other.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rtvm_vmm::config::AdvanceMode;
 use rtvm_vmm::config::{RtBandwidth, RtPolicy};
-use rtvm_vmm::testing::kvm_available;
+use rtvm_vmm::need_kvm;
 use rtvm_vmm::vcpu::VcpuState;
-use rtvm_vmm::{Console, Error, GuestSpec, RunningVm, Vm, VmConfig, VmExitReason, VmRun};
+use rtvm_vmm::{Console, Error, RunningVm, Vm, VmExitReason};
 
-fn config(workload: &str, vcpus: usize, cmdline: &str) -> VmConfig {
-    let mut c = VmConfig::new(GuestSpec::Builtin(workload.into()));
-    c.vcpus = vcpus;
-    c.memory = 32 << 20;
-    c.cmdline = cmdline.into();
-    c
-}
+mod support;
+use support::{assert_exit_0, config, run, start};
 
-fn start(config: &VmConfig) -> (RunningVm, Arc<Mutex<Vec<u8>>>) {
-    let out = Arc::new(Mutex::new(Vec::new()));
-    let vm = Vm::new(config, Console::capture(out.clone())).expect("VM set up");
-    (vm.start().expect("VM started"), out)
-}
-
-fn text(out: &Arc<Mutex<Vec<u8>>>) -> String {
-    String::from_utf8_lossy(&out.lock().unwrap()).into_owned()
-}
-
-/// Runs to the end (at most 60 s); returns the run and the console.
-fn run(config: &VmConfig) -> (VmRun, String) {
-    let (running, out) = start(config);
-    let ended = running.wait_timeout(Duration::from_secs(60));
-    let run = running.stop();
-    assert!(
-        ended.is_some(),
-        "guest did not end within 60 s; console:\n{}",
-        text(&out)
-    );
-    (run, text(&out))
-}
-
-fn assert_exit_0(run: &VmRun, console: &str) {
-    assert_eq!(
-        run.reason,
-        VmExitReason::GuestExit {
-            vcpu: run_exit_vcpu(run),
-            status: 0
-        },
-        "console:\n{console}"
-    );
-}
-
-fn run_exit_vcpu(run: &VmRun) -> usize {
-    match run.reason {
-        VmExitReason::GuestExit { vcpu, .. } => vcpu,
-        _ => usize::MAX,
-    }
-}
+/// How long a guest here may take.
+const LIMIT: Duration = Duration::from_secs(60);
 
 /// The last host CPU: RT vCPUs in tests are pinned there.
 fn last_cpu() -> usize {
@@ -81,19 +38,15 @@ fn rt_turn() -> std::sync::MutexGuard<'static, ()> {
 
 #[test]
 fn ping_is_answered() {
-    if !kvm_available() {
-        return;
-    }
-    let (run, out) = run(&config("rpc-ping", 1, "count=500"));
+    need_kvm!();
+    let (run, out) = run(&config("rpc-ping", 1, "count=500"), LIMIT);
     assert_exit_0(&run, &out);
     assert!(out.contains("rpc-ping: 500 calls answered"), "{out}");
 }
 
 #[test]
 fn sleep_until_wakes_after_never_before_the_deadline() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let _turn = rt_turn();
     // A plain vCPU (host arms its timer at the deadline) and an RT vCPU with
     // the adaptive advance (early return, then a CPL3 spin in the guest).
@@ -101,7 +54,7 @@ fn sleep_until_wakes_after_never_before_the_deadline() {
     let mut realtime = plain.clone();
     realtime.set_rt(0, rt(70));
     for c in [plain, realtime] {
-        let (run, out) = run(&c);
+        let (run, out) = run(&c, LIMIT);
         assert_exit_0(&run, &out);
         assert!(out.contains("sleep-test: 20 sleeps, none early"), "{out}");
     }
@@ -109,9 +62,7 @@ fn sleep_until_wakes_after_never_before_the_deadline() {
 
 #[test]
 fn periodic_counts_missed_periods_when_the_task_overruns() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let _turn = rt_turn();
     let mut c = config(
         "periodic",
@@ -119,7 +70,7 @@ fn periodic_counts_missed_periods_when_the_task_overruns() {
         "rt=1 period=2000000 count=60 overrun_every=20",
     );
     c.set_rt(1, rt(70));
-    let (run, out) = run(&c);
+    let (run, out) = run(&c, LIMIT);
     assert_exit_0(&run, &out);
     assert!(out.contains("periodic: cycles=60"), "{out}");
     assert!(out.contains("housekeeping:"), "vCPU 0 kept working: {out}");
@@ -133,9 +84,7 @@ fn periodic_counts_missed_periods_when_the_task_overruns() {
 
 #[test]
 fn a_parked_vcpu_does_not_stall_the_others() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let (running, out) = start(&config("independence", 2, "ns=1000000000"));
     let parked = (0..200).any(|_| {
         std::thread::sleep(Duration::from_millis(5));
@@ -144,7 +93,7 @@ fn a_parked_vcpu_does_not_stall_the_others() {
     assert!(parked, "vCPU 1 is seen parked in its long poll");
     let ended = running.wait_timeout(Duration::from_secs(30));
     let run = running.stop();
-    let out = text(&out);
+    let out = out.text();
     assert!(ended.is_some(), "{out}");
     assert_exit_0(&run, &out);
     let line = out
@@ -179,9 +128,7 @@ fn parked_guest() -> RunningVm {
 
 #[test]
 fn shutdown_while_parked_is_prompt() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let running = parked_guest();
     // The stop must not wait for the sleep's deadline, an hour away. How
     // long a stop takes is `rtvm bench boot`'s to measure; this only allows
@@ -198,9 +145,7 @@ fn shutdown_while_parked_is_prompt() {
 
 #[test]
 fn a_parked_vcpu_pauses_and_resumes_its_wait() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let running = parked_guest();
     assert!(running.pause(Duration::from_secs(2)));
     assert_eq!(running.vcpus()[0].state(), VcpuState::Paused);
@@ -216,10 +161,8 @@ fn a_parked_vcpu_pauses_and_resumes_its_wait() {
 
 #[test]
 fn every_bad_argument_class_gets_its_status_and_the_vmm_stays_up() {
-    if !kvm_available() {
-        return;
-    }
-    let (run, out) = run(&config("bad-calls", 1, ""));
+    need_kvm!();
+    let (run, out) = run(&config("bad-calls", 1, ""), LIMIT);
     assert!(!out.contains("FAIL"), "{out}");
     assert_exit_0(&run, &out);
     let answered = out
@@ -235,13 +178,11 @@ fn every_bad_argument_class_gets_its_status_and_the_vmm_stays_up() {
 
 #[test]
 fn report_lists_the_applied_rt_settings() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let _turn = rt_turn();
     let mut c = config("rpc-ping", 2, "count=10");
     c.set_rt(1, rt(60));
-    let (run, _) = run(&c);
+    let (run, _) = run(&c, LIMIT);
     let report = run.rt_report.to_string();
     for expected in [
         "vCPU 1: SCHED_FIFO priority 60",
@@ -280,9 +221,7 @@ fn report_lists_the_applied_rt_settings() {
 
 #[test]
 fn rt_strict_refuses_to_start_when_a_setting_fails() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let _turn = rt_turn();
     let mut c = config("rpc-ping", 1, "count=10");
     c.set_rt(0, rt(60));
@@ -306,7 +245,7 @@ fn rt_strict_refuses_to_start_when_a_setting_fails() {
     }
     // Without --rt-strict the same VM runs, and the report says what failed.
     c.rt_strict = false;
-    let (run, out) = run(&c);
+    let (run, out) = run(&c, LIMIT);
     assert_exit_0(&run, &out);
     assert!(run
         .rt_report
@@ -327,9 +266,7 @@ fn thread_cpu_ns() -> u64 {
 
 #[test]
 fn a_spinning_rt_vcpu_leaves_the_host_cpu_time() {
-    if !kvm_available() {
-        return;
-    }
+    need_kvm!();
     let _turn = rt_turn();
     let cpu = last_cpu();
     let mut c = config("spin", 1, "");
