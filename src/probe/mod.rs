@@ -22,6 +22,7 @@
 mod echo;
 mod measure;
 mod net;
+mod timestamps;
 
 use std::fs;
 use std::net::SocketAddrV4;

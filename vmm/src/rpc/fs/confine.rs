@@ -1,0 +1,116 @@
+//! Confinement of the file service to its share: paths as the guest gives
+//! them, opened beneath the share root by the kernel (`openat2` with
+//! `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS`), and host results turned into
+//! what the guest sees.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use rtvm_abi::vmrpc::{fs, Status, PATH_MAX};
+
+/// Maps an OS error to the status the guest sees.
+pub(super) fn status_of(e: &io::Error) -> Status {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => Status::NotFound,
+        Some(libc::EEXIST) => Status::AlreadyExists,
+        Some(libc::ENOTDIR) => Status::NotADirectory,
+        Some(libc::EISDIR) => Status::IsADirectory,
+        Some(libc::ENOTEMPTY) => Status::NotEmpty,
+        Some(libc::EROFS) => Status::ReadOnly,
+        // EXDEV and ELOOP are how RESOLVE_BENEATH/NO_MAGICLINKS refuse.
+        Some(libc::EXDEV | libc::ELOOP | libc::EACCES | libc::EPERM) => Status::NotPermitted,
+        Some(libc::ENAMETOOLONG | libc::EINVAL) => Status::BadArgument,
+        Some(libc::EMFILE | libc::ENFILE) => Status::NoResources,
+        _ => Status::IoError,
+    }
+}
+
+pub(super) fn openat2(dir: RawFd, path: &CString, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    // SAFETY: open_how is plain data; zeroed is its documented default.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.mode = u64::from(mode);
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid dirfd, NUL-terminated path, and a live open_how of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir,
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+pub(super) fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A guest path, checked: UTF-8, no NUL, not empty, at most PATH_MAX.
+pub fn guest_path(bytes: &[u8]) -> std::result::Result<String, Status> {
+    if bytes.is_empty() || bytes.len() as u64 > PATH_MAX || bytes.contains(&0) {
+        return Err(Status::BadArgument);
+    }
+    let path = std::str::from_utf8(bytes).map_err(|_| Status::BadArgument)?;
+    Ok(path.to_string())
+}
+
+/// Splits a path into its parent (resolved beneath the root) and final name.
+pub(super) fn split(path: &str) -> std::result::Result<(String, String), Status> {
+    let trimmed = path.trim_end_matches('/');
+    let (parent, name) = match trimmed.rsplit_once('/') {
+        Some((p, n)) => (if p.is_empty() { "/" } else { p }, n),
+        None => (".", trimmed),
+    };
+    // The final component is acted on by name, so it cannot be a way out.
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(Status::NotPermitted);
+    }
+    Ok((parent.to_string(), name.to_string()))
+}
+
+pub(super) fn cstring(s: &str) -> std::result::Result<CString, Status> {
+    CString::new(s).map_err(|_| Status::BadArgument)
+}
+
+pub(super) fn kind_of(file_type: std::fs::FileType) -> u64 {
+    if file_type.is_symlink() {
+        fs::kind::SYMLINK
+    } else if file_type.is_dir() {
+        fs::kind::DIR
+    } else if file_type.is_file() {
+        fs::kind::FILE
+    } else {
+        fs::kind::OTHER
+    }
+}
+
+pub(super) fn stat_results(st: &libc::stat) -> [u64; 4] {
+    let kind = match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => fs::kind::FILE,
+        libc::S_IFDIR => fs::kind::DIR,
+        libc::S_IFLNK => fs::kind::SYMLINK,
+        _ => fs::kind::OTHER,
+    };
+    // Before 1970 reads as 0; far future saturates.
+    let mtime =
+        u64::try_from(i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec))
+            .unwrap_or(if st.st_mtime < 0 { 0 } else { u64::MAX });
+    [
+        st.st_size as u64,
+        kind,
+        mtime,
+        u64::from(st.st_mode & 0o7777),
+    ]
+}
