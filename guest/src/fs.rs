@@ -181,6 +181,9 @@ impl Rpc {
         len: usize,
         mut op: impl FnMut(&mut Rpc, usize, usize) -> Result<usize, Error>,
     ) -> Result<usize, Error> {
+        if self.fs_chunk == 0 {
+            self.fs_chunk = FIRST_CHUNK;
+        }
         let mut done = 0;
         while done < len {
             let n = (len - done).min(self.fs_chunk);

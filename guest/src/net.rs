@@ -304,6 +304,9 @@ impl Rpc {
     /// ([`NO_DEADLINE`]: for ever); after it, `TimedOut` ends it. A send
     /// that moves no byte ends it with `IoError`.
     pub fn send_all(&mut self, handle: u64, data: &[u8], deadline: u64) -> Result<(), Error> {
+        if self.net_chunk == 0 {
+            self.net_chunk = FIRST_CHUNK;
+        }
         let mut done = 0;
         while done < data.len() {
             let n = (data.len() - done).min(self.net_chunk);

@@ -14,12 +14,11 @@
 //! refusal here, which reports it to the VMM.
 
 use crate::cpu;
-use crate::workloads::Ctx;
 use core::arch::asm;
 
 use rtvm_abi::client::{answer, Feedback};
 use rtvm_abi::vmrpc::{Call, CallPage, ARGS, DOORBELL_ERROR, LOG_MAX, REPORT_MAX, RESULTS};
-use rtvm_abi::{port, ABI_VERSION};
+use rtvm_abi::{port, BootInfo, ABI_VERSION};
 
 pub use rtvm_abi::client::{Refused as Error, VcpuInfo, Vmrpc, UNANSWERED};
 
@@ -84,43 +83,44 @@ pub struct Rpc {
     clock_error_ns: u64,
     feedback: Feedback,
     /// Bytes the file calls move per call when splitting a large request
-    /// (see `fs`): starts at `fs::FIRST_CHUNK` and halves whenever the host
-    /// answers `TooLarge`, so the host's unknown limit is learned once.
+    /// (see `fs`): 0 until the first such call, which starts at
+    /// `fs::FIRST_CHUNK`; halved whenever the host answers `TooLarge`, so
+    /// the host's unknown limit is learned once.
     pub(crate) fs_chunk: usize,
     /// The same for `net::Rpc::send_all`, on the host's per-socket buffer
-    /// cap: starts at `net::FIRST_CHUNK`.
+    /// cap (`net::FIRST_CHUNK` first).
     pub(crate) net_chunk: usize,
 }
 
 impl Rpc {
-    /// The client for the vCPU `ctx` runs on: asks the host about the vCPU
-    /// and calibrates the host clock against the TSC.
-    pub fn new(ctx: &Ctx) -> Rpc {
+    /// The client of vCPU `vcpu`, which `info` describes: asks the host
+    /// about the vCPU and calibrates the host clock against the TSC.
+    pub fn new(info: &BootInfo, vcpu: usize) -> Rpc {
         let mut rpc = Rpc {
-            page: ctx.info.vcpus[ctx.vcpu].call_page,
+            page: info.vcpus[vcpu].call_page,
             info: VcpuInfo::default(),
             tsc0: 0,
             host0: 0,
             clock_error_ns: 0,
             feedback: None,
-            fs_chunk: crate::fs::FIRST_CHUNK,
-            net_chunk: crate::net::FIRST_CHUNK,
+            fs_chunk: 0,
+            net_chunk: 0,
         };
         rpc.info =
             Vmrpc::vcpu_info(&mut rpc).unwrap_or_else(|e| panic!("VMRPC VcpuInfo failed: {e}"));
         // A mismatch means the host served this page on another vCPU's
         // behalf (or mixed up pages): nothing measured here would mean much.
         assert!(
-            rpc.info.index == ctx.vcpu as u64,
+            rpc.info.index == vcpu as u64,
             "VcpuInfo on vCPU {} answered index {}",
-            ctx.vcpu,
+            vcpu,
             rpc.info.index
         );
         assert!(
-            rpc.info.count == ctx.vcpu_count() as u64,
+            rpc.info.count == u64::from(info.vcpu_count),
             "VcpuInfo answered {} vCPUs, the boot information {}",
             rpc.info.count,
-            ctx.vcpu_count()
+            info.vcpu_count
         );
         if rpc.info.tsc_khz != 0 {
             rpc.calibrate();

@@ -92,7 +92,7 @@ pub fn run(ctx: &Ctx) -> ! {
     if !ctx.is_first_vcpu() {
         cpu::vcpu_off();
     }
-    let mut rpc = Rpc::new(ctx);
+    let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
     let page = rpc.page();
     let ram = ctx.info.ram_size;
     // A buffer that is surely in RAM: the call page's payload area.

@@ -32,7 +32,7 @@ pub fn run(ctx: &Ctx) -> ! {
 
 fn sleeper(ctx: &Ctx) -> ! {
     let ns = ctx.number_arg("ns", 1_000_000_000);
-    let mut rpc = Rpc::new(ctx);
+    let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
     STARTED.store(true, Ordering::Release);
     let start = rpc.now_by_exit();
     // One plain call, no early return: the vCPU stays in the host throughout.
@@ -44,7 +44,7 @@ fn sleeper(ctx: &Ctx) -> ! {
 }
 
 fn pinger(ctx: &Ctx) -> ! {
-    let mut rpc = Rpc::new(ctx);
+    let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
     while !STARTED.load(Ordering::Acquire) {
         core::hint::spin_loop();
     }

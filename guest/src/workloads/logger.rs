@@ -32,7 +32,7 @@ fn rt_task(ctx: &Ctx) -> u32 {
     let count = ctx.number_arg("count", 1000);
     let write = ctx.number_arg("write", 1) != 0;
     let file = ctx.arg("file").unwrap_or("rt.log");
-    let mut rpc = Rpc::new(ctx);
+    let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
 
     let handle = if write {
         let flags = open::CREATE | open::WRITE | open::TRUNCATE | open::APPEND;

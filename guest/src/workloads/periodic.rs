@@ -24,7 +24,7 @@ fn rt_task(ctx: &Ctx) -> u32 {
     let count = ctx.number_arg("count", 1000);
     let overrun_every = ctx.number_arg("overrun_every", 0);
     let work = ctx.number_arg("work", 0);
-    let mut rpc = Rpc::new(ctx);
+    let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
     let mut late = Batch::new(0);
     let mut missed = Batch::new(1);
     let (mut total_missed, mut max_late) = (0, 0);

@@ -14,7 +14,7 @@ pub fn run(ctx: &Ctx) -> ! {
         cpu::vcpu_off();
     }
     let count = ctx.number_arg("count", 10_000);
-    let mut rpc = Rpc::new(ctx);
+    let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
     if rpc.info().tsc_khz == 0 {
         println!("rpc-bench: the host does not know the TSC frequency; cannot time calls");
         cpu::exit(2);

@@ -10,7 +10,7 @@ pub fn run(ctx: &Ctx) -> ! {
         cpu::vcpu_off();
     }
     let count = ctx.number_arg("count", 1000);
-    let mut rpc = Rpc::new(ctx);
+    let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
     for i in 0..count {
         // Distinct, and different in every byte from the last, so a host that
         // answers a stale or half-written page is caught.

@@ -128,7 +128,7 @@ fn churn(mut h: u64) -> u64 {
 
 /// vCPU 0's job while the RT task runs elsewhere, and the VM's end.
 fn housekeep(ctx: &Ctx, housekeeping: Housekeeping) -> ! {
-    let mut rpc = Rpc::new(ctx);
+    let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
     let mut pings: u64 = 0;
     let mut h: u64 = 0x243f_6a88_85a3_08d3;
     while !DONE.load(Ordering::Acquire) {

@@ -15,7 +15,7 @@ pub fn run(ctx: &Ctx) -> ! {
     }
     let count = ctx.number_arg("count", 20);
     let ns = ctx.number_arg("ns", 1_000_000);
-    let mut rpc = Rpc::new(ctx);
+    let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
     // Max lateness per path [library, plain], by the host clock read right
     // after the sleep (so it includes the exit of that `Clock` call).
     let mut max_late = [0u64; 2];

@@ -38,7 +38,7 @@ fn rt_task(ctx: &Ctx) -> u32 {
     };
     let conns = ctx.number_arg("conns", 1);
     let timeout_ms = ctx.number_arg("timeout", 0);
-    let mut rpc = Rpc::new(ctx);
+    let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
     let buf = BUF.take();
 
     let listener = match listen(&mut rpc, addr) {

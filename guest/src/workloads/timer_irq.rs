@@ -29,7 +29,7 @@ fn rt_task(ctx: &Ctx) -> u32 {
         println!("timer-irq: period must be more than 0");
         return 2;
     }
-    let mut rpc = Rpc::new(ctx);
+    let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
     if rpc.info().tsc_khz == 0 {
         println!("timer-irq: the host does not know the TSC frequency: no deadlines to program");
         return 2;

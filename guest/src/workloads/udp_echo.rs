@@ -45,7 +45,7 @@ fn rt_task(ctx: &Ctx) -> u32 {
     };
     let count = ctx.number_arg("count", 0);
     let timeout_ms = ctx.number_arg("timeout", 0);
-    let mut rpc = Rpc::new(ctx);
+    let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
     let buf = BUF.take();
 
     let handle = match rpc

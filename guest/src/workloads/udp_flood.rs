@@ -38,7 +38,7 @@ pub fn run(ctx: &Ctx) -> ! {
 }
 
 fn pinger(ctx: &Ctx) -> ! {
-    let mut rpc = Rpc::new(ctx);
+    let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
     while !STARTED.load(Ordering::Acquire) {
         core::hint::spin_loop();
     }
@@ -65,7 +65,7 @@ fn flood(ctx: &Ctx) -> ! {
         println!("udp-flood: size={size}: at most {MAX_SIZE}");
         cpu::exit(2)
     }
-    let mut rpc = Rpc::new(ctx);
+    let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
     let buf = &mut BUF.take()[..size as usize];
     for (i, b) in buf.iter_mut().enumerate() {
         *b = i as u8;

@@ -103,7 +103,7 @@ pub fn run(ctx: &Ctx) -> ! {
     if !ctx.is_first_vcpu() {
         cpu::vcpu_off();
     }
-    let mut rpc = Rpc::new(ctx);
+    let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
     let mut t = Tally::new("fs-selftest");
     match ctx.arg("mode").unwrap_or("all") {
         "all" => all(ctx, &mut rpc, &mut t),

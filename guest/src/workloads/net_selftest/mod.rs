@@ -219,7 +219,7 @@ pub fn run(ctx: &Ctx) -> ! {
         cpu::exit(2)
     }
     let mut net = Net {
-        rpc: Rpc::new(ctx),
+        rpc: Rpc::new(ctx.info, ctx.vcpu),
         open: [0; MAX_SOCKETS],
         n_open: 0,
         port: port as u16,
