@@ -1,0 +1,175 @@
+//! How `bench timer` reports: the table, the JSON and the targets' verdicts.
+
+use super::*;
+
+fn jitter_us(samples: &[u64]) -> f64 {
+    let n = samples.len().max(1) as f64;
+    let mean = samples.iter().map(|&s| s as f64).sum::<f64>() / n;
+    (samples
+        .iter()
+        .map(|&s| (s as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n)
+        .sqrt()
+        / 1e3
+}
+
+impl TimerReport {
+    pub fn to_json(&self) -> Value {
+        let mut out = json!({});
+        for p in &self.paths {
+            out[p.name] = p.stats.to_json();
+        }
+        let missed: serde_json::Map<String, Value> = self
+            .paths
+            .iter()
+            .map(|p| (p.name.to_string(), json!(p.missed)))
+            .collect();
+        out["missed_periods"] = Value::Object(missed);
+        if let Some(lp) = self.path("guest_longpoll") {
+            if let Some(s) = Stats::from_ns(&lp.host_side_ns) {
+                out["guest_longpoll_host_side"] = s.to_json();
+            }
+        }
+        if self.workload == Workload::Frames {
+            let frames: serde_json::Map<String, Value> = self
+                .paths
+                .iter()
+                .map(|p| {
+                    let misses =
+                        p.late_ns.iter().filter(|&&l| l > FRAME_MISS_NS).count() as u64 + p.missed;
+                    (
+                        p.name.to_string(),
+                        json!({"deadline_misses": misses, "jitter_us": jitter_us(&p.late_ns)}),
+                    )
+                })
+                .collect();
+            out["frames"] = Value::Object(frames);
+        }
+        out["ratios"] = Value::Object(
+            self.ratios()
+                .into_iter()
+                .map(|(name, value, target)| {
+                    (name.to_string(), json!({"value": value, "target": target}))
+                })
+                .collect(),
+        );
+        out["settings"] = json!({
+            "workload": format!("{:?}", self.workload).to_lowercase(),
+            "period_us": self.period_ns as f64 / 1e3,
+            "work_us": self.work_ns as f64 / 1e3,
+            "seconds_per_path": self.seconds_per_path,
+            "load": self.load,
+        });
+        let mut machine = machine_json(&self.host);
+        machine["rt"] = json!(self
+            .rt
+            .iter()
+            .map(|i| match &i.result {
+                Ok(()) => format!("ok: {}", i.what),
+                Err(e) => format!("FAILED: {}: {e}", i.what),
+            })
+            .collect::<Vec<_>>());
+        out["machine"] = machine;
+        out
+    }
+
+    pub fn print_table(&self) {
+        println!(
+            "rtvm bench timer: {} workload, period {:.3} ms, {:.1} s per path{} ({} on {}, preemption {})",
+            format!("{:?}", self.workload).to_lowercase(),
+            self.period_ns as f64 / 1e6,
+            self.seconds_per_path,
+            if self.load { ", host and guest vCPU 0 loaded" } else { "" },
+            self.host.kvm_module,
+            self.host.cpu_model,
+            self.host.preemption,
+        );
+        println!("{}   missed", Stats::TABLE_HEADER);
+        for p in &self.paths {
+            println!("{} {:>8}", p.stats.table_row(p.name), p.missed);
+        }
+        if let Some(s) = self
+            .path("guest_longpoll")
+            .and_then(|lp| Stats::from_ns(&lp.host_side_ns))
+        {
+            println!(
+                "{}   (host's own record of its wake-ups)",
+                s.table_row("  longpoll, host")
+            );
+        }
+        if self.workload == Workload::Frames {
+            for p in &self.paths {
+                let misses =
+                    p.late_ns.iter().filter(|&&l| l > FRAME_MISS_NS).count() as u64 + p.missed;
+                println!(
+                    "frames {:<24} {misses} frames more than 1 ms late, jitter {:.1} µs",
+                    p.name,
+                    jitter_us(&p.late_ns)
+                );
+            }
+        }
+        for (name, value, target) in self.ratios() {
+            println!("{name}: {value:.2} (target <= {target})");
+        }
+        for item in &self.rt {
+            match &item.result {
+                Ok(()) => println!("  rt ok: {}", item.what),
+                Err(e) => println!("  rt FAILED: {}: {e}", item.what),
+            }
+        }
+    }
+
+    /// Writes `<dir>/<path>.hist` for every path.
+    pub fn write_histograms(&self, dir: &Path) -> Result<Vec<PathBuf>, String> {
+        fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let mut written = Vec::new();
+        for p in &self.paths {
+            let file = dir.join(format!("{}.hist", p.name));
+            let title = format!(
+                "rtvm bench timer: {}, period {} µs, lateness in µs",
+                p.name,
+                self.period_ns / 1000
+            );
+            fs::write(&file, Histogram::from_ns(&p.late_ns).to_cyclictest(&title))
+                .map_err(|e| format!("writing {}: {e}", file.display()))?;
+            written.push(file);
+        }
+        Ok(written)
+    }
+
+    pub fn write_plot(&self, file: &Path) -> Result<(), String> {
+        if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
+        let series: Vec<(&str, &[u64])> = self
+            .paths
+            .iter()
+            .map(|p| (p.name, p.late_ns.as_slice()))
+            .collect();
+        let title = format!(
+            "timer lateness, period {} µs ({})",
+            self.period_ns / 1000,
+            self.host.kvm_module
+        );
+        latency_svg(file, &title, "lateness", &series)
+    }
+
+    /// One sentence on what the numbers mean.
+    pub fn summary(&self) -> String {
+        let (Some(lp), Some(host), Some(irq)) = (
+            self.p99("guest_longpoll"),
+            self.p99("host"),
+            self.p99("guest_interrupt"),
+        ) else {
+            return String::new();
+        };
+        format!(
+            "A guest task waiting through VM long polling woke with a p99 lateness of {lp:.1} µs: {:.2}x the bare \
+             host's ({host:.1} µs) and {:.2}x the conventional guest-interrupt path's ({irq:.1} µs).",
+            lp / host,
+            lp / irq
+        )
+    }
+}
