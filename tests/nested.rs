@@ -8,7 +8,7 @@
 //! each leaves its console in `target/nested/SCENARIO/console.log`.
 
 mod support;
-use support::nested::{self, Kernel, Outcome, Scenario};
+use support::nested::{self, Kernel, Outcome, Scenario, Tcg};
 
 /// Runs a scenario to its end; `None` when the harness is not available
 /// here (and not required).
@@ -285,6 +285,7 @@ fn the_vmm_kvm_suites_pass_on_amd_svm() {
     scenario.outer_run = Some(script);
     scenario.outer_programs = suites.clone();
     scenario.command_limit = std::time::Duration::from_secs(600);
+    scenario.tcg = Tcg::SingleThreaded;
     let Some(out) = run(scenario) else {
         return;
     };
