@@ -180,6 +180,11 @@ impl Outcome {
 #[derive(Debug)]
 pub struct NestedError {
     pub message: String,
+    /// A stage overran because the outer VM itself stopped: its heartbeat
+    /// (a shell loop writing to its second serial line) stopped too. No
+    /// process in there, rtvm included, can stop that loop; the emulator
+    /// can (README, "Stalls inside the harness are the emulator's").
+    pub frozen: bool,
 }
 
 impl std::fmt::Display for NestedError {
@@ -229,6 +234,18 @@ pub fn run(scenario: &Scenario) -> Option<Result<Outcome, NestedError>> {
     // after /init started. Such a run is tried once more, loudly; a guest
     // that dies after its /init started is never retried.
     match &first {
+        Err(e) if e.frozen => {
+            eprintln!(
+                "nested run {:?}: the outer VM froze (its heartbeat stopped); trying once \
+                 more. What was seen:\n{}",
+                scenario.name, e.message
+            );
+            let again = Scenario {
+                name: format!("{}-again", scenario.name),
+                ..scenario.clone()
+            };
+            Some(run_with(assets, &again))
+        }
         Ok(outcome) if outcome.died_before_guest_init() => {
             eprintln!(
                 "nested run {:?}: the inner guest died before its /init (status {:?}); \
@@ -382,6 +399,9 @@ fn prepare() -> Result<Assets, String> {
 fn driver_script(command: &str) -> String {
     format!(
         r#"# The nested-KVM harness's driver, run by the outer VM's /init.
+# A heartbeat on the second serial line: the harness tells a frozen outer
+# VM (the emulator's doing) from a stuck command (ours) by it.
+( while :; do echo beat > /dev/ttyS1; sleep 2; done ) 2>/dev/null &
 echo "nested-stage: loading kvm"
 for m in irqbypass kvm kvm-amd; do
     insmod /nested/$m.ko || {{ echo "nested: cannot load $m.ko"; exit 90; }}
@@ -414,8 +434,15 @@ fn quote(word: &str) -> String {
 fn rtvm_initramfs(assets: &Assets, args: &[String], what: &str) -> Result<(), NestedError> {
     checked(Command::new(&assets.rtvm).arg("initramfs").args(args), what)
         .map(drop)
-        .map_err(|message| NestedError { message })
+        .map_err(|message| NestedError {
+            message,
+            frozen: false,
+        })
 }
+
+/// How long the outer VM's heartbeat may be silent before the VM counts as
+/// frozen.
+const HEARTBEAT_SILENCE: Duration = Duration::from_secs(30);
 
 /// One stage of a run: it is over when the console has shown `until`.
 struct Stage {
@@ -425,7 +452,10 @@ struct Stage {
 }
 
 fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError> {
-    let fail = |message: String| NestedError { message };
+    let fail = |message: String| NestedError {
+        message,
+        frozen: false,
+    };
     let dir = PathBuf::from(format!("{ROOT}/target/nested/{}", scenario.name));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
@@ -535,6 +565,7 @@ fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError
 
     let console_path = dir.join("console.log");
     let monitor = dir.join("monitor.sock");
+    let heartbeat = dir.join("heartbeat.log");
     let mut child = Command::new(&assets.qemu)
         .arg("-accel")
         .arg(match scenario.tcg {
@@ -545,7 +576,9 @@ fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError
         // EPYC: an SVM-capable model whose nested guests keep both vCPUs
         // (EPYC-Rome hangs the inner guest's second vCPU).
         .args(["-cpu", "EPYC", "-M", "q35", "-nodefaults", "-no-reboot"])
-        .args(["-display", "none", "-serial", "stdio", "-monitor"])
+        .args(["-display", "none", "-serial", "stdio", "-serial"])
+        .arg(format!("file:{}", heartbeat.display()))
+        .arg("-monitor")
         // The monitor answers where each outer vCPU is when a stage
         // overruns: a frozen emulator and a busy guest look alike on the
         // console.
@@ -610,6 +643,14 @@ fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError
         }
     }
     let cpus = timed_out.map(|_| where_the_cpus_are(&monitor));
+    // Seconds since the outer VM's last heartbeat, when a stage overran.
+    let silent = timed_out.map(|_| {
+        std::fs::metadata(&heartbeat)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .map_or(u64::MAX, |age| age.as_secs())
+    });
     let _ = child.kill();
     let _ = child.wait();
     while let Ok(line) = from_qemu.try_recv() {
@@ -618,17 +659,27 @@ fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError
         console.push('\n');
     }
     if let Some(stage) = timed_out {
-        return Err(fail(format!(
-            "nested run {:?}: stage \"{}\" did not finish within {:?} ({:.0} s into the run); \
-             console in {}, its tail:\n{}\n\n{}",
-            scenario.name,
-            stage.name,
-            stage.limit,
-            start.elapsed().as_secs_f64(),
-            console_path.display(),
-            tail(&console, 60),
-            cpus.unwrap_or_default()
-        )));
+        let silent = silent.unwrap_or(u64::MAX);
+        return Err(NestedError {
+            message: format!(
+                "nested run {:?}: stage \"{}\" did not finish within {:?} ({:.0} s into the run; \
+                 the outer VM's last heartbeat {}); console in {}, its tail:\n{}\n\n{}",
+                scenario.name,
+                stage.name,
+                stage.limit,
+                start.elapsed().as_secs_f64(),
+                if silent == u64::MAX {
+                    "never came".to_string()
+                } else {
+                    format!("{silent} s before")
+                },
+                console_path.display(),
+                tail(&console, 60),
+                cpus.unwrap_or_default()
+            ),
+            // Beats come every 2 s; half a minute of silence is no hiccup.
+            frozen: silent >= HEARTBEAT_SILENCE.as_secs(),
+        });
     }
 
     let number_after = |marker: &str| -> Option<i32> {
