@@ -17,7 +17,7 @@ use crate::cpu;
 use core::arch::asm;
 
 use rtvm_abi::client::{answer, Feedback};
-use rtvm_abi::vmrpc::{Call, CallPage, ARGS, DOORBELL_ERROR, LOG_MAX, REPORT_MAX, RESULTS};
+use rtvm_abi::vmrpc::{Call, CallPage, Status, ARGS, DOORBELL_ERROR, LOG_MAX, REPORT_MAX, RESULTS};
 use rtvm_abi::{port, BootInfo, ABI_VERSION};
 
 pub use rtvm_abi::client::{Refused as Error, VcpuInfo, Vmrpc, UNANSWERED};
@@ -82,6 +82,8 @@ pub struct Rpc {
     /// offset can be off, since the host read its clock somewhere in it.
     clock_error_ns: u64,
     feedback: Feedback,
+    /// The host keeps no sample streams (see [`Rpc::report`]).
+    no_streams: bool,
     /// Bytes the file calls move per call when splitting a large request
     /// (see `fs`): 0 until the first such call, which starts at
     /// `fs::FIRST_CHUNK`; halved whenever the host answers `TooLarge`, so
@@ -103,6 +105,7 @@ impl Rpc {
             host0: 0,
             clock_error_ns: 0,
             feedback: None,
+            no_streams: false,
             fs_chunk: 0,
             net_chunk: 0,
         };
@@ -243,11 +246,23 @@ impl Rpc {
 
     /// Appends `samples` to the host's sample stream `stream`, in calls of at
     /// most `REPORT_MAX` samples. (Guest addresses are physical addresses:
-    /// memory is identity mapped.)
+    /// memory is identity mapped.) A VMM that keeps no samples (a run that
+    /// is no benchmark) answers `NotConfigured`: then the samples are
+    /// dropped, and later reports skipped without an exit.
     pub fn report(&mut self, stream: u64, samples: &[u64]) {
+        if self.no_streams {
+            return;
+        }
         for chunk in samples.chunks(REPORT_MAX as usize) {
             let args = [chunk.as_ptr() as u64, chunk.len() as u64, stream, 0, 0, 0];
-            self.must(Call::Report, 0, args);
+            match self.call(Call::Report, 0, args) {
+                Ok(_) => {}
+                Err(e) if e == Error::from(Status::NotConfigured) => {
+                    self.no_streams = true;
+                    return;
+                }
+                Err(e) => panic!("VMRPC Report failed: {e}"),
+            }
         }
     }
 }

@@ -122,6 +122,7 @@ fn guest_path(
 ) -> Result<ProbeResult, String> {
     let addr = SocketAddrV4::new(net.host_addr(), GUEST_PORT);
     let mut config = VmConfig::new(GuestSpec::Builtin("udp-echo".into()));
+    config.sample_streams = true;
     config.cmdline = format!("rt=0 addr={addr}");
     if let Some(policy) = policy {
         config.set_rt(0, policy);
@@ -170,6 +171,7 @@ fn guest_path(
 /// The bare exit floor: p50 of a port write the VMM answers with nothing.
 fn exit_floor_p50_us() -> Result<f64, String> {
     let mut config = VmConfig::new(GuestSpec::Builtin("rpc-bench".into()));
+    config.sample_streams = true;
     config.cmdline = "count=2000".into();
     let run = Vm::new(&config, Console::default())
         .and_then(Vm::run)

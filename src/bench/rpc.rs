@@ -35,6 +35,7 @@ pub fn run(args: &RpcArgs) -> Result<(), String> {
     super::need_tsc_clock("bench rpc")?;
     let host = HostInfo::probe();
     let mut config = VmConfig::new(GuestSpec::Builtin("rpc-bench".into()));
+    config.sample_streams = true;
     config.cmdline = format!("count={}", args.samples);
     if args.rt {
         config.set_rt(

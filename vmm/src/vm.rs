@@ -67,7 +67,8 @@ pub struct VmRun {
     pub guest_resident: Option<u64>,
     /// From the first vCPU start to the end of the guest.
     pub guest_time: Duration,
-    /// Samples the guest handed over with `Call::Report`, by stream.
+    /// Samples the guest handed over with `Call::Report`, by stream (all
+    /// empty unless `VmConfig::sample_streams`).
     pub streams: Vec<Vec<u64>>,
     /// What the VMRPC servers served.
     pub calls: CallStats,
@@ -219,7 +220,7 @@ impl Vm {
             vcpu_fds.push(vcpu);
         }
 
-        let services = Arc::new(Services::new(config.share.clone(), config.net.clone())?);
+        let services = Arc::new(Services::new(config)?);
         let ram = Arc::new(ram);
         let clock = match entry {
             cpu::Entry::Linux { region, .. } => {
@@ -445,7 +446,13 @@ impl RunningVm {
         }
         self.console.finish();
         let streams = (0..rtvm_abi::vmrpc::STREAMS as usize)
-            .map(|s| self.services.streams.take(s))
+            .map(|s| {
+                self.services
+                    .streams
+                    .as_ref()
+                    .map(|streams| streams.take(s))
+                    .unwrap_or_default()
+            })
             .collect();
         VmRun {
             reason,

@@ -80,6 +80,7 @@ fn run(workload: &str, vcpus: usize, cmdline: &str, share: Option<ShareConfig>) 
     let mut c = config(workload, vcpus, cmdline);
     c.memory = 64 << 20;
     c.share = share;
+    c.sample_streams = true;
     support::run(&c, Duration::from_secs(120))
 }
 

@@ -4,6 +4,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use rtvm_abi::vmrpc::Call;
 use rtvm_vmm::config::AdvanceMode;
 use rtvm_vmm::config::{RtBandwidth, RtPolicy};
 use rtvm_vmm::need_kvm;
@@ -60,6 +61,30 @@ fn sleep_until_wakes_after_never_before_the_deadline() {
     }
 }
 
+/// Issue #12: sample streams exist only in benchmark runs, so a guest's
+/// `Report` calls cannot grow the VMM's memory in an ordinary run; a guest
+/// that reports anyway (its samples are for a benchmark) runs on.
+#[test]
+fn reports_are_refused_outside_benchmarks_and_the_vmm_keeps_nothing() {
+    need_kvm!();
+    let (run, out) = run(&config("periodic", 1, "period=1000000 count=600"), LIMIT);
+    assert_exit_0(&run, &out);
+    assert!(out.contains("periodic: cycles=600"), "{out}");
+    assert!(run.streams.iter().all(Vec::is_empty), "no samples kept");
+    let reports = run
+        .calls
+        .calls
+        .iter()
+        .find(|(call, _)| *call == Call::Report)
+        .map(|(_, n)| *n);
+    assert_eq!(
+        reports,
+        Some(1),
+        "the guest stops reporting after the refusal"
+    );
+    assert!(run.calls.refused >= 1);
+}
+
 #[test]
 fn periodic_counts_missed_periods_when_the_task_overruns() {
     need_kvm!();
@@ -70,6 +95,7 @@ fn periodic_counts_missed_periods_when_the_task_overruns() {
         "rt=1 period=2000000 count=60 overrun_every=20",
     );
     c.set_rt(1, rt(70));
+    c.sample_streams = true;
     let (run, out) = run(&c, LIMIT);
     assert_exit_0(&run, &out);
     assert!(out.contains("periodic: cycles=60"), "{out}");
@@ -162,7 +188,10 @@ fn a_parked_vcpu_pauses_and_resumes_its_wait() {
 #[test]
 fn every_bad_argument_class_gets_its_status_and_the_vmm_stays_up() {
     need_kvm!();
-    let (run, out) = run(&config("bad-calls", 1, ""), LIMIT);
+    // With sample streams, so that Report's own argument checks are reached.
+    let mut c = config("bad-calls", 1, "");
+    c.sample_streams = true;
+    let (run, out) = run(&c, LIMIT);
     assert!(!out.contains("FAIL"), "{out}");
     assert_exit_0(&run, &out);
     let answered = out

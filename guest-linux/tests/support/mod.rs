@@ -11,10 +11,10 @@ use rtvm_abi::ABI_VERSION;
 use rtvm_guest_linux::{Error, Header, OwnedHeader, Page, Transport};
 use rtvm_vmm::clock::{now_ns, TscOffset};
 use rtvm_vmm::config::AdvanceMode;
-use rtvm_vmm::config::NetPolicy;
 use rtvm_vmm::memory::GuestRam;
 use rtvm_vmm::rpc::park::Unattended;
 use rtvm_vmm::rpc::{Doorbell, RpcServer, Services, VcpuFacts};
+use rtvm_vmm::{GuestSpec, VmConfig};
 
 /// Guest RAM size.
 pub const RAM: u64 = 16 << 20;
@@ -101,7 +101,9 @@ impl InProcess {
         } else {
             AdvanceMode::Off
         };
-        let services = Services::new(None, NetPolicy::default()).unwrap();
+        let mut config = VmConfig::new(GuestSpec::Builtin("in-process".into()));
+        config.sample_streams = true;
+        let services = Services::new(&config).unwrap();
         let server = RpcServer::new(facts, ram.clone(), Arc::new(services), advance);
         let header = OwnedHeader::new(RegionHeader {
             magic: REGION_MAGIC,

@@ -246,6 +246,7 @@ fn guest_path(
     rt: &Mutex<Vec<RtItem>>,
 ) -> Result<PathResult, String> {
     let mut config = VmConfig::new(GuestSpec::Builtin(workload.into()));
+    config.sample_streams = true;
     config.vcpus = 2;
     config.set_rt(1, policy);
     config.timer_advance = advance;

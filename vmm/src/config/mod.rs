@@ -207,6 +207,12 @@ pub struct VmConfig {
     /// What to do about accesses to ports and MMIO no device claims.
     #[serde(skip)]
     pub unhandled_io: UnhandledIo,
+    /// Keep the samples guests hand over with `Report` (and the host's own
+    /// record of long-poll wake-ups) for the run's `VmRun::streams`: for
+    /// benchmarks only. Off, `Report` answers `NotConfigured` and the VMM
+    /// holds no samples, so a guest cannot grow its memory that way.
+    #[serde(skip)]
+    pub sample_streams: bool,
 }
 
 fn default_advance() -> AdvanceMode {
@@ -244,6 +250,7 @@ impl VmConfig {
             rt_bandwidth: RtBandwidth::default(),
             timer_advance: default_advance(),
             unhandled_io: UnhandledIo::Fatal,
+            sample_streams: false,
         }
     }
 

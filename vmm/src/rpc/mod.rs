@@ -40,7 +40,7 @@ pub use context::CallContext;
 pub use counters::{CallCounters, CallStats, SampleStreams, STREAM_CAPACITY};
 pub use vcpu::{VcpuFacts, VcpuService};
 
-use crate::config::{AdvanceMode, NetPolicy, ShareConfig};
+use crate::config::{AdvanceMode, VmConfig};
 use crate::error::Result;
 use crate::memory::GuestRam;
 use park::Park;
@@ -57,7 +57,8 @@ pub trait VmService: Send + Sync {
 
 /// What one VM's vCPUs serve together: built once with the VM.
 pub struct Services {
-    pub streams: SampleStreams,
+    /// Only for benchmark runs (`VmConfig::sample_streams`).
+    pub streams: Option<SampleStreams>,
     pub counters: CallCounters,
     /// None: the VM has no share, and file calls answer `NoShare`.
     pub files: Option<fs::FileService>,
@@ -65,13 +66,13 @@ pub struct Services {
 }
 
 impl Services {
-    /// The services a VM with this share (if any) and network policy gets.
-    pub fn new(share: Option<ShareConfig>, net: NetPolicy) -> Result<Self> {
+    /// The services of a VM configured as `config` says.
+    pub fn new(config: &VmConfig) -> Result<Self> {
         Ok(Services {
-            streams: SampleStreams::new(),
+            streams: config.sample_streams.then(SampleStreams::new),
             counters: CallCounters::default(),
-            files: share.map(fs::FileService::new).transpose()?,
-            sockets: net::NetService::new(net)?,
+            files: config.share.clone().map(fs::FileService::new).transpose()?,
+            sockets: net::NetService::new(config.net.clone())?,
         })
     }
 }
@@ -179,7 +180,7 @@ impl RpcServer {
     ) -> std::result::Result<[u64; 4], Status> {
         let services = &*self.services;
         match req.call.service() {
-            Service::Vcpu => self.own.serve(req, cx, &services.streams),
+            Service::Vcpu => self.own.serve(req, cx, services.streams.as_ref()),
             Service::Files => services
                 .files
                 .as_ref()
@@ -223,8 +224,14 @@ mod tests {
                 error_ns: 5,
             }),
         };
-        let services = Services::new(None, NetPolicy::default()).unwrap();
-        RpcServer::new(facts, ram, Arc::new(services), AdvanceMode::Off)
+        let mut config = VmConfig::new(crate::GuestSpec::Builtin("test".into()));
+        config.sample_streams = true;
+        RpcServer::new(
+            facts,
+            ram,
+            Arc::new(Services::new(&config).unwrap()),
+            AdvanceMode::Off,
+        )
     }
 
     fn call(
@@ -389,7 +396,8 @@ mod tests {
             [0x20_0000, 3, 4, 0, 0, 0],
         );
         assert_eq!((status, r[0]), (0, 3));
-        assert_eq!(s.services.streams.take(4), vec![100, 101, 102]);
-        assert!(s.services.streams.take(4).is_empty());
+        let streams = s.services.streams.as_ref().unwrap();
+        assert_eq!(streams.take(4), vec![100, 101, 102]);
+        assert!(streams.take(4).is_empty());
     }
 }
