@@ -89,6 +89,11 @@ pub struct RunArgs {
     /// Refuse to start if any real-time setting cannot be applied.
     #[arg(long)]
     rt_strict: bool,
+    /// Run real-time vCPUs even where no per-VM RT bandwidth cap can be made
+    /// (then only the kernel's system-wide RT throttle bounds a guest that
+    /// spins). Without it such a VM refuses to start.
+    #[arg(long)]
+    rt_allow_uncapped: bool,
     /// Lock all memory (mlockall) when real-time vCPUs exist.
     #[arg(long)]
     mlock: bool,
@@ -169,6 +174,7 @@ impl RunArgs {
             config.set_rt(rt.vcpu, rt.policy);
         }
         config.rt_strict |= self.rt_strict;
+        config.rt_allow_uncapped |= self.rt_allow_uncapped;
         config.mlock |= self.mlock;
         if let Some(bw) = self.rt_bandwidth {
             config.rt_bandwidth = bw;

@@ -126,6 +126,7 @@ fn guest_path(
     config.cmdline = format!("rt=0 addr={addr}");
     if let Some(policy) = policy {
         config.set_rt(0, policy);
+        config.rt_allow_uncapped = true;
     }
     config.net = NetPolicy {
         bind: vec![AddrRule {

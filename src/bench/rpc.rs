@@ -45,6 +45,7 @@ pub fn run(args: &RpcArgs) -> Result<(), String> {
                 cpu: Some(host.cpus - 1),
             },
         );
+        config.rt_allow_uncapped = true;
         config.rt_bandwidth = RtBandwidth {
             runtime_us: 90_000,
             period_us: 100_000,

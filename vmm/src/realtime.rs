@@ -241,14 +241,25 @@ pub struct RtHost {
 pub struct RtHostSettings {
     pub bandwidth: RtBandwidth,
     pub mlock: bool,
+    /// Run RT vCPUs even where no per-VM cap can be made (see
+    /// `VmConfig::rt_allow_uncapped`).
+    pub allow_uncapped: bool,
 }
 
 impl RtHost {
     /// Applies the process-wide settings for a VM with `rt_vcpus` RT vCPUs.
-    pub fn setup(settings: RtHostSettings, rt_vcpus: usize, report: &mut RtReport) -> RtHost {
+    /// Refuses (with the reason) when no per-VM RT bandwidth cap can be
+    /// made and running uncapped was not allowed: an RT vCPU that spins
+    /// must never get more of a CPU than the cap promises, and the kernel's
+    /// system-wide throttle alone leaves the host 5 %.
+    pub fn setup(
+        settings: RtHostSettings,
+        rt_vcpus: usize,
+        report: &mut RtReport,
+    ) -> Result<RtHost, String> {
         report.preemption = HostInfo::probe().preemption;
         if rt_vcpus == 0 {
-            return RtHost::default();
+            return Ok(RtHost::default());
         }
         let cgroups = if Path::new(CGROUP_V1_CPU).join("cpu.rt_runtime_us").exists() {
             let bw = settings.bandwidth;
@@ -294,6 +305,24 @@ impl RtHost {
             );
             None
         };
+        if cgroups.is_none() {
+            let why = report
+                .failures()
+                .last()
+                .and_then(|f| f.result.clone().err())
+                .unwrap_or_default();
+            if !settings.allow_uncapped {
+                return Err(format!(
+                    "RT vCPUs need a per-VM RT bandwidth cap, and none can be made here ({why}); \
+                     to run them under only the kernel's system-wide RT throttle, allow it \
+                     explicitly (rt_allow_uncapped)"
+                ));
+            }
+            report.record(
+                "RT vCPUs run without a per-VM RT bandwidth cap (allowed: rt_allow_uncapped)",
+                Ok(()),
+            );
+        }
 
         let dma_latency = match hold_cpu_dma_latency() {
             Ok(f) => {
@@ -319,10 +348,10 @@ impl RtHost {
             };
             report.record("mlockall (guest RAM and VMM memory locked)", result);
         }
-        RtHost {
+        Ok(RtHost {
             cgroups,
             _dma_latency: dma_latency,
-        }
+        })
     }
 }
 

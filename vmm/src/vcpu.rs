@@ -68,6 +68,8 @@ struct Shared {
 /// State and requests, shared between the vCPU thread and its handle.
 struct Control {
     shared: Mutex<Shared>,
+    /// The thread's kernel id, once it runs (0 before).
+    tid: std::sync::atomic::AtomicI32,
     changed: Condvar,
     /// Written on every request, for a thread parked in a long poll.
     wake: EventFd,
@@ -181,6 +183,7 @@ impl VcpuHandle {
                 state: VcpuState::Created,
                 request: Request::Run,
             }),
+            tid: std::sync::atomic::AtomicI32::new(0),
             changed: Condvar::new(),
             wake: EventFd::new(EFD_NONBLOCK)
                 .map_err(Error::host("creating a vCPU wake eventfd"))?,
@@ -204,6 +207,12 @@ impl VcpuHandle {
 
     pub fn state(&self) -> VcpuState {
         self.control.lock().state
+    }
+
+    /// The kernel's id of the vCPU's host thread, once it has started
+    /// (for `/proc/PID/task/TID`, schedulers and tracers).
+    pub fn thread_id(&self) -> Option<i32> {
+        Some(self.control.tid.load(Ordering::Acquire)).filter(|&tid| tid != 0)
     }
 
     /// Asks the vCPU to park; see [`VcpuHandle::wait_for`].
@@ -286,6 +295,10 @@ impl Drop for VcpuHandle {
 
 fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
     KVM_RUN.with(|r| r.set(fd.get_kvm_run()));
+    // SAFETY: gettid has no preconditions.
+    control
+        .tid
+        .store(unsafe { libc::gettid() }, Ordering::Release);
     let rt_items =
         realtime::apply_to_current_thread(ctx.index, ctx.rt.as_ref(), ctx.cgroups.as_deref());
     // The VMM may be gone already (start failed); then nothing waits for this.

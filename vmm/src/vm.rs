@@ -258,10 +258,12 @@ impl Vm {
             RtHostSettings {
                 bandwidth: self.config.rt_bandwidth,
                 mlock: self.config.mlock,
+                allow_uncapped: self.config.rt_allow_uncapped,
             },
             rt_vcpus,
             &mut rt_report,
-        );
+        )
+        .map_err(Error::Realtime)?;
         let live = Arc::new(AtomicUsize::new(count));
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let started = Instant::now();

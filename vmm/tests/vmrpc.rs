@@ -9,7 +9,7 @@ use rtvm_vmm::config::AdvanceMode;
 use rtvm_vmm::config::{RtBandwidth, RtPolicy};
 use rtvm_vmm::need_kvm;
 use rtvm_vmm::vcpu::VcpuState;
-use rtvm_vmm::{Console, Error, RunningVm, Vm, VmExitReason};
+use rtvm_vmm::{Console, Error, RunningVm, Vm, VmConfig, VmExitReason};
 
 mod support;
 use support::{assert_exit_0, config, run, start};
@@ -54,6 +54,7 @@ fn sleep_until_wakes_after_never_before_the_deadline() {
     let plain = config("sleep-test", 1, "count=20 ns=2000000");
     let mut realtime = plain.clone();
     realtime.set_rt(0, rt(70));
+    realtime.rt_allow_uncapped = true;
     for c in [plain, realtime] {
         let (run, out) = run(&c, LIMIT);
         assert_exit_0(&run, &out);
@@ -95,6 +96,7 @@ fn periodic_counts_missed_periods_when_the_task_overruns() {
         "rt=1 period=2000000 count=60 overrun_every=20",
     );
     c.set_rt(1, rt(70));
+    c.rt_allow_uncapped = true;
     c.sample_streams = true;
     let (run, out) = run(&c, LIMIT);
     assert_exit_0(&run, &out);
@@ -211,6 +213,7 @@ fn report_lists_the_applied_rt_settings() {
     let _turn = rt_turn();
     let mut c = config("rpc-ping", 2, "count=10");
     c.set_rt(1, rt(60));
+    c.rt_allow_uncapped = true;
     let (run, _) = run(&c, LIMIT);
     let report = run.rt_report.to_string();
     for expected in [
@@ -248,38 +251,61 @@ fn report_lists_the_applied_rt_settings() {
     }
 }
 
+/// Issue #12: an RT vCPU never runs without its per-VM cap unless that is
+/// asked for; and `rt_strict` refuses any RT setting that failed.
 #[test]
-fn rt_strict_refuses_to_start_when_a_setting_fails() {
+fn an_rt_vm_whose_cap_cannot_be_made_refuses_to_start_unless_allowed() {
     need_kvm!();
     let _turn = rt_turn();
     let mut c = config("rpc-ping", 1, "count=10");
     c.set_rt(0, rt(60));
-    // More RT bandwidth than the host grants any group (95% by default).
+    // More RT bandwidth than the host grants any group (95% by default), or
+    // a host without RT group scheduling: either way, no cap.
     c.rt_bandwidth = RtBandwidth {
         runtime_us: 99_000,
         period_us: 100_000,
     };
-    c.rt_strict = true;
-    let vm = Vm::new(&c, Console::default()).unwrap();
-    match vm.start() {
-        Err(Error::Realtime(msg)) => assert!(
-            msg.contains("strict real-time") && msg.contains("RT bandwidth"),
-            "{msg}"
-        ),
+    let refusal = |c: &VmConfig| match Vm::new(c, Console::default()).unwrap().start() {
+        Err(Error::Realtime(msg)) => msg,
         Err(e) => panic!("wrong error: {e}"),
         Ok(running) => {
             running.stop();
-            panic!("started although the RT bandwidth cannot be granted");
+            panic!("started with an RT vCPU and no cap");
         }
-    }
-    // Without --rt-strict the same VM runs, and the report says what failed.
+    };
+    let msg = refusal(&c);
+    assert!(
+        msg.contains("per-VM RT bandwidth cap") && msg.contains("rt_allow_uncapped"),
+        "{msg}"
+    );
+    c.rt_allow_uncapped = true;
+    c.rt_strict = true;
+    let msg = refusal(&c);
+    assert!(
+        msg.contains("strict real-time") && msg.contains("RT bandwidth"),
+        "{msg}"
+    );
+    // Allowed and not strict: the VM runs, and its report says so.
     c.rt_strict = false;
     let (run, out) = run(&c, LIMIT);
     assert_exit_0(&run, &out);
-    assert!(run
-        .rt_report
-        .failures()
-        .any(|f| f.what.contains("RT bandwidth")));
+    let report = run.rt_report.to_string();
+    assert!(
+        run.rt_report
+            .failures()
+            .any(|f| f.what.contains("RT bandwidth")),
+        "{report}"
+    );
+    assert!(
+        report.contains("without a per-VM RT bandwidth cap"),
+        "{report}"
+    );
+}
+
+/// Time a thread of this process has run, in ns (schedstat).
+fn thread_run_ns(tid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap();
+    stat.split_whitespace().next().unwrap().parse().unwrap()
 }
 
 /// CPU time the calling thread used, in ns.
@@ -293,8 +319,11 @@ fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Issue #12: a spinning RT vCPU gets no more of its CPU than its cap
+/// promises (runtime/period of each CPU), and a host thread beside it gets
+/// the rest. Where no cap can be made the VM refuses to start instead.
 #[test]
-fn a_spinning_rt_vcpu_leaves_the_host_cpu_time() {
+fn a_spinning_rt_vcpu_gets_no_more_than_its_cap() {
     need_kvm!();
     let _turn = rt_turn();
     let cpu = last_cpu();
@@ -307,10 +336,22 @@ fn a_spinning_rt_vcpu_leaves_the_host_cpu_time() {
         },
     );
     c.timer_advance = AdvanceMode::Off;
-    let (running, _) = start(&c);
+    let cap = c.rt_bandwidth.runtime_us as f64 / c.rt_bandwidth.period_us as f64;
+    let running = match Vm::new(&c, Console::default()).unwrap().start() {
+        Ok(running) => running,
+        Err(Error::Realtime(msg)) if msg.contains("rt_allow_uncapped") => {
+            eprintln!("no RT cap can be made here, and the VM refused to start: {msg}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
     assert!(running.vcpus()[0].wait_for(VcpuState::Running, Duration::from_secs(5)));
+    let tid = running.vcpus()[0]
+        .thread_id()
+        .expect("the vCPU thread runs");
+    let vcpu_before = thread_run_ns(tid);
     // A SCHED_OTHER thread on the same CPU as the spinning SCHED_FIFO vCPU.
-    let share = std::thread::spawn(move || {
+    let (wall, share) = std::thread::spawn(move || {
         // SAFETY: a zeroed cpu_set_t is valid; cpu is a CPU of this host.
         unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -321,19 +362,27 @@ fn a_spinning_rt_vcpu_leaves_the_host_cpu_time() {
         while wall.elapsed() < Duration::from_secs(1) {
             std::hint::black_box(0u64);
         }
-        (thread_cpu_ns() - cpu0) as f64 / wall.elapsed().as_nanos() as f64
+        let wall = wall.elapsed().as_nanos() as f64;
+        (wall, (thread_cpu_ns() - cpu0) as f64 / wall)
     })
     .join()
     .unwrap();
+    let vcpu_share = (thread_run_ns(tid) - vcpu_before) as f64 / wall;
     let run = running.stop();
     assert_eq!(run.reason, VmExitReason::Stopped);
     eprintln!(
-        "host SCHED_OTHER thread beside a spinning RT vCPU: {:.1}% of its CPU",
+        "spinning RT vCPU: {:.1}% of its CPU (cap {:.0}%); host SCHED_OTHER thread beside it: {:.1}%",
+        vcpu_share * 100.0,
+        cap * 100.0,
         share * 100.0
     );
+    // The bound is the cap itself, plus a throttling period's slack; the
+    // kernel's own throttle alone would give the vCPU 95%.
     assert!(
-        share >= 0.05,
-        "the host thread got {:.1}% of its CPU",
-        share * 100.0
+        vcpu_share <= cap + 0.1,
+        "the RT vCPU got {:.1}% of its CPU under a {:.0}% cap",
+        vcpu_share * 100.0,
+        cap * 100.0
     );
+    assert!(share >= 0.05, "the host thread got {:.1}%", share * 100.0);
 }

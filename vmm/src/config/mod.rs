@@ -195,6 +195,12 @@ pub struct VmConfig {
     /// Refuse to start if any real-time setting cannot be applied.
     #[serde(default)]
     pub rt_strict: bool,
+    /// Run RT vCPUs even where no per-VM RT bandwidth cap can be made (no
+    /// RT group scheduling, cgroup v2, bandwidth not grantable): then only
+    /// the kernel's system-wide RT throttle bounds them. Off, such a VM
+    /// refuses to start.
+    #[serde(default)]
+    pub rt_allow_uncapped: bool,
     /// Lock all VMM and guest memory (mlockall) when RT vCPUs exist.
     #[serde(default)]
     pub mlock: bool,
@@ -246,6 +252,7 @@ impl VmConfig {
             share: None,
             net: NetPolicy::default(),
             rt_strict: false,
+            rt_allow_uncapped: false,
             mlock: false,
             rt_bandwidth: RtBandwidth::default(),
             timer_advance: default_advance(),
