@@ -103,7 +103,8 @@ impl ExitSignal {
     pub fn new() -> Result<Self> {
         Ok(ExitSignal {
             reason: Mutex::new(None),
-            event: EventFd::new(EFD_NONBLOCK).map_err(Error::host("creating exit eventfd"))?,
+            event: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(Error::host("creating exit eventfd"))?,
         })
     }
 

@@ -32,8 +32,8 @@ pub fn install_termination_handlers() -> Result<()> {
     let event = match EVENT.get() {
         Some(event) => event,
         None => {
-            let event =
-                EventFd::new(EFD_NONBLOCK).map_err(Error::host("creating the signal eventfd"))?;
+            let event = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(Error::host("creating the signal eventfd"))?;
             EVENT.get_or_init(|| event)
         }
     };

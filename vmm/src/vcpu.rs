@@ -185,7 +185,7 @@ impl VcpuHandle {
             }),
             tid: std::sync::atomic::AtomicI32::new(0),
             changed: Condvar::new(),
-            wake: EventFd::new(EFD_NONBLOCK)
+            wake: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(Error::host("creating a vCPU wake eventfd"))?,
         });
         let index = ctx.index;

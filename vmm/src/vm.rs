@@ -470,7 +470,7 @@ impl RunningVm {
 
 fn build_io_bus(fd: &VmFd, exit: &Arc<ExitSignal>, console: Console) -> Result<Bus> {
     let mut bus = Bus::new();
-    let irq = EventFd::new(0).map_err(Error::host("creating the serial irqfd"))?;
+    let irq = EventFd::new(libc::EFD_CLOEXEC).map_err(Error::host("creating the serial irqfd"))?;
     fd.register_irqfd(&irq, COM1_IRQ)
         .map_err(Error::kvm("KVM_IRQFD"))?;
     bus.insert(

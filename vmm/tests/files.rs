@@ -259,6 +259,43 @@ fn files_are_flushed_and_closed_when_the_vm_is_stopped_mid_run() {
     );
 }
 
+/// The descriptors a program spawned now would inherit (besides 0, 1, 2).
+fn inherited_fds() -> Vec<String> {
+    let out = std::process::Command::new("/bin/sh")
+        .args(["-c", "ls /proc/$$/fd"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("sh runs");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|fd| !["0", "1", "2"].contains(fd))
+        .map(String::from)
+        .collect()
+}
+
+/// Issue #12: nothing the VMM opens (KVM, eventfds, timerfds, the share and
+/// its files) leaks into a program it spawns (`ip`, `ldd`, cyclictest).
+#[test]
+fn a_running_vm_leaks_no_descriptor_into_spawned_programs() {
+    let _serial = one_at_a_time(&SERIAL);
+    need_kvm!();
+    let share = Share::new("cloexec");
+    let before = inherited_fds();
+    let mut c = config("logger", 2, "count=100000 period=1000000");
+    c.share = Some(ShareConfig::new(share.root(), false));
+    let (running, _out) = start(&c);
+    // Once the log exists, the guest has the share open and a file in it.
+    let log = share.root().join("rt.log");
+    let start = std::time::Instant::now();
+    while !log.exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "no rt.log");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let during = inherited_fds();
+    running.stop();
+    assert_eq!(during, before, "descriptors a spawned program inherits");
+}
+
 #[test]
 fn logger_keeps_its_deadlines_while_writing() {
     let _serial = one_at_a_time(&SERIAL);
