@@ -129,11 +129,12 @@ impl NetService {
             ),
             (Socket::send_buffer_size, Socket::set_send_buffer_size),
         ] {
-            // The kernel reports twice what was set; keep the defaults when
-            // they are already under the cap.
-            if get(&socket).map_or(true, |size| size / 2 > cap) {
-                set(&socket, cap).map_err(|e| status_of(&e))?;
-            }
+            // Always set, even to the default: a size that was set stays
+            // put (SOCK_*BUF_LOCK), while an unset one is grown by TCP's
+            // autotuning far past the cap. The kernel reports twice what
+            // was set.
+            let size = get(&socket).map_or(cap, |size| (size / 2).min(cap));
+            set(&socket, size).map_err(|e| status_of(&e))?;
         }
         Ok(slot.fill(socket))
     }
@@ -593,6 +594,54 @@ mod tests {
                 .expect("the receive never ended"),
             Err(Status::BadHandle)
         );
+    }
+
+    /// Issue #12: the buffer cap holds for a TCP connection that moves a
+    /// lot of data, on both ends (TCP autotuning grew them to MiBs).
+    #[test]
+    fn socket_buffers_stay_within_the_cap_under_bulk_tcp() {
+        let cap = 64 << 10;
+        let svc = Arc::new(
+            NetService::new(NetPolicy {
+                max_buffer: cap,
+                ..loopback_policy()
+            })
+            .unwrap(),
+        );
+        let listener = svc.open(net::INET, net::TCP).unwrap()[0];
+        svc.bind(listener, net::v4([127, 0, 0, 1], 47_315)).unwrap();
+        svc.listen(listener, 1).unwrap();
+        let client = svc.open(net::INET, net::TCP).unwrap()[0];
+        svc.connect(
+            client,
+            net::v4([127, 0, 0, 1], 47_315),
+            NO_DEADLINE,
+            &mut Now,
+        )
+        .unwrap();
+        let server = svc.accept(listener, NO_DEADLINE, &mut Now).unwrap()[0];
+        let total = 16 << 20;
+        let sender = svc.clone();
+        let sent = std::thread::spawn(move || {
+            let chunk = vec![7u8; 256 << 10];
+            let mut sent = 0;
+            while sent < total {
+                sent += sender.send(client, &chunk, [0; 3], &mut Now).unwrap()[0] as usize;
+            }
+        });
+        let mut received = 0;
+        while received < total {
+            let (data, _) = svc.recv(server, 256 << 10, NO_DEADLINE, &mut Now).unwrap();
+            received += data.len();
+        }
+        sent.join().unwrap();
+        for handle in [client, server] {
+            let socket = svc.socket(handle).unwrap();
+            for size in [socket.recv_buffer_size(), socket.send_buffer_size()] {
+                let size = size.unwrap();
+                assert!(size <= 2 * cap as usize, "{size} bytes");
+            }
+        }
     }
 
     #[test]
