@@ -6,7 +6,9 @@
 //! reuse of a slot, makes a stale handle to a reused slot `BadHandle`
 //! instead of someone else's entry; 0 is never a handle; and the tag (bit
 //! 31, set for sockets, clear for files) keeps one service's handles from
-//! ever naming the other's.
+//! ever naming the other's. A slot that has used all its generations is
+//! retired rather than wrapped: after 32,767 reuses a stale handle would
+//! otherwise name a new entry.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -27,8 +29,15 @@ struct Slot<T> {
 }
 
 impl<T> Slot<T> {
+    fn in_use(&self) -> bool {
+        self.entry.is_some() || self.reserved
+    }
+
+    /// Free for a new entry: not in use, and its generation not spent. A
+    /// slot that has handed out its last generation is retired for good,
+    /// so no handle ever names two entries.
     fn free(&self) -> bool {
-        self.entry.is_none() && !self.reserved
+        !self.in_use() && self.generation < GENERATION_MASK
     }
 }
 
@@ -95,11 +104,13 @@ impl<T> HandleTable<T> {
     /// Takes a slot for an entry still to be made, within the limit.
     pub fn reserve(&self) -> Result<Reserved<'_, T>, Status> {
         let mut slots = self.lock();
-        if slots.iter().filter(|s| !s.free()).count() >= self.limit.min(MAX_SLOTS) {
+        if slots.iter().filter(|s| s.in_use()).count() >= self.limit {
             return Err(self.full);
         }
         let slot = match slots.iter().position(Slot::free) {
             Some(slot) => slot,
+            // Every slot number taken or retired.
+            None if slots.len() >= MAX_SLOTS => return Err(self.full),
             None => {
                 slots.push(Slot {
                     generation: 0,
@@ -158,7 +169,7 @@ impl<T> Reserved<'_, T> {
         let mut slots = self.table.lock();
         let s = &mut slots[self.slot];
         s.reserved = false;
-        s.generation = s.generation.wrapping_add(1) & GENERATION_MASK;
+        s.generation += 1;
         s.entry = Some(Arc::new(entry));
         let handle = self.table.handle_of(self.slot, s.generation);
         drop(slots);
@@ -223,16 +234,23 @@ mod tests {
         assert_eq!(table.len(), 2);
     }
 
+    /// Issue #12: generations never wrap, so no stale handle ever names
+    /// a later entry; a spent slot is retired and the next entry gets
+    /// another slot, within the same limit.
     #[test]
-    fn generations_wrap_below_the_tag() {
+    fn a_slot_is_retired_before_its_generation_wraps() {
         let table = HandleTable::new(0, 1, Status::TooManyOpenFiles);
         let mut seen = std::collections::HashSet::new();
-        for _ in 0..=u32::from(GENERATION_MASK) {
+        for _ in 0..GENERATION_MASK {
             let h = table.insert(()).unwrap();
-            assert_eq!(h & TAG, 0);
-            seen.insert(h);
+            assert_eq!((h & TAG, h & 0xffff), (0, 1), "slot 0 while it lasts");
+            assert!(seen.insert(h), "{h:#x} handed out twice");
             table.remove(h).unwrap();
         }
-        assert_eq!(seen.len(), usize::from(GENERATION_MASK) + 1);
+        let next = table.insert(()).unwrap();
+        assert_eq!(next & 0xffff, 2, "slot 0 retired, slot 1 taken");
+        assert!(!seen.contains(&next));
+        assert!(seen.iter().all(|&old| table.get(old).is_err()));
+        assert_eq!(table.insert(()).unwrap_err(), Status::TooManyOpenFiles);
     }
 }
