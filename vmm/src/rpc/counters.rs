@@ -109,3 +109,73 @@ impl CallCounters {
         }
     }
 }
+
+/// How many warnings about refused calls one VM may log per window: a
+/// guest must not be able to flood the host's log. The rest go to debug
+/// and are counted, and the next warning says how many were left out.
+#[derive(Default)]
+pub struct WarnBudget {
+    window: Mutex<Window>,
+}
+
+#[derive(Default)]
+struct Window {
+    start_ns: u64,
+    logged: u32,
+    left_out: u64,
+}
+
+/// Whether a warning may be logged now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Warn {
+    /// Log it, saying how many were left out since the last one logged.
+    Log { left_out: u64 },
+    /// Over the budget: debug only.
+    Quiet,
+}
+
+impl WarnBudget {
+    /// Warnings per window.
+    pub const PER_WINDOW: u32 = 10;
+    /// The window, in ns.
+    pub const WINDOW_NS: u64 = 10_000_000_000;
+
+    /// Spends one warning at host time `now_ns`, if the window has any left.
+    pub fn spend(&self, now_ns: u64) -> Warn {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        if now_ns.saturating_sub(w.start_ns) >= Self::WINDOW_NS {
+            w.start_ns = now_ns;
+            w.logged = 0;
+        }
+        if w.logged < Self::PER_WINDOW {
+            w.logged += 1;
+            Warn::Log {
+                left_out: std::mem::take(&mut w.left_out),
+            }
+        } else {
+            w.left_out += 1;
+            Warn::Quiet
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_are_rationed_per_window_and_the_left_out_counted() {
+        let budget = WarnBudget::default();
+        let second = 1_000_000_000;
+        for i in 0..WarnBudget::PER_WINDOW {
+            assert_eq!(budget.spend(u64::from(i)), Warn::Log { left_out: 0 });
+        }
+        for _ in 0..1000 {
+            assert_eq!(budget.spend(5 * second), Warn::Quiet);
+        }
+        // A new window: logging again, saying what was left out.
+        let later = WarnBudget::WINDOW_NS + second;
+        assert_eq!(budget.spend(later), Warn::Log { left_out: 1000 });
+        assert_eq!(budget.spend(later), Warn::Log { left_out: 0 });
+    }
+}

@@ -37,9 +37,10 @@ use rtvm_abi::vmrpc::{
 use vm_memory::{Bytes, GuestAddress};
 
 pub use context::CallContext;
-pub use counters::{CallCounters, CallStats, SampleStreams, STREAM_CAPACITY};
+pub use counters::{CallCounters, CallStats, SampleStreams, Warn, WarnBudget, STREAM_CAPACITY};
 pub use vcpu::{VcpuFacts, VcpuService};
 
+use crate::clock::now_ns;
 use crate::config::{AdvanceMode, VmConfig};
 use crate::error::Result;
 use crate::memory::GuestRam;
@@ -57,6 +58,8 @@ pub trait VmService: Send + Sync {
 
 /// What one VM's vCPUs serve together: built once with the VM.
 pub struct Services {
+    /// Rations warnings about refused calls (a guest could flood the log).
+    pub warnings: WarnBudget,
     /// Only for benchmark runs (`VmConfig::sample_streams`).
     pub streams: Option<SampleStreams>,
     pub counters: CallCounters,
@@ -69,6 +72,7 @@ impl Services {
     /// The services of a VM configured as `config` says.
     pub fn new(config: &VmConfig) -> Result<Self> {
         Ok(Services {
+            warnings: WarnBudget::default(),
             streams: config.sample_streams.then(SampleStreams::new),
             counters: CallCounters::default(),
             files: config.share.clone().map(fs::FileService::new).transpose()?,
@@ -116,9 +120,9 @@ impl RpcServer {
     pub fn on_doorbell(&mut self, doorbell: u32, park: &mut dyn Park) -> Doorbell {
         let vcpu = self.own.facts().index;
         let Some(page) = call_page_address(doorbell, self.ram.size()) else {
-            tracing::warn!(
+            self.warn(format_args!(
                 "vCPU {vcpu}: VMRPC doorbell {doorbell:#x} names no call page in guest RAM"
-            );
+            ));
             return Doorbell::BadPage(Status::BadAddress);
         };
         // One copy of the request: the guest may change the page while the
@@ -152,10 +156,10 @@ impl RpcServer {
                     | Status::NotEmpty => {
                         tracing::debug!("vCPU {vcpu}: VMRPC call {number}: {}", status.name())
                     }
-                    _ => tracing::warn!(
+                    _ => self.warn(format_args!(
                         "vCPU {vcpu}: VMRPC call {number} refused: {}",
                         status.name()
-                    ),
+                    )),
                 }
                 (status, [0; vmrpc::RESULTS])
             }
@@ -170,6 +174,17 @@ impl RpcServer {
         let _ = mem.write_slice(&out, GuestAddress(page + RESULTS_OFFSET as u64));
         let _ = mem.write_obj(status as u32, GuestAddress(page + STATUS_OFFSET as u64));
         Doorbell::Served
+    }
+
+    /// A warning about the guest's doing, within the VM's budget.
+    fn warn(&self, what: std::fmt::Arguments<'_>) {
+        match self.services.warnings.spend(now_ns()) {
+            Warn::Log { left_out: 0 } => tracing::warn!("{what}"),
+            Warn::Log { left_out } => {
+                tracing::warn!("{what} ({left_out} more such warnings were left out of the log)")
+            }
+            Warn::Quiet => tracing::debug!("{what}"),
+        }
     }
 
     /// The one place a call finds its service.

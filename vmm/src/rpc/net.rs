@@ -148,7 +148,8 @@ impl NetService {
         if rules.iter().any(|r| r.allows(addr)) {
             Ok(())
         } else {
-            tracing::warn!("guest {what} {addr} refused by the network policy");
+            // The refusal itself is warned about, rationed, where the call is answered.
+            tracing::debug!("guest {what} {addr} refused by the network policy");
             Err(Status::NotPermitted)
         }
     }
@@ -203,7 +204,7 @@ impl NetService {
             .and_then(|a| a.as_socket())
             .is_some_and(|a| a.port() != 0);
         if !bound {
-            tracing::warn!("guest listen on an unbound socket refused");
+            tracing::debug!("guest listen on an unbound socket refused");
             return Err(Status::NotPermitted);
         }
         socket.listen(backlog as i32).map_err(|e| status_of(&e))?;
