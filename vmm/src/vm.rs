@@ -130,9 +130,9 @@ impl Vm {
                         linux::linux_layout::MAX_RAM >> 20
                     )));
                 }
-                let kernel = linux::read_kernel(kernel)?;
+                let kernel = linux::read_kernel(kernel, config.memory)?;
                 let initramfs = match &config.initramfs {
-                    Some(path) => Some(linux::read_boot_file(path, "initramfs")?),
+                    Some(path) => Some(linux::read_boot_file(path, "initramfs", config.memory)?),
                     None => None,
                 };
                 // Linux probes legacy ports we do not emulate; that is normal.

@@ -85,14 +85,17 @@ fn compression(payload: &[u8]) -> &'static str {
 /// instead of exhausting host memory.
 const MAX_VMLINUX: u64 = linux_layout::MAX_RAM;
 
-fn too_big() -> String {
-    format!("the payload unpacks to more than {} MiB", MAX_VMLINUX >> 20)
+fn too_big(limit: u64) -> String {
+    format!(
+        "the payload unpacks to more than {} MiB (the guest's RAM)",
+        limit >> 20
+    )
 }
 
 /// Unpacks the kernel's legacy-format LZ4 stream (what `lz4 -l` writes and
 /// the kernel's build uses): a magic, then blocks of at most 8 MiB, each
 /// prefixed by its compressed size.
-fn unlz4_legacy(data: &[u8]) -> std::result::Result<Vec<u8>, String> {
+fn unlz4_legacy(data: &[u8], limit: u64) -> std::result::Result<Vec<u8>, String> {
     const MAGIC: u32 = 0x184c_2102;
     const BLOCK_MAX: usize = 8 << 20;
     let mut out = Vec::new();
@@ -108,8 +111,8 @@ fn unlz4_legacy(data: &[u8]) -> std::result::Result<Vec<u8>, String> {
             // The kernel appends the uncompressed size after the stream.
             break;
         }
-        if (out.len() + BLOCK_MAX) as u64 > MAX_VMLINUX {
-            return Err(too_big());
+        if (out.len() + BLOCK_MAX) as u64 > limit.max(BLOCK_MAX as u64) {
+            return Err(too_big(limit));
         }
         let block = lz4_flex::block::decompress(&data[at..at + size], BLOCK_MAX)
             .map_err(|e| format!("LZ4 block at byte {at}: {e}"))?;
@@ -121,7 +124,7 @@ fn unlz4_legacy(data: &[u8]) -> std::result::Result<Vec<u8>, String> {
 
 /// Reads a kernel or initramfs file: a regular file no larger than Linux
 /// guest RAM (a FIFO or a device would hang or flood the VMM).
-pub fn read_boot_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+pub fn read_boot_file(path: &Path, what: &str, limit: u64) -> Result<Vec<u8>> {
     let meta = std::fs::metadata(path)
         .map_err(|e| Error::Config(format!("cannot read {what} {}: {e}", path.display())))?;
     if !meta.is_file() {
@@ -130,26 +133,30 @@ pub fn read_boot_file(path: &Path, what: &str) -> Result<Vec<u8>> {
             path.display()
         )));
     }
-    if meta.len() > MAX_VMLINUX {
+    let limit = limit.min(MAX_VMLINUX);
+    if meta.len() > limit {
         return Err(Error::Config(format!(
-            "{what} {} is larger than {} MiB",
+            "{what} {} is larger than {} MiB (the guest's RAM)",
             path.display(),
-            MAX_VMLINUX >> 20
+            limit >> 20
         )));
     }
     std::fs::read(path)
         .map_err(|e| Error::Config(format!("cannot read {what} {}: {e}", path.display())))
 }
 
-/// Reads a kernel file: an ELF vmlinux as it is, a bzImage unpacked.
-pub fn read_kernel(path: &Path) -> Result<LinuxKernel> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::Config(format!("cannot read kernel {}: {e}", path.display())))?;
-    parse_kernel(&bytes).map_err(|e| Error::GuestImage(format!("kernel {}: {e}", path.display())))
+/// Reads a kernel file for a guest with `ram` bytes of RAM: an ELF vmlinux
+/// as it is, a bzImage unpacked. The file, and what it unpacks to, must fit
+/// in that RAM: a larger one is refused before it costs host memory.
+pub fn read_kernel(path: &Path, ram: u64) -> Result<LinuxKernel> {
+    let bytes = read_boot_file(path, "kernel", ram)?;
+    parse_kernel(&bytes, ram)
+        .map_err(|e| Error::GuestImage(format!("kernel {}: {e}", path.display())))
 }
 
-/// [`read_kernel`] on bytes.
-pub fn parse_kernel(bytes: &[u8]) -> std::result::Result<LinuxKernel, String> {
+/// [`read_kernel`] on bytes; the unpacked vmlinux may take `limit` bytes.
+pub fn parse_kernel(bytes: &[u8], limit: u64) -> std::result::Result<LinuxKernel, String> {
+    let limit = limit.min(MAX_VMLINUX);
     if bytes.starts_with(b"\x7fELF") {
         return Ok(LinuxKernel {
             elf: bytes.to_vec(),
@@ -195,25 +202,25 @@ pub fn parse_kernel(bytes: &[u8]) -> std::result::Result<LinuxKernel, String> {
         "gzip" => {
             let mut out = Vec::new();
             flate2::read::GzDecoder::new(Cursor::new(payload))
-                .take(MAX_VMLINUX + 1)
+                .take(limit + 1)
                 .read_to_end(&mut out)
                 .map_err(|e| format!("gzip payload: {e}"))?;
-            if out.len() as u64 > MAX_VMLINUX {
-                return Err(too_big());
+            if out.len() as u64 > limit {
+                return Err(too_big(limit));
             }
             out
         }
-        "lz4" => unlz4_legacy(payload)?,
+        "lz4" => unlz4_legacy(payload, limit)?,
         "xz" => {
             // The kernel appends the uncompressed size after the xz stream;
             // the decoder stops at the stream's end and ignores it.
             let mut out = Vec::new();
             liblzma::read::XzDecoder::new(Cursor::new(payload))
-                .take(MAX_VMLINUX + 1)
+                .take(limit + 1)
                 .read_to_end(&mut out)
                 .map_err(|e| format!("xz payload: {e}"))?;
-            if out.len() as u64 > MAX_VMLINUX {
-                return Err(too_big());
+            if out.len() as u64 > limit {
+                return Err(too_big(limit));
             }
             out
         }
@@ -593,18 +600,46 @@ mod tests {
         stream.extend_from_slice(&(block.len() as u32).to_le_bytes());
         stream.extend_from_slice(&block);
         stream.extend_from_slice(&(data.len() as u32).to_le_bytes()); // the kernel's size trailer
-        assert_eq!(unlz4_legacy(&stream).unwrap(), data);
+        assert_eq!(unlz4_legacy(&stream, 64 << 20).unwrap(), data);
     }
 
     #[test]
     fn non_kernels_are_refused_with_a_reason() {
-        let err = |b: &[u8]| parse_kernel(b).err().expect("refused");
+        let err = |b: &[u8]| parse_kernel(b, 64 << 20).err().expect("refused");
         assert!(err(b"hello").contains("neither an ELF vmlinux nor a bzImage"));
         let mut fake = vec![0u8; 0x1000];
         fake[0x202..0x206].copy_from_slice(&HDRS.to_le_bytes());
         fake[0x206..0x208].copy_from_slice(&0x0200u16.to_le_bytes());
         assert!(err(&fake).contains("too old"));
         assert_eq!(compression(&[0xfd, b'7', b'z', b'X', b'Z', 0]), "xz");
+        // Issue #12: not a regular file, or not fitting the guest's RAM.
+        let refused =
+            |path: &str, ram| read_kernel(Path::new(path), ram).err().unwrap().to_string();
+        assert!(refused("/dev/zero", 64 << 20).contains("not a regular file"));
+        let big = std::env::temp_dir().join(format!("rtvm-big-kernel-{}", std::process::id()));
+        std::fs::write(&big, vec![0u8; 2 << 20]).unwrap();
+        let msg = refused(big.to_str().unwrap(), 1 << 20);
+        std::fs::remove_file(&big).unwrap();
+        assert!(msg.contains("larger than 1 MiB"), "{msg}");
+    }
+
+    /// Issue #12: a payload that unpacks beyond the guest's RAM is refused
+    /// once it gets there, whatever it would unpack to.
+    #[test]
+    fn a_payload_is_unpacked_no_further_than_the_guest_ram() {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&vec![0u8; 8 << 20]).unwrap();
+        let bomb = gz.finish().unwrap();
+        let mut image = vec![0u8; 0x400];
+        image[0x1f1] = 1; // setup_sects
+        image[0x202..0x206].copy_from_slice(&HDRS.to_le_bytes());
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        image[0x248..0x24c].copy_from_slice(&0u32.to_le_bytes()); // payload_offset
+        image[0x24c..0x250].copy_from_slice(&(bomb.len() as u32).to_le_bytes());
+        image.extend_from_slice(&bomb);
+        let msg = parse_kernel(&image, 4 << 20).err().unwrap();
+        assert!(msg.contains("more than 4 MiB"), "{msg}");
     }
 
     /// The real Debian kernel, where the test setup fetched one
@@ -616,7 +651,7 @@ mod tests {
             eprintln!("skipping: RTVM_TEST_KERNEL not set");
             return;
         };
-        let kernel = read_kernel(Path::new(&path)).unwrap();
+        let kernel = read_kernel(Path::new(&path), 512 << 20).unwrap();
         assert!(kernel.kind.starts_with("bzImage"), "{}", kernel.kind);
         let setup = kernel.setup.unwrap();
         let version = setup.version;
