@@ -130,11 +130,11 @@ fn guest_path(
     }
     config.net = NetPolicy {
         bind: vec![AddrRule {
-            ip: Some((*addr.ip()).into()),
+            net: Some(((*addr.ip()).into(), 32)),
             ports: GUEST_PORT..=GUEST_PORT,
         }],
         connect: vec![AddrRule {
-            ip: Some(net.probe_addr().into()),
+            net: Some((net.probe_addr().into(), 32)),
             ports: 0..=u16::MAX,
         }],
         ..NetPolicy::default()

@@ -9,28 +9,52 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
-/// One rule of the policy: an address (or any) and a port range.
+/// One rule of the policy: an address, a subnet or any, and a port range.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AddrRule {
+    /// The network and its prefix length (32 or 128 for one address);
     /// `None`: any address.
-    pub ip: Option<IpAddr>,
+    pub net: Option<(IpAddr, u8)>,
     pub ports: RangeInclusive<u16>,
 }
 
 impl AddrRule {
     pub fn allows(&self, addr: &SocketAddr) -> bool {
-        self.ip.is_none_or(|ip| ip == addr.ip()) && self.ports.contains(&addr.port())
+        self.net
+            .is_none_or(|(net, len)| in_subnet(addr.ip(), net, len))
+            && self.ports.contains(&addr.port())
     }
 }
 
-/// `IP:PORT`, `IP:LO-HI`, `IP:*`, `[IPv6]:PORT`, `*:PORT`.
+/// Whether `ip` lies in `net/len` (same family only: IPv6 sockets are
+/// IPv6-only, so an IPv4 rule never matches an IPv6 peer).
+fn in_subnet(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    let prefix = |bits: u128, width: u8| {
+        let len = u32::from(len.min(width));
+        if len == 0 {
+            0
+        } else {
+            bits >> (u32::from(width) - len)
+        }
+    };
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            prefix(u32::from(a).into(), 32) == prefix(u32::from(n).into(), 32)
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => prefix(u128::from(a), 128) == prefix(u128::from(n), 128),
+        _ => false,
+    }
+}
+
+/// `IP:PORT`, `IP/LEN:PORT` (a subnet), `IP:LO-HI`, `IP:*`, `[IPv6]:PORT`,
+/// `[IPv6/LEN]:PORT`, `*:PORT`.
 impl FromStr for AddrRule {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         let usage = || {
             format!(
-                "'{s}' is not ADDRESS:PORT (e.g. 198.18.0.1:7000, 127.0.0.1:*, [::1]:7000-7010)"
+                "'{s}' is not ADDRESS:PORT (e.g. 198.18.0.1:7000, 198.18.0.0/15:*, [::1]:7000-7010)"
             )
         };
         let (host, port) = s.rsplit_once(':').ok_or_else(usage)?;
@@ -38,10 +62,20 @@ impl FromStr for AddrRule {
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
-        let ip = if host == "*" {
+        let net = if host == "*" {
             None
         } else {
-            Some(host.parse::<IpAddr>().map_err(|_| usage())?)
+            let (ip, len) = match host.split_once('/') {
+                Some((ip, len)) => (ip, Some(len.parse::<u8>().map_err(|_| usage())?)),
+                None => (host, None),
+            };
+            let ip = ip.parse::<IpAddr>().map_err(|_| usage())?;
+            let width = if ip.is_ipv4() { 32 } else { 128 };
+            let len = len.unwrap_or(width);
+            if len > width {
+                return Err(usage());
+            }
+            Some((ip, len))
         };
         let ports = match port {
             "*" => 0..=u16::MAX,
@@ -62,7 +96,7 @@ impl FromStr for AddrRule {
                 }
             },
         };
-        Ok(AddrRule { ip, ports })
+        Ok(AddrRule { net, ports })
     }
 }
 

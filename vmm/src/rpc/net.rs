@@ -90,10 +90,28 @@ fn would_block(e: &io::Error) -> bool {
     )
 }
 
+/// A host socket the guest holds.
+struct GuestSocket {
+    socket: Socket,
+    /// The guest bound it (explicitly, to an address the policy allows),
+    /// or it came from `accept`. A UDP socket the guest never bound gets
+    /// an ephemeral port on every interface at its first send, so it only
+    /// hears from peers the `connect` rules allow (see `recv`).
+    bound: std::sync::atomic::AtomicBool,
+}
+
+impl std::ops::Deref for GuestSocket {
+    type Target = Socket;
+
+    fn deref(&self) -> &Socket {
+        &self.socket
+    }
+}
+
 /// The socket service of one VM.
 pub struct NetService {
     policy: NetPolicy,
-    sockets: HandleTable<Socket>,
+    sockets: HandleTable<GuestSocket>,
 }
 
 impl NetService {
@@ -114,12 +132,12 @@ impl NetService {
         self.sockets.len()
     }
 
-    fn socket(&self, handle: u64) -> std::result::Result<Arc<Socket>, Status> {
+    fn socket(&self, handle: u64) -> std::result::Result<Arc<GuestSocket>, Status> {
         self.sockets.get(handle)
     }
 
     /// Registers a socket under a new handle, within the socket limit.
-    fn register(&self, socket: Socket) -> std::result::Result<u64, Status> {
+    fn register(&self, socket: Socket, bound: bool) -> std::result::Result<u64, Status> {
         let slot = self.sockets.reserve()?;
         let cap = self.policy.max_buffer as usize;
         for (get, set) in [
@@ -136,7 +154,10 @@ impl NetService {
             let size = get(&socket).map_or(cap, |size| (size / 2).min(cap));
             set(&socket, size).map_err(|e| status_of(&e))?;
         }
-        Ok(slot.fill(socket))
+        Ok(slot.fill(GuestSocket {
+            socket,
+            bound: bound.into(),
+        }))
     }
 
     fn permitted(
@@ -173,7 +194,7 @@ impl NetService {
             // the policy's IPv4 rules never saw.
             socket.set_only_v6(true).map_err(|e| status_of(&e))?;
         }
-        Ok([self.register(socket)?, 0, 0, 0])
+        Ok([self.register(socket, false)?, 0, 0, 0])
     }
 
     /// `NetBind`.
@@ -184,6 +205,9 @@ impl NetService {
         socket
             .bind(&SockAddr::from(addr))
             .map_err(|e| status_of(&e))?;
+        socket
+            .bound
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok([0; 4])
     }
 
@@ -223,7 +247,7 @@ impl NetService {
         events: i16,
         deadline: u64,
         park: &mut dyn Park,
-        mut op: impl FnMut(&Socket) -> io::Result<T>,
+        mut op: impl FnMut(&GuestSocket) -> io::Result<T>,
     ) -> std::result::Result<T, Status> {
         loop {
             let socket = self.socket(handle)?;
@@ -264,13 +288,13 @@ impl NetService {
         deadline: u64,
         park: &mut dyn Park,
     ) -> std::result::Result<[u64; 4], Status> {
-        let (conn, peer) = self.retry(handle, libc::POLLIN, deadline, park, Socket::accept)?;
+        let (conn, peer) = self.retry(handle, libc::POLLIN, deadline, park, |s| s.accept())?;
         conn.set_nonblocking(true).map_err(|e| status_of(&e))?;
         let peer = peer
             .as_socket()
             .map(|a| encode_addr(&a))
             .unwrap_or_default();
-        Ok([self.register(conn)?, peer[0], peer[1], peer[2]])
+        Ok([self.register(conn, true)?, peer[0], peer[1], peer[2]])
     }
 
     /// `NetConnect`.
@@ -340,12 +364,20 @@ impl NetService {
             return Err(Status::TooLarge);
         }
         let mut buf: Vec<MaybeUninit<u8>> = vec![MaybeUninit::uninit(); len as usize];
-        let (n, from) = self.retry(handle, libc::POLLIN, deadline, park, |socket| {
+        let connect = &self.policy.connect;
+        let (n, from) = self.retry(handle, libc::POLLIN, deadline, park, |socket| loop {
             let (n, from) = socket.recv_from(&mut buf)?;
             let from = from
                 .as_socket()
                 .or_else(|| socket.peer_addr().ok().and_then(|a| a.as_socket()));
-            Ok((n, from))
+            // An unbound socket's implicit port is open on every interface:
+            // what comes from a peer the guest may not talk to is dropped.
+            let unbound = !socket.bound.load(std::sync::atomic::Ordering::Acquire);
+            if unbound && !from.is_some_and(|a| connect.iter().any(|r| r.allows(&a))) {
+                tracing::debug!("a datagram from {from:?} to an unbound socket dropped");
+                continue;
+            }
+            return Ok((n, from));
         })?;
         // SAFETY: recv_from initialised the first n bytes.
         let data: Vec<u8> = buf[..n]
@@ -482,6 +514,32 @@ mod tests {
             bind: vec!["127.0.0.1:*".parse().unwrap()],
             connect: vec!["127.0.0.1:*".parse().unwrap()],
             ..NetPolicy::default()
+        }
+    }
+
+    /// Issue #12: a rule may name a subnet (the README's example does).
+    #[test]
+    fn rules_name_subnets() {
+        let r: AddrRule = "198.18.0.0/15:*".parse().unwrap();
+        assert!(r.allows(&"198.18.0.2:9".parse().unwrap()));
+        assert!(r.allows(&"198.19.255.255:9".parse().unwrap()));
+        assert!(!r.allows(&"198.20.0.1:9".parse().unwrap()));
+        assert!(
+            !r.allows(&"[::ffff:198.18.0.2]:9".parse().unwrap()),
+            "families apart"
+        );
+        let v6: AddrRule = "[2001:db8::/32]:53".parse().unwrap();
+        assert!(v6.allows(&"[2001:db8:1::7]:53".parse().unwrap()));
+        assert!(!v6.allows(&"[2001:db9::7]:53".parse().unwrap()));
+        let all: AddrRule = "0.0.0.0/0:80".parse().unwrap();
+        assert!(all.allows(&"203.0.113.9:80".parse().unwrap()));
+        let one: AddrRule = "198.18.0.1:7".parse().unwrap();
+        assert!(
+            !one.allows(&"198.18.0.2:7".parse().unwrap()),
+            "no prefix: one address"
+        );
+        for bad in ["198.18.0.0/33:1", "[::1/129]:1", "1.2.3.4/x:1"] {
+            assert!(bad.parse::<AddrRule>().is_err(), "{bad}");
         }
     }
 
@@ -643,6 +701,43 @@ mod tests {
                 assert!(size <= 2 * cap as usize, "{size} bytes");
             }
         }
+    }
+
+    /// Issue #12: a UDP socket the guest never bound gets an ephemeral port
+    /// on every interface at its first send; it hears only from peers the
+    /// connect rules allow, not from anyone who finds the port.
+    #[test]
+    fn an_unbound_udp_socket_hears_only_from_permitted_peers() {
+        let svc = NetService::new(NetPolicy {
+            bind: vec!["127.0.0.1:47317".parse().unwrap()],
+            connect: vec!["127.0.0.1:*".parse().unwrap()],
+            ..NetPolicy::default()
+        })
+        .unwrap();
+        let server = svc.open(net::INET, net::UDP).unwrap()[0];
+        svc.bind(server, net::v4([127, 0, 0, 1], 47_317)).unwrap();
+        let client = svc.open(net::INET, net::UDP).unwrap()[0];
+        svc.send(client, b"hello", net::v4([127, 0, 0, 1], 47_317), &mut Now)
+            .unwrap();
+        let deadline = now_ns() + 5_000_000_000;
+        let (_, from) = svc.recv(server, 64, deadline, &mut Now).unwrap();
+        let client_addr = decode_addr([from[1], from[2], from[3]]).unwrap();
+        // A stranger (another loopback address) writes to the client's
+        // implicit port first...
+        let stranger = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+        stranger.send_to(b"spoof", client_addr).unwrap();
+        // ...then the server answers.
+        svc.send(server, b"answer", [from[1], from[2], from[3]], &mut Now)
+            .unwrap();
+        let (data, _) = svc.recv(client, 64, deadline, &mut Now).unwrap();
+        assert_eq!(data, b"answer");
+        // The server, bound on purpose, hears from anyone (it answers only
+        // where the connect rules allow).
+        stranger
+            .send_to(b"ask", "127.0.0.1:47317".parse::<SocketAddr>().unwrap())
+            .unwrap();
+        let (data, _) = svc.recv(server, 64, deadline, &mut Now).unwrap();
+        assert_eq!(data, b"ask");
     }
 
     #[test]
