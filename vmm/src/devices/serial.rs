@@ -2,7 +2,7 @@
 //! irqfd, with its output going to the console sink.
 
 use std::fs::File;
-use std::io::{self, LineWriter, Write};
+use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
 use vm_superio::{Serial, Trigger};
@@ -47,14 +47,15 @@ impl BusDevice for SerialDevice {
 /// Where the guest's console output goes: the terminal, a log file, a
 /// capture buffer (tests), or several of them.
 ///
-/// The terminal is written by a thread of its own, fed through a bounded
-/// queue: a vCPU that writes to the UART must never block on a stalled
-/// terminal or pipe (it could then not be stopped). When the queue is full,
-/// output is dropped and counted. A capture buffer is bounded too.
+/// The terminal and the log file are each written by a thread of their
+/// own, fed through a bounded queue: a vCPU that writes to the UART must
+/// never block on a stalled terminal, pipe or FIFO (it could then not be
+/// stopped). When a queue is full, output is dropped and counted. A capture
+/// buffer is bounded too.
 #[derive(Clone, Default)]
 pub struct Console {
     stdout: Option<Arc<Terminal>>,
-    file: Option<Arc<Mutex<LineWriter<File>>>>,
+    file: Option<Arc<Terminal>>,
     capture: Option<Arc<Mutex<Vec<u8>>>>,
 }
 
@@ -73,25 +74,28 @@ struct Backlog {
     dropped: u64,
 }
 
-/// The terminal side of a console: a backlog the vCPUs append to without
-/// ever blocking on I/O, and a thread that writes it to stdout.
+/// An output of a console (the terminal, the log file): a backlog the
+/// vCPUs append to without ever blocking on I/O, and a thread that writes
+/// it out.
 struct Terminal {
     backlog: Mutex<Backlog>,
     changed: std::sync::Condvar,
+    /// What the output is, for messages.
+    what: &'static str,
 }
 
 impl Terminal {
-    fn start() -> Arc<Terminal> {
+    fn start(what: &'static str, thread: &str, mut out: Box<dyn Write + Send>) -> Arc<Terminal> {
         let terminal = Arc::new(Terminal {
             backlog: Mutex::default(),
             changed: std::sync::Condvar::new(),
+            what,
         });
         let weak = Arc::downgrade(&terminal);
         // The thread ends once the last Console holding the terminal is gone.
         let _ = std::thread::Builder::new()
-            .name("rtvm-console".into())
+            .name(thread.into())
             .spawn(move || {
-                let mut out = io::stdout();
                 while let Some(terminal) = weak.upgrade() {
                     let chunk = {
                         let mut backlog = terminal.lock();
@@ -152,8 +156,9 @@ impl Terminal {
         }
         if backlog.dropped > 0 {
             tracing::warn!(
-                "{} bytes of guest console output were dropped: the terminal did not keep up",
-                backlog.dropped
+                "{} bytes of guest console output were dropped: the {} did not keep up",
+                backlog.dropped,
+                self.what
             );
         }
     }
@@ -163,7 +168,11 @@ impl Console {
     /// Output to the terminal.
     pub fn stdout() -> Self {
         Console {
-            stdout: Some(Terminal::start()),
+            stdout: Some(Terminal::start(
+                "terminal",
+                "rtvm-console",
+                Box::new(io::stdout()),
+            )),
             ..Default::default()
         }
     }
@@ -184,7 +193,11 @@ impl Console {
 
     /// Also write everything to `file`.
     pub fn with_file(mut self, file: File) -> Self {
-        self.file = Some(Arc::new(Mutex::new(LineWriter::new(file))));
+        self.file = Some(Terminal::start(
+            "serial log",
+            "rtvm-serial-log",
+            Box::new(file),
+        ));
         self
     }
 
@@ -194,7 +207,7 @@ impl Console {
             terminal.flush();
         }
         if let Some(file) = &self.file {
-            let _ = file.lock().unwrap_or_else(|e| e.into_inner()).flush();
+            file.flush();
         }
     }
 }
@@ -205,9 +218,7 @@ impl Write for Console {
             terminal.write(buf);
         }
         if let Some(file) = &self.file {
-            file.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .write_all(buf)?;
+            file.write(buf);
         }
         if let Some(capture) = &self.capture {
             let mut capture = capture.lock().unwrap_or_else(|e| e.into_inner());
@@ -221,5 +232,42 @@ impl Write for Console {
     /// instead, so a flush here waits for the end of the line.
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue #12: a serial log nobody drains (a FIFO without a reader, a
+    /// stalled disk) never blocks the vCPU writing to the UART.
+    #[test]
+    fn a_stalled_serial_log_never_blocks_the_writer() {
+        let fifo = std::env::temp_dir().join(format!("rtvm-stalled-log-{}", std::process::id()));
+        let _ = std::fs::remove_file(&fifo);
+        let path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path and a plain mode.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        // Read and write ends both ours, and the reader never reads: the
+        // pipe fills after 64 KiB and a write to it would block.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .unwrap();
+        std::fs::remove_file(&fifo).unwrap();
+        let mut console = Console::default().with_file(file);
+        let (done, wrote) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let line = [b'x'; 1023];
+            for _ in 0..4096 {
+                console.write_all(&line).unwrap();
+                console.write_all(b"\n").unwrap();
+            }
+            let _ = done.send(());
+        });
+        wrote
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("4 MiB of console output blocked on a stalled log");
     }
 }
