@@ -138,13 +138,9 @@ pub fn measure(
             .join("\n");
         return Err(format!("the Linux guest did not finish its cyclictest runs ({}); its console ended with:\n{tail}", run.reason));
     }
-    rt.lock().unwrap().extend(
-        run.rt_report
-            .items
-            .iter()
-            .filter(|i| i.vcpu == Some(1))
-            .cloned(),
-    );
+    rt.lock()
+        .unwrap()
+        .extend(run.rt_report.for_vcpu(1).cloned());
     let (plain, polled) = parse_console(&text)?;
     let path = |name: &'static str, late_ns: Vec<u64>| {
         let stats = Stats::from_ns(&late_ns).expect("non-empty");

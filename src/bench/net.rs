@@ -159,13 +159,9 @@ fn guest_path(
     }
     let result = probe(net, addr, args.rate, seconds);
     let run = running.stop();
-    rt.lock().unwrap().extend(
-        run.rt_report
-            .items
-            .iter()
-            .filter(|i| i.vcpu == Some(0))
-            .cloned(),
-    );
+    rt.lock()
+        .unwrap()
+        .extend(run.rt_report.for_vcpu(0).cloned());
     result
 }
 

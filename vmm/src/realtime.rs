@@ -49,6 +49,11 @@ impl RtReport {
         });
     }
 
+    /// The steps taken for vCPU `vcpu`'s thread.
+    pub fn for_vcpu(&self, vcpu: usize) -> impl Iterator<Item = &RtItem> {
+        self.items.iter().filter(move |i| i.vcpu == Some(vcpu))
+    }
+
     pub fn failures(&self) -> impl Iterator<Item = &RtItem> {
         self.items.iter().filter(|i| i.result.is_err())
     }

@@ -266,13 +266,9 @@ fn guest_path(
             run.reason
         ));
     }
-    rt.lock().unwrap().extend(
-        run.rt_report
-            .items
-            .iter()
-            .filter(|i| i.vcpu == Some(1))
-            .cloned(),
-    );
+    rt.lock()
+        .unwrap()
+        .extend(run.rt_report.for_vcpu(1).cloned());
     let mut streams = run.streams;
     let late = std::mem::take(&mut streams[0]);
     let missed = streams[1].iter().sum();
