@@ -22,7 +22,7 @@ cargo build --release -p rtvm-preload
 cargo build --release --bin rtvm
 
 rtvm=target/release/rtvm
-cyclictest="cyclictest -m -p 90 -a 1 -t 1 -i 1000 -l $loops -q"
+cyclictest="cyclictest -m -p 90 -a 1 --mainaffinity=0 -t 1 -i 1000 -l $loops -q"
 "$rtvm" initramfs --out "$out/initramfs.cpio.gz" \
     --add target/x86_64-unknown-linux-gnu/release/rtvm-guest:/bin/rtvm-guest \
     --add target/release/librtvm_preload.so:/lib/librtvm_preload.so \

@@ -82,7 +82,7 @@ pub fn measure(
     let preload = tool(tools, "librtvm_preload.so")?;
     let loops = ((seconds * 1e9) / period_ns as f64).ceil().max(100.0) as u64;
     let cyclictest = format!(
-        "cyclictest -m -q -p {} -a {RT_VCPU} -t 1 -i {} -l {loops} -h 10000",
+        "cyclictest -m -q -p {} -a {RT_VCPU} --mainaffinity=0 -t 1 -i {} -l {loops} -h 10000",
         policy.priority,
         period_ns / 1000
     );

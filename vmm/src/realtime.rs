@@ -117,6 +117,13 @@ impl RtCgroups {
 
 impl Drop for RtCgroups {
     fn drop(&mut self) {
+        let _lock = BudgetLock::take();
+        // A removed group still counts against its parent until the kernel
+        // has let go of it, some time after rmdir: give its runtime back
+        // first, so the shared group can shrink (and the next VM's fits).
+        for dir in [&self.rt, &self.vmm, &self.vm] {
+            let _ = write_file(&dir.join("cpu.rt_runtime_us"), 0);
+        }
         // The vCPU threads have left and been joined; an EBUSY can still
         // happen for a moment while the kernel lets go of them.
         for dir in [&self.rt, &self.vmm, &self.vm] {
@@ -130,7 +137,88 @@ impl Drop for RtCgroups {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
         }
+        // Give back what this VM took from the host's RT budget.
+        if let Some(base) = self.vm.parent() {
+            if let Err(e) = size_shared_group(&self.root, base, None) {
+                tracing::warn!("cannot shrink the RT bandwidth of {}: {e}", base.display());
+            }
+        }
     }
+}
+
+/// Serialises changes to the shared `rtvm` group's RT budget among rtvm
+/// processes (an flock, released when dropped).
+struct BudgetLock {
+    _file: Option<File>,
+}
+
+impl BudgetLock {
+    const PATH: &'static str = "/run/rtvm-rt-bandwidth.lock";
+
+    fn take() -> BudgetLock {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(Self::PATH);
+        match file {
+            Ok(file) => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: an open descriptor; flock blocks until it is ours.
+                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                    tracing::debug!("flock {}: {}", Self::PATH, std::io::Error::last_os_error());
+                }
+                BudgetLock { _file: Some(file) }
+            }
+            Err(e) => {
+                tracing::debug!(
+                    "cannot open {}: {e}; RT budget changes unserialised",
+                    Self::PATH
+                );
+                BudgetLock { _file: None }
+            }
+        }
+    }
+}
+
+/// The share of a CPU an RT group may use, as the kernel reckons it.
+fn ratio(runtime_us: u64, period_us: u64) -> f64 {
+    runtime_us as f64 / period_us.max(1) as f64
+}
+
+/// Sets the shared `rtvm` group's RT runtime to what its VM groups need,
+/// plus `adding` (a group about to be made): the host's RT budget beyond
+/// that stays with the host, and a VM that ends gives its part back.
+fn size_shared_group(root: &Path, base: &Path, adding: Option<RtBandwidth>) -> Result<(), String> {
+    let period = read_u64(&root.join("cpu.rt_period_us")).unwrap_or(1_000_000);
+    let mut need = adding.map_or(0.0, |bw| ratio(bw.runtime_us, bw.period_us));
+    let mut groups = 0u64;
+    for entry in fs::read_dir(base)
+        .map_err(|e| format!("{}: {e}", base.display()))?
+        .flatten()
+    {
+        let dir = entry.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        if let (Some(runtime), Some(p)) = (
+            read_u64(&dir.join("cpu.rt_runtime_us")),
+            read_u64(&dir.join("cpu.rt_period_us")),
+        ) {
+            need += ratio(runtime, p);
+            groups += 1;
+        }
+    }
+    // The kernel compares rounded-down ratios: a microsecond of slack per
+    // group keeps the sum of the children within their parent.
+    let runtime = if need == 0.0 {
+        0
+    } else {
+        (need * period as f64).ceil() as u64 + groups + 1
+    };
+    write_file(&base.join("cpu.rt_period_us"), period)?;
+    write_file(&base.join("cpu.rt_runtime_us"), runtime)
+        .map_err(|e| format!("{e} (the host's RT bandwidth is held by other groups)"))
 }
 
 fn write_file(path: &Path, value: impl fmt::Display) -> Result<(), String> {
@@ -184,18 +272,11 @@ fn create_cgroups_v1(root: &Path, bw: RtBandwidth) -> Result<RtCgroups, String> 
     if !base.exists() {
         fs::create_dir(&base).map_err(|e| format!("creating {}: {e}", base.display()))?;
     }
-    // The shared rtvm group takes the bandwidth the root group has.
-    let base_runtime = read_u64(&base.join("cpu.rt_runtime_us")).unwrap_or(0);
-    let base_period = read_u64(&base.join("cpu.rt_period_us")).unwrap_or(1_000_000);
-    let wanted = bw.runtime_us as f64 / bw.period_us as f64;
-    if (base_runtime as f64 / base_period as f64) < wanted {
-        let root_runtime = read_u64(&root.join("cpu.rt_runtime_us")).unwrap_or(0);
-        let root_period = read_u64(&root.join("cpu.rt_period_us")).unwrap_or(1_000_000);
-        write_file(&base.join("cpu.rt_period_us"), root_period)?;
-        write_file(&base.join("cpu.rt_runtime_us"), root_runtime)
-            .map_err(|e| format!("{e} (the host's RT bandwidth is held by other groups)"))?;
-    }
+    // The shared rtvm group holds what its VMs' groups need, this one's
+    // included, and no more: the rest of the host's RT budget stays free.
+    let lock = BudgetLock::take();
     remove_stale_groups(&base);
+    size_shared_group(root, &base, Some(bw))?;
     let vm = base.join(format!(
         "vm-{}-{}",
         std::process::id(),
@@ -218,7 +299,10 @@ fn create_cgroups_v1(root: &Path, bw: RtBandwidth) -> Result<RtCgroups, String> 
         }
         write_file(&groups.rt.join("cpu.rt_runtime_us"), bw.runtime_us)
     };
-    match setup() {
+    let result = setup();
+    // Dropping the groups takes the lock again.
+    drop(lock);
+    match result {
         Ok(()) => Ok(groups),
         Err(e) => {
             // Dropping removes what was created.

@@ -302,6 +302,50 @@ fn an_rt_vm_whose_cap_cannot_be_made_refuses_to_start_unless_allowed() {
     );
 }
 
+/// Issue #12: the shared `rtvm` group holds what live VMs' groups need and
+/// no more; a VM that ends gives its part of the host's RT budget back.
+#[test]
+fn the_shared_rt_group_gives_back_what_an_ended_vm_took() {
+    need_kvm!();
+    let _turn = rt_turn();
+    let base = std::path::Path::new("/sys/fs/cgroup/cpu/rtvm");
+    let runtime = || {
+        std::fs::read_to_string(base.join("cpu.rt_runtime_us"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    let mut c = config("sleep-test", 1, "count=1 ns=3600000000000");
+    c.set_rt(0, rt(60));
+    c.rt_allow_uncapped = true;
+    let (running, _out) = start(&c);
+    let capped = running
+        .rt_report()
+        .items
+        .iter()
+        .any(|i| i.what.starts_with("RT bandwidth cap") && i.result.is_ok());
+    if !capped {
+        running.stop();
+        eprintln!("no RT cap can be made here: nothing to give back");
+        return;
+    }
+    let during = runtime().expect("the shared group exists");
+    let run = running.stop();
+    assert_eq!(run.reason, VmExitReason::Stopped);
+    // 40% of every CPU for this VM (the default cap), rounded up.
+    assert!(
+        (400_000..=401_000).contains(&during),
+        "the shared group held {during} µs of every second for one 40% VM"
+    );
+    let live = std::fs::read_dir(base)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .count();
+    if live == 0 {
+        assert_eq!(runtime(), Some(0), "nothing held once the last VM ended");
+    }
+}
+
 /// Time a thread of this process has run, in ns (schedstat).
 fn thread_run_ns(tid: i32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap();
