@@ -317,6 +317,10 @@ pub const PATH_MAX: u64 = 1024;
 
 /// Constants of the file calls.
 pub mod fs {
+    /// What making a file or a directory costs against the VM's write
+    /// quota: its inode and directory entry take the host's disk though no
+    /// byte is written. Opening a file that exists costs nothing.
+    pub const CREATE_COST: u64 = 4096;
     /// `FsOpen` flags.
     pub mod open {
         pub const READ: u64 = 1 << 0;
@@ -446,7 +450,8 @@ pub enum Status {
     TooManyOpenFiles = 18 => "too many open files",
     /// More bytes in one call than the limit allows (split the request).
     TooLarge = 19 => "too large for one call",
-    /// The VM has written as many bytes as its limit allows.
+    /// The VM has written as many bytes as its limit allows (making a file
+    /// or a directory counts [`fs::CREATE_COST`]).
     QuotaExceeded = 20 => "write quota exceeded",
     /// No share is configured for this VM.
     NoShare = 21 => "no share",

@@ -102,6 +102,8 @@ pub(super) fn limits(ctx: &Ctx, rpc: &mut Rpc, t: &mut Tally) {
         t.record("create quota.bin", Err(detail!("open failed")));
         return;
     };
+    // Making quota.bin took its share of the quota.
+    let written = written.saturating_sub(rtvm_abi::vmrpc::fs::CREATE_COST);
     // The bytes to write: the scratch buffer if it is large enough; else
     // any guest RAM (the host only reads it), from the image on.
     let source = if call < SCRATCH as u64 {

@@ -35,11 +35,7 @@ use super::VmService;
 use crate::config::ShareConfig;
 use crate::error::{Error, Result};
 
-/// What creating a directory costs against the write quota: inodes and
-/// directory entries use host disk even when no byte is written. (File
-/// creation is not charged yet: telling a create from an open of an existing
-/// file needs a second lookup.)
-pub const CREATE_COST: u64 = 4096;
+use fs::CREATE_COST;
 
 struct OpenFile {
     file: File,
@@ -166,14 +162,48 @@ impl FileService {
         // with the table unlocked: a slow open (a large O_TRUNC, a slow share)
         // must not stall other vCPUs' file calls.
         let slot = self.files.reserve()?;
-        let fd =
-            openat2(self.root.as_raw_fd(), &cstring(path)?, os, mode).map_err(|e| status_of(&e))?;
+        let fd = self.open_charged(&cstring(path)?, os, mode, flags & EXCLUSIVE != 0)?;
         let file = File::from(fd);
         let meta = file.metadata().map_err(|e| status_of(&e))?;
         if !(meta.is_file() || meta.is_dir()) {
             return Err(Status::NotPermitted);
         }
         Ok([slot.fill(OpenFile { file, writable }), 0, 0, 0])
+    }
+
+    /// Opens `path`; a file it makes is charged against the write quota
+    /// ([`CREATE_COST`]). Without `exclusive`, an `O_CREAT` open first tries
+    /// to make the file, and opens the one that exists if it does.
+    fn open_charged(
+        &self,
+        path: &CString,
+        os: libc::c_int,
+        mode: u32,
+        exclusive: bool,
+    ) -> std::result::Result<OwnedFd, Status> {
+        let root = self.root.as_raw_fd();
+        if os & libc::O_CREAT == 0 {
+            return openat2(root, path, os, mode).map_err(|e| status_of(&e));
+        }
+        if self.charge(CREATE_COST).is_err() {
+            // No quota left to make a file: one that exists still opens.
+            return match openat2(root, path, os & !(libc::O_CREAT | libc::O_EXCL), 0) {
+                Ok(_) if exclusive => Err(Status::AlreadyExists),
+                Ok(fd) => Ok(fd),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(Status::QuotaExceeded),
+                Err(e) => Err(status_of(&e)),
+            };
+        }
+        match openat2(root, path, os | libc::O_EXCL, mode) {
+            Ok(fd) => Ok(fd),
+            Err(e) => {
+                self.refund(CREATE_COST);
+                if exclusive || e.raw_os_error() != Some(libc::EEXIST) {
+                    return Err(status_of(&e));
+                }
+                openat2(root, path, os & !libc::O_CREAT, 0).map_err(|e| status_of(&e))
+            }
+        }
     }
 
     /// `FsClose`.
@@ -519,6 +549,41 @@ mod tests {
         std::fs::remove_dir_all(base).unwrap();
     }
 
+    /// Issue #12: making files costs quota (a guest made 40,000 files under
+    /// a 4 KiB quota); opening one that exists costs nothing.
+    #[test]
+    fn creates_are_charged_against_the_write_quota() {
+        let (base, _) = share();
+        let mut config = ShareConfig::new(base.join("share"), false);
+        config.max_bytes_written = 3 * CREATE_COST;
+        let svc = FileService::new(config).unwrap();
+        use fs::open::*;
+        for name in ["n1", "n2"] {
+            let h = svc.open(name, WRITE | CREATE | EXCLUSIVE, 0).unwrap()[0];
+            svc.close(h).unwrap();
+        }
+        let h = svc.open("n1", WRITE | CREATE, 0).unwrap()[0];
+        svc.close(h).unwrap();
+        assert_eq!(
+            svc.open("n1", WRITE | CREATE | EXCLUSIVE, 0).unwrap_err(),
+            Status::AlreadyExists,
+            "refunded"
+        );
+        svc.mkdir("d", 0).unwrap();
+        assert_eq!(
+            svc.open("n3", WRITE | CREATE, 0).unwrap_err(),
+            Status::QuotaExceeded
+        );
+        assert_eq!(svc.mkdir("d2", 0).unwrap_err(), Status::QuotaExceeded);
+        assert!(
+            !base.join("share/n3").exists(),
+            "nothing made past the quota"
+        );
+        let h = svc.open("n2", READ | CREATE, 0).unwrap()[0];
+        svc.close(h).unwrap();
+        std::fs::remove_dir_all(base).unwrap();
+    }
+
     #[test]
     fn limits_have_their_own_statuses() {
         let (base, _) = share();
@@ -528,7 +593,10 @@ mod tests {
         config.max_bytes_written = 20;
         let svc = FileService::new(config).unwrap();
         use fs::open::*;
-        let a = svc.open("a", WRITE | CREATE, 0).unwrap()[0];
+        // Made by the host: making it through the service would cost more
+        // than this quota.
+        std::fs::write(base.join("share/a"), b"").unwrap();
+        let a = svc.open("a", WRITE, 0).unwrap()[0];
         svc.open("input.txt", READ, 0).unwrap();
         assert_eq!(
             svc.open("input.txt", READ, 0).unwrap_err(),
