@@ -18,7 +18,7 @@ pub(super) fn status_of(e: &io::Error) -> Status {
         Some(libc::EISDIR) => Status::IsADirectory,
         Some(libc::ENOTEMPTY) => Status::NotEmpty,
         Some(libc::EROFS) => Status::ReadOnly,
-        // EXDEV and ELOOP are how RESOLVE_BENEATH/NO_MAGICLINKS refuse.
+        // EXDEV and ELOOP are how RESOLVE_BENEATH/NO_XDEV/NO_MAGICLINKS refuse.
         Some(libc::EXDEV | libc::ELOOP | libc::EACCES | libc::EPERM) => Status::NotPermitted,
         Some(libc::ENAMETOOLONG | libc::EINVAL) => Status::BadArgument,
         Some(libc::EMFILE | libc::ENFILE) => Status::NoResources,
@@ -26,12 +26,22 @@ pub(super) fn status_of(e: &io::Error) -> Status {
     }
 }
 
+/// Opens `path` beneath `dir` as the kernel resolves it for the share:
+/// never above `dir`, through no magic link (`/proc/self/...`), and across
+/// no mount point (a file system mounted inside the share is not the
+/// share). Never a controlling terminal, never inherited by a child.
 pub(super) fn openat2(dir: RawFd, path: &CString, flags: i32, mode: u32) -> io::Result<OwnedFd> {
     // SAFETY: open_how is plain data; zeroed is its documented default.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    // openat2 takes no other flags beside O_PATH.
+    let tty = if flags & libc::O_PATH == 0 {
+        libc::O_NOCTTY
+    } else {
+        0
+    };
+    how.flags = (flags | libc::O_CLOEXEC | tty) as u64;
     how.mode = u64::from(mode);
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_XDEV;
     // SAFETY: valid dirfd, NUL-terminated path, and a live open_how of the size passed.
     let fd = unsafe {
         libc::syscall(

@@ -492,6 +492,49 @@ mod tests {
         (base, svc)
     }
 
+    /// Issue #12: a file system mounted inside the share (a bind mount of
+    /// something else, /proc) is not part of it.
+    #[test]
+    fn mount_points_inside_the_share_are_not_crossed() {
+        let (base, svc) = share();
+        let mnt = base.join("share/mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let target = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: NUL-terminated strings and no data.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI runs as root and can mount: {e}"
+            );
+            eprintln!("skipping: cannot mount a tmpfs here ({e})");
+            std::fs::remove_dir_all(base).unwrap();
+            return;
+        }
+        std::fs::write(mnt.join("inside"), b"other fs").unwrap();
+        use fs::open::*;
+        let across = svc.open("mnt/inside", READ, 0).map(|_| ());
+        let make = svc.open("mnt/new", WRITE | CREATE, 0).map(|_| ());
+        // SAFETY: a NUL-terminated path of our own mount.
+        unsafe { libc::umount(target.as_ptr()) };
+        assert_eq!(across, Err(Status::NotPermitted));
+        assert_eq!(make, Err(Status::NotPermitted));
+        assert!(
+            svc.open("input.txt", READ, 0).is_ok(),
+            "the share itself opens"
+        );
+        std::fs::remove_dir_all(base).unwrap();
+    }
+
     #[test]
     fn escapes_are_refused_in_the_kernel() {
         let (base, svc) = share();
