@@ -292,11 +292,29 @@ fn link_exists(name: &str) -> bool {
     std::path::Path::new("/sys/class/net").join(name).exists()
 }
 
+/// Where the system's own `ip` is: the probe runs as root, so a PATH
+/// that names some other `ip` first must not decide what runs.
+const IP_PATHS: &[&str] = &["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"];
+
+/// The system's `ip`, by absolute path.
+fn ip_tool() -> Result<&'static str, String> {
+    IP_PATHS
+        .iter()
+        .copied()
+        .find(|p| std::path::Path::new(p).is_file())
+        .ok_or_else(|| {
+            format!(
+                "iproute2's `ip` command is missing from {} (Debian: apt-get install iproute2)",
+                IP_PATHS.join(", ")
+            )
+        })
+}
+
 /// Runs `ip ARGS`, returning its error text on failure.
 fn ip(args: &[&str]) -> Result<String, String> {
     // Its own process group: a Ctrl-C at the terminal reaches only us, so
     // it cannot kill an `ip` half-way through making or removing things.
-    let out = Command::new("ip")
+    let out = Command::new(ip_tool()?)
         .args(args)
         .process_group(0)
         .stdin(Stdio::null())
@@ -320,18 +338,14 @@ fn ip(args: &[&str]) -> Result<String, String> {
 }
 
 fn check_ip_tool() -> Result<(), String> {
-    match Command::new("ip")
+    let ip = ip_tool()?;
+    Command::new(ip)
         .arg("-V")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err("iproute2's `ip` command is missing (Debian: apt-get install iproute2)".into())
-        }
-        Err(e) => Err(format!("running `ip -V`: {e}")),
-    }
+        .map(drop)
+        .map_err(|e| format!("running `{ip} -V`: {e}"))
 }
 
 /// Refuses a layout whose addresses some interface of the root namespace
@@ -385,6 +399,17 @@ fn warn_about_stale() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue #12: the probe runs `ip` as root; which one runs is not up to
+    /// PATH.
+    #[test]
+    fn ip_is_the_systems_by_absolute_path() {
+        let Ok(ip) = ip_tool() else {
+            return; // no iproute2 here: check_ip_tool says so to the user
+        };
+        assert!(IP_PATHS.contains(&ip), "{ip}");
+        assert!(std::path::Path::new(ip).is_absolute());
+    }
 
     #[test]
     fn only_the_benchmarking_range_is_accepted() {
