@@ -319,6 +319,51 @@ fn targets_off_the_probe_network_are_refused() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
 }
 
+/// Issue #12: what a killed probe left (its namespace, its veth pair) is
+/// removed by the next probe, not only warned about.
+#[test]
+fn a_dead_probes_namespace_is_removed_by_the_next_one() {
+    let Some(_turn) = net_turn() else { return };
+    // A process id that no longer runs.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    ip(&["netns", "add", &format!("rtvm-probe-{dead}")]);
+    ip(&[
+        "link",
+        "add",
+        &format!("rtvp{dead}h"),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &format!("rtvp{dead}p"),
+    ]);
+    assert_eq!(
+        leftovers(dead, [198, 18, 0, 20]).len(),
+        4,
+        "netns, its file, two links"
+    );
+    let out = output_within(
+        rtvm().args([
+            "probe",
+            "--subnet",
+            "198.18.0.20/30",
+            "--count",
+            "2",
+            "--timeout-ms",
+            "20",
+        ]),
+        Duration::from_secs(60),
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!("removed network namespace rtvm-probe-{dead}")),
+        "{stderr}"
+    );
+    assert_eq!(leftovers(dead, [198, 18, 0, 20]), Vec::<String>::new());
+}
+
 #[test]
 fn no_replies_is_an_error_and_still_cleans_up() {
     let Some(_turn) = net_turn() else { return };

@@ -144,8 +144,9 @@ impl ProbeNet {
     /// ends up, no routes beyond the /30.
     pub fn create(layout: NetLayout) -> Result<ProbeNet, String> {
         check_ip_tool()?;
+        // Before the layout check: a dead probe's veth may hold its addresses.
+        remove_stale();
         check_layout_free(&layout)?;
-        warn_about_stale();
         let pid = std::process::id();
         let n = INSTANCES.fetch_add(1, Ordering::SeqCst);
         let suffix = |sep: &str| {
@@ -375,23 +376,28 @@ fn check_layout_free(layout: &NetLayout) -> Result<(), String> {
 
 /// Mentions namespaces left by probes that were killed outright (SIGKILL
 /// gives no chance to clean up), with the commands that remove them.
-fn warn_about_stale() {
+/// Removes the namespaces and veth pairs of probes whose process no longer
+/// runs (killed before they could clean up): their addresses would block
+/// the layout, and nothing else removes them.
+fn remove_stale() {
     let Ok(list) = ip(&["netns", "list"]) else {
         return;
     };
     for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        let Some(pid) = name
-            .strip_prefix("rtvm-probe-")
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
+        let Some(rest) = name.strip_prefix("rtvm-probe-") else {
             continue;
         };
-        if !std::path::Path::new("/proc").join(pid.to_string()).exists() {
-            eprintln!(
-                "rtvm: warning: network namespace {name} is left from a process that no longer runs; \
-                 remove it with `ip netns del {name}; ip link del rtvp{pid}h`"
-            );
+        let (pid, n) = rest.split_once('-').unwrap_or((rest, ""));
+        if pid.parse::<u32>().is_err() || std::path::Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        // The host end goes with its peer; either may already be gone.
+        let _ = ip(&["link", "del", &format!("rtvp{pid}h{n}")]);
+        match ip(&["netns", "del", name]) {
+            Ok(_) => eprintln!(
+                "rtvm: removed network namespace {name}, left by a probe that no longer runs"
+            ),
+            Err(e) => eprintln!("rtvm: warning: cannot remove stale namespace {name}: {e}"),
         }
     }
 }
