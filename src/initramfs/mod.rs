@@ -8,7 +8,8 @@
 //!   each dynamically linked ELF file (a program or a shared library such
 //!   as `librtvm_preload.so`) with the shared libraries it needs;
 //! - programs given with `--program PATH`, at the same path, with every
-//!   shared library `ldd` lists for them and their dynamic loader;
+//!   shared library their ELF headers name (found in the system library
+//!   directories, nothing run) and their dynamic loader;
 //! - the directories of all of these, `/proc`, `/sys`, `/dev`, `/tmp`,
 //!   `/run`, a `/dev/console` node, and `/init`: a shell script that mounts
 //!   proc, sysfs, devtmpfs and a tmpfs on `/dev/shm` (POSIX shared memory,
@@ -68,11 +69,11 @@ pub struct InitramfsArgs {
     /// Add the host file HOST_PATH as GUEST_PATH (default: the same path,
     /// which must then be absolute); permission bits are kept. A dynamically
     /// linked ELF file (program or shared library) comes with the shared
-    /// libraries `ldd` lists for it. Repeatable.
+    /// libraries its ELF header names (from the system library directories). Repeatable.
     #[arg(long = "add", value_name = "HOST_PATH[:GUEST_PATH]", value_parser = parse_add)]
     pub add: Vec<AddFile>,
     /// Add the program at PATH (same path in the guest, mode 0755) with the
-    /// shared libraries `ldd` lists for it and its dynamic loader. Repeatable.
+    /// shared libraries its ELF header names and its dynamic loader (from the system library directories). Repeatable.
     #[arg(long = "program", value_name = "PATH")]
     pub programs: Vec<PathBuf>,
     /// The shell command /init runs once [default: "echo rtvm-init: no command"].
@@ -149,7 +150,7 @@ pub fn rt_cmdline(cpu: u32) -> String {
 
 /// Builds the initramfs for `spec`: the gzip-compressed newc archive.
 ///
-/// Errors (a missing file, a program whose libraries `ldd` cannot resolve,
+/// Errors (a missing file, a program whose libraries cannot be found,
 /// two different files for one path…) are messages for the user.
 pub fn build(spec: &InitramfsSpec) -> Result<Vec<u8>, String> {
     let archive = write_newc(&entries(spec)?)?;
@@ -334,131 +335,105 @@ fn guest_path_of(host: &Path) -> Result<String, String> {
     guest_path(text)
 }
 
-/// How an ELF file is linked, from its program headers.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ElfLinking {
-    /// `PT_INTERP`: the dynamic loader a program names (none for a shared
-    /// library or a static program).
-    pub interpreter: Option<String>,
-    /// Whether it has a `PT_DYNAMIC` segment: it needs the dynamic loader
-    /// and, through it, shared libraries.
-    pub dynamic: bool,
-}
+/// Where a program's dynamic loader and shared libraries may come from:
+/// the system's library directories, and nowhere else. `rtvm initramfs`
+/// runs as root on programs it does not trust: a crafted ELF must not pull
+/// some other file of the host into the image.
+const LIBRARY_DIRS: &[&str] = &[
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib64",
+    "/usr/lib64",
+    "/lib",
+    "/usr/lib",
+];
 
-/// How the ELF file at `path` is linked; `None` for a file that is not ELF
-/// (a script, data).
-pub fn elf_linking(path: &Path) -> Result<Option<ElfLinking>, String> {
-    let bytes = read_file(path)?;
-    if bytes.len() < 52 || &bytes[..4] != b"\x7fELF" {
-        return Ok(None);
+/// `path` if it is a regular file anyone may read that lies, symlinks
+/// followed, in one of [`LIBRARY_DIRS`]; the path itself is kept, as the
+/// guest's loader will look for it there.
+fn library_file(path: &Path, needed_by: &Path) -> Result<PathBuf, String> {
+    let refuse = |why: &str| {
+        Err(format!(
+            "{} needs {}, which {why}",
+            needed_by.display(),
+            path.display()
+        ))
+    };
+    let Ok(real) = fs::canonicalize(path) else {
+        return refuse("does not exist");
+    };
+    let standard = LIBRARY_DIRS
+        .iter()
+        .filter_map(|dir| fs::canonicalize(dir).ok())
+        .any(|dir| real.parent() == Some(dir.as_path()));
+    if !standard {
+        return refuse("is not in a system library directory");
     }
-    let bad = || format!("{}: damaged ELF header", path.display());
-    let is64 = match bytes[4] {
-        1 => false,
-        2 => true,
-        _ => return Err(bad()),
-    };
-    let little = match bytes[5] {
-        1 => true,
-        2 => false,
-        _ => return Err(bad()),
-    };
-    let uint = |at: usize, len: usize| -> Result<u64, String> {
-        let raw = bytes.get(at..at + len).ok_or_else(bad)?;
-        let mut value = 0u64;
-        for i in 0..len {
-            let byte = if little { raw[len - 1 - i] } else { raw[i] };
-            value = (value << 8) | u64::from(byte);
-        }
-        Ok(value)
-    };
-    let (phoff, phentsize, phnum) = if is64 {
-        (uint(0x20, 8)?, uint(0x36, 2)?, uint(0x38, 2)?)
-    } else {
-        (uint(0x1c, 4)?, uint(0x2a, 2)?, uint(0x2c, 2)?)
-    };
-    const PT_DYNAMIC: u64 = 2;
-    const PT_INTERP: u64 = 3;
-    let mut linking = ElfLinking {
-        interpreter: None,
-        dynamic: false,
-    };
-    for index in 0..phnum {
-        let at = index
-            .checked_mul(phentsize)
-            .and_then(|off| off.checked_add(phoff))
-            .and_then(|at| usize::try_from(at).ok())
-            .ok_or_else(bad)?;
-        match uint(at, 4)? {
-            PT_DYNAMIC => linking.dynamic = true,
-            PT_INTERP => {
-                let (offset, size) = if is64 {
-                    (uint(at + 8, 8)?, uint(at + 32, 8)?)
-                } else {
-                    (uint(at + 4, 4)?, uint(at + 16, 4)?)
-                };
-                let start = usize::try_from(offset).map_err(|_| bad())?;
-                let end = start
-                    .checked_add(usize::try_from(size).map_err(|_| bad())?)
-                    .ok_or_else(bad)?;
-                let raw = bytes.get(start..end).ok_or_else(bad)?;
-                let text = std::str::from_utf8(raw.split(|&b| b == 0).next().unwrap_or(&[]))
-                    .map_err(|_| bad())?;
-                linking.interpreter = Some(text.to_string());
-            }
-            _ => {}
-        }
+    let meta = fs::metadata(&real).map_err(|e| format!("{}: {e}", real.display()))?;
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+    if !meta.is_file() || mode & 0o004 == 0 {
+        return refuse("is not a library file anyone may read");
     }
-    Ok(Some(linking))
+    Ok(path.to_path_buf())
 }
 
 /// The shared libraries (dynamic loader included) that `program` (or a
-/// shared library) needs, as `ldd` resolves them on the host; none for a
+/// shared library) needs, resolved from the ELF's own `PT_INTERP` and
+/// `DT_NEEDED` entries in [`LIBRARY_DIRS`], the way the guest's loader
+/// will find them; without running the program or `ldd` on it. None for a
 /// static program or a file that is not ELF.
 pub fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>, String> {
-    let Some(linking) = elf_linking(program)? else {
-        return Ok(Vec::new());
-    };
-    if !linking.dynamic && linking.interpreter.is_none() {
-        return Ok(Vec::new());
-    }
-    let out = std::process::Command::new("ldd")
-        .arg(program)
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(|e| format!("cannot run ldd on {}: {e}", program.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "ldd {} failed ({}): {}{}",
-            program.display(),
-            out.status,
-            stdout.trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let mut libs: Vec<PathBuf> = linking.interpreter.into_iter().map(PathBuf::from).collect();
-    for line in stdout.lines().map(str::trim) {
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)",
-        // "/lib64/ld-linux-x86-64.so.2 (0x…)", "linux-vdso.so.1 (0x…)",
-        // "libfoo.so.1 => not found".
-        let path = match line.split_once("=>") {
-            Some((name, target)) => {
-                let target = target.trim();
-                if target.starts_with("not found") {
-                    return Err(format!(
-                        "{} needs {}, which ldd cannot find",
-                        program.display(),
-                        name.trim()
-                    ));
-                }
-                target
+    let mut libs = Vec::new();
+    let mut todo = vec![program.to_path_buf()];
+    while let Some(file) = todo.pop() {
+        let bytes = read_file(&file)?;
+        if !bytes.starts_with(b"\x7fELF") {
+            continue;
+        }
+        let elf = goblin::elf::Elf::parse(&bytes)
+            .map_err(|e| format!("{}: not an ELF file rtvm can read: {e}", file.display()))?;
+        if let Some(loader) = elf.interpreter {
+            // The segment's string, to its first NUL.
+            let loader = Path::new(loader.split('\0').next().unwrap_or(""));
+            let name = loader.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if !loader.is_absolute() || !name.starts_with("ld-") {
+                return Err(format!(
+                    "{} names {} as its dynamic loader, which is not one",
+                    file.display(),
+                    loader.display()
+                ));
             }
-            None => line,
-        };
-        let path = path.split(" (").next().unwrap_or("").trim();
-        if path.starts_with('/') && !libs.iter().any(|lib| lib == Path::new(path)) {
-            libs.push(PathBuf::from(path));
+            let loader = library_file(loader, &file)?;
+            if !libs.contains(&loader) {
+                libs.push(loader);
+            }
+        }
+        for name in elf.libraries {
+            if name.contains('/') || name.is_empty() {
+                return Err(format!(
+                    "{} needs {name:?}: only library names are resolved, not paths",
+                    file.display()
+                ));
+            }
+            let found = LIBRARY_DIRS
+                .iter()
+                .map(|dir| Path::new(dir).join(name))
+                .find(|path| path.exists())
+                .ok_or_else(|| {
+                    format!(
+                        "{} needs {name}, which is in none of {}",
+                        file.display(),
+                        LIBRARY_DIRS.join(", ")
+                    )
+                })?;
+            let found = library_file(&found, &file)?;
+            // A library reached by two paths (/lib and /usr/lib on a
+            // merged-/usr system) goes in once.
+            let same = |a: &Path, b: &Path| fs::canonicalize(a).ok() == fs::canonicalize(b).ok();
+            if !libs.iter().any(|lib| same(lib, &found)) {
+                todo.push(found.clone());
+                libs.push(found);
+            }
         }
     }
     Ok(libs)
@@ -538,4 +513,59 @@ pub fn run(args: &InitramfsArgs) -> ExitCode {
         );
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A copy of `/usr/bin/true` with `from` (a string in it) replaced by
+    /// `to`, padded with NULs to the same length.
+    fn crafted(name: &str, from: &str, to: &str) -> PathBuf {
+        let mut bytes = std::fs::read("/usr/bin/true").unwrap();
+        assert!(to.len() <= from.len());
+        let at = bytes
+            .windows(from.len())
+            .position(|w| w == from.as_bytes())
+            .unwrap_or_else(|| panic!("{from} not in /usr/bin/true"));
+        let mut patch = to.as_bytes().to_vec();
+        patch.resize(from.len(), 0);
+        bytes[at..at + from.len()].copy_from_slice(&patch);
+        let path = std::env::temp_dir().join(format!("rtvm-crafted-{name}-{}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    /// Issue #12: a crafted program cannot pull other host files into the
+    /// image as its "loader" or its "libraries", and nothing runs it.
+    #[test]
+    fn a_crafted_program_gets_nothing_but_system_libraries() {
+        let loader = crafted("loader", "/lib64/ld-linux-x86-64.so.2", "/etc/shadow");
+        let err = shared_libraries(&loader).unwrap_err();
+        assert!(err.contains("not one"), "{err}");
+        // A loader-like name outside the library directories.
+        let fake = std::env::temp_dir().join("ld-rtvm-fake");
+        std::fs::write(&fake, b"not a loader").unwrap();
+        let disguised = crafted(
+            "disguised",
+            "/lib64/ld-linux-x86-64.so.2",
+            fake.to_str().unwrap(),
+        );
+        let err = shared_libraries(&disguised).unwrap_err();
+        std::fs::remove_file(&fake).unwrap();
+        assert!(err.contains("not in a system library directory"), "{err}");
+        let path = crafted("path", "libc.so.6", "/etc/mtab");
+        let err = shared_libraries(&path).unwrap_err();
+        assert!(err.contains("not paths"), "{err}");
+        for file in [loader, disguised, path] {
+            std::fs::remove_file(file).unwrap();
+        }
+        // The real program still gets its loader and libc.
+        let libs = shared_libraries(Path::new("/usr/bin/true")).unwrap();
+        assert!(
+            libs.iter().any(|l| l.ends_with("ld-linux-x86-64.so.2")),
+            "{libs:?}"
+        );
+        assert!(libs.iter().any(|l| l.ends_with("libc.so.6")), "{libs:?}");
+    }
 }
