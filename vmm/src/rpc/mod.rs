@@ -128,14 +128,13 @@ impl RpcServer {
         // One copy of the request: the guest may change the page while the
         // call runs, and nothing is read from it twice.
         let mut request = [0u8; REQUEST_SIZE];
-        let ram = self.ram.clone();
-        let decoded = match ram.mem().read_slice(&mut request, GuestAddress(page)) {
+        let decoded = match self.ram.mem().read_slice(&mut request, GuestAddress(page)) {
             Ok(()) => Request::decode(&request),
             Err(_) => Err(Status::BadAddress),
         };
         let outcome = decoded.and_then(|req| {
-            let mut cx = CallContext::new(vcpu, &ram, park);
-            self.route(&req, &mut cx)
+            let mut cx = CallContext::new(vcpu, &self.ram, park);
+            Self::route(&mut self.own, &self.services, &req, &mut cx)
         });
         let number = u32::from_le_bytes(request[4..8].try_into().expect("4 bytes"));
         self.services
@@ -189,13 +188,13 @@ impl RpcServer {
 
     /// The one place a call finds its service.
     fn route(
-        &mut self,
+        own: &mut VcpuService,
+        services: &Services,
         req: &Request,
         cx: &mut CallContext<'_>,
     ) -> std::result::Result<[u64; 4], Status> {
-        let services = &*self.services;
         match req.call.service() {
-            Service::Vcpu => self.own.serve(req, cx, services.streams.as_ref()),
+            Service::Vcpu => own.serve(req, cx, services.streams.as_ref()),
             Service::Files => services
                 .files
                 .as_ref()

@@ -139,23 +139,7 @@ impl Parker {
             // A deadline already past: look without blocking, so what is
             // ready right now still counts.
             let passed = timed && now_ns() >= deadline;
-            let zero = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            let timeout: *const libc::timespec = if passed { &zero } else { std::ptr::null() };
-            // SAFETY: `all` is a live pollfd array of the given length and
-            // `timeout` null or a live timespec, for the whole call.
-            let rc = unsafe {
-                libc::ppoll(
-                    all.as_mut_ptr(),
-                    all.len() as libc::nfds_t,
-                    timeout,
-                    std::ptr::null(),
-                )
-            };
-            if rc < 0 {
-                let e = std::io::Error::last_os_error();
+            if let Err(e) = ppoll(&mut all, passed.then_some(0)) {
                 if e.raw_os_error() == Some(libc::EINTR) {
                     continue;
                 }
@@ -260,6 +244,27 @@ impl<R: Requests> Park for VcpuPark<'_, R> {
     }
 }
 
+/// `ppoll` on `fds` for at most `timeout` ns (`None`: no limit), with no
+/// signal mask change; how many descriptors are ready.
+fn ppoll(fds: &mut [libc::pollfd], timeout: Option<u64>) -> std::io::Result<usize> {
+    let spec = timeout.map(|ns| libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    });
+    let spec: *const libc::timespec = spec.as_ref().map_or(std::ptr::null(), |s| s);
+    // SAFETY: `fds` is a live pollfd slice of the given length and `spec`
+    // null or a live timespec, for the whole call.
+    let rc = unsafe {
+        libc::ppoll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            spec,
+            std::ptr::null(),
+        )
+    };
+    usize::try_from(rc).map_err(|_| std::io::Error::last_os_error())
+}
+
 /// A park with no VMM to answer to (tests, in-process servers): it waits
 /// on the descriptors and the deadline alone, and is never cut short.
 pub struct Unattended;
@@ -267,31 +272,12 @@ pub struct Unattended;
 impl Park for Unattended {
     fn park(&mut self, fds: &mut [libc::pollfd], deadline: u64) -> Result<Parked, Interrupted> {
         loop {
-            let left = deadline.saturating_sub(now_ns());
-            let timeout = libc::timespec {
-                tv_sec: (left / 1_000_000_000) as libc::time_t,
-                tv_nsec: (left % 1_000_000_000) as libc::c_long,
-            };
-            let timeout: *const libc::timespec = if deadline == NO_DEADLINE {
-                std::ptr::null()
-            } else {
-                &timeout
-            };
-            // SAFETY: `fds` is a live pollfd slice and `timeout` null or a
-            // live timespec, for the whole call.
-            let rc = unsafe {
-                libc::ppoll(
-                    fds.as_mut_ptr(),
-                    fds.len() as libc::nfds_t,
-                    timeout,
-                    std::ptr::null(),
-                )
-            };
-            if rc > 0 {
-                return Ok(Parked::Ready);
-            }
-            if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                return Err(Interrupted);
+            let timeout = (deadline != NO_DEADLINE).then(|| deadline.saturating_sub(now_ns()));
+            match ppoll(fds, timeout) {
+                Ok(0) => {}
+                Ok(_) => return Ok(Parked::Ready),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(_) => return Err(Interrupted),
             }
             if now_ns() >= deadline {
                 return Ok(Parked::Deadline);
