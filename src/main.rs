@@ -13,7 +13,10 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use flags::{RtVcpuArg, ShareArg};
-use rtvm_vmm::config::{parse_byte_size, parse_size, AddrRule, AdvanceMode, RtBandwidth};
+use rtvm_vmm::config::{
+    parse_byte_size, parse_size, AddrRule, AdvanceMode, RtBandwidth, SeccompMode,
+};
+use rtvm_vmm::seccomp::{self, ThreadKind};
 use rtvm_vmm::{Console, Error, GuestSpec, Vm, VmConfig, VmRun};
 
 /// Exit status for bad user input (flags, config file, guest name).
@@ -127,6 +130,10 @@ pub struct RunArgs {
     /// Most bytes each guest socket may buffer per direction, e.g. 256K [default: 256K].
     #[arg(long, value_name = "SIZE", value_parser = parse_byte_size)]
     net_max_buffer: Option<u64>,
+    /// Seccomp filters on every thread: on, log (let calls outside a
+    /// filter through, logged by the kernel), off (for debugging) [default: on].
+    #[arg(long, value_name = "MODE")]
+    seccomp: Option<SeccompMode>,
     /// Write how the run ended and what it cost (RSS, times) as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
@@ -181,6 +188,9 @@ impl RunArgs {
         }
         if let Some(advance) = self.timer_advance {
             config.timer_advance = advance;
+        }
+        if let Some(mode) = self.seccomp {
+            config.seccomp = mode;
         }
         if let Some(ShareArg(share)) = &self.share {
             config.share = Some(share.clone());
@@ -259,6 +269,8 @@ fn run(args: &RunArgs) -> ExitCode {
     let result = args.to_config().and_then(|config| {
         rtvm_vmm::signals::install_termination_handlers()?;
         let running = Vm::new(&config, console_for(&config)?)?.start()?;
+        // From here this thread only waits, tears down and reports.
+        seccomp::confine_current_thread(ThreadKind::Control, config.seccomp)?;
         if !running.rt_report().is_empty() {
             eprint!("{}", running.rt_report());
         }

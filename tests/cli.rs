@@ -295,9 +295,10 @@ fn serial_log_gets_the_console() {
     assert!(text(&out.stderr).contains("cannot create serial log /nonexistent/dir/log"));
 }
 
-fn spawn_spinning(vcpus: &str) -> Child {
+fn spawn_spinning(vcpus: &str, extra: &[&str]) -> Child {
     let mut child = rtvm()
         .args(["run", "--guest", "builtin:spin", "--vcpus", vcpus])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -324,13 +325,74 @@ fn termination_signals_stop_a_spinning_guest_cleanly() {
         (libc::SIGHUP, 129),
         (libc::SIGQUIT, 131),
     ] {
-        let child = spawn_spinning("2");
+        let child = spawn_spinning("2", &[]);
         // SAFETY: plain kill(2) of our own child.
         unsafe { libc::kill(child.id() as i32, sig) };
         let out = wait_output_within(child, Duration::from_secs(60));
         assert_eq!(out.status.code(), Some(code), "{}", text(&out.stderr));
         assert!(!text(&out.stderr).contains("panicked"));
     }
+}
+
+/// Each of the process's own threads (not KVM's kernel workers) and its
+/// `Seccomp:` field in /proc: 0 none, 2 a filter.
+fn seccomp_of_threads(pid: u32) -> Vec<(String, String)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        let seccomp = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .unwrap_or("?")
+            .trim();
+        if comm.starts_with("rtvm") {
+            threads.push((comm.trim().to_string(), seccomp.to_string()));
+        }
+    }
+    threads.sort();
+    threads
+}
+
+/// Issue #12: in a normal run every rtvm thread confines itself with a
+/// seccomp filter (the control thread just after the start), the VM
+/// still stops cleanly under them, and `--seccomp off` is there, and said,
+/// for debugging.
+#[test]
+fn every_thread_of_a_running_vm_is_under_seccomp() {
+    need_kvm!();
+    for (extra, want) in [(&[][..], "2"), (&["--seccomp", "off"][..], "0")] {
+        let child = spawn_spinning("2", extra);
+        let expected: Vec<(String, String)> = ["rtvm", "rtvm-console", "rtvm-vcpu0", "rtvm-vcpu1"]
+            .iter()
+            .map(|name| (name.to_string(), want.to_string()))
+            .collect();
+        // The guest prints before its second vCPU's thread may exist, and
+        // the control thread confines itself once the start is done.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let threads = loop {
+            let threads = seccomp_of_threads(child.id());
+            if threads == expected || std::time::Instant::now() > deadline {
+                break threads;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(threads, expected, "{extra:?}");
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = wait_output_within(child, Duration::from_secs(60));
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(143), "{stderr}");
+        assert_eq!(want == "0", stderr.contains("seccomp is off"), "{stderr}");
+    }
+    let out = run(&["run", "--guest", "builtin:hello", "--seccomp", "strict"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("seccomp mode 'strict' is not one of on, log, off"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

@@ -9,15 +9,21 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use rtvm_vmm::config::SeccompMode;
+use rtvm_vmm::seccomp::{self, ThreadKind};
+
 /// How often a blocked server looks at its stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(20);
 
 /// Echoes datagrams on `socket` from the calling thread until `stop` is set
 /// (seen within 20 ms), returning how many it echoed. Runs on the caller's
-/// thread so the caller chooses its scheduling (e.g. SCHED_FIFO) first.
-/// Changes the socket's read timeout.
+/// thread so the caller chooses its scheduling (e.g. SCHED_FIFO) first;
+/// the thread then confines itself to the echo's seccomp filter, since it
+/// answers whatever arrives. Changes the socket's read timeout.
 pub fn serve_echo(socket: &UdpSocket, stop: &AtomicBool) -> io::Result<u64> {
     socket.set_read_timeout(Some(STOP_CHECK))?;
+    seccomp::confine_current_thread(ThreadKind::Echo, SeccompMode::Enforce)
+        .map_err(io::Error::other)?;
     let mut buf = [0u8; 65536];
     let mut echoed = 0;
     while !stop.load(Ordering::Relaxed) {

@@ -11,6 +11,7 @@
 //! - [`host`]: facts about the host that decide how timing results read.
 //! - [`rpc`]: the VMRPC server (ping, clock, long-polling timers, log, report).
 //! - [`realtime`]: RT vCPUs: SCHED_FIFO, pinning, RT-bandwidth cgroups, report.
+//! - [`seccomp`]: the allow-list each kind of thread confines itself to.
 //! - [`signals`]: SIGINT/SIGTERM to a clean shutdown.
 
 pub mod boot;
@@ -23,6 +24,7 @@ pub mod host;
 pub mod memory;
 pub mod realtime;
 pub mod rpc;
+pub mod seccomp;
 pub mod signals;
 pub mod vcpu;
 pub mod vm;

@@ -102,14 +102,32 @@ impl RtCgroups {
         &self.rt
     }
 
-    /// Moves the calling thread back to the root group, so the groups are
-    /// empty once the VM is gone. (KVM's own worker threads, created by the
-    /// first KVM_RUN in the cgroup of that vCPU thread, leave when the VM fd
-    /// closes; `RunningVm` closes it before it removes the groups.)
-    pub fn leave(&self) {
+    /// The way back to the root group for the calling vCPU thread, opened
+    /// now, while the thread may still open cgroup files (before it takes on
+    /// the share owner's file identity and confines itself).
+    pub fn exit_for_this_thread(&self) -> Result<CgroupExit, String> {
+        let path = self.root.join("tasks");
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map(CgroupExit)
+            .map_err(|e| format!("opening {}: {e}", path.display()))
+    }
+}
+
+/// A vCPU thread's way out of the VM's RT cgroups: [`CgroupExit::leave`]
+/// moves it back to the root group, so the groups are empty once the VM is
+/// gone. (KVM's own worker threads, created by the first KVM_RUN in the
+/// cgroup of that vCPU thread, leave when the VM fd closes; `RunningVm`
+/// closes it before it removes the groups.)
+#[derive(Debug)]
+pub struct CgroupExit(File);
+
+impl CgroupExit {
+    pub fn leave(mut self) {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
-        if let Err(e) = write_file(&self.root.join("tasks"), tid) {
+        if let Err(e) = self.0.write_all(tid.to_string().as_bytes()) {
             tracing::warn!("vCPU thread cannot leave its cgroup: {e}");
         }
     }

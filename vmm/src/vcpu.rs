@@ -25,7 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::clock;
-use crate::config::{AdvanceMode, RtPolicy, UnhandledIo};
+use crate::config::{AdvanceMode, RtPolicy, SeccompMode, UnhandledIo};
 use crate::devices::Bus;
 use crate::error::{Error, Result};
 use crate::exit::{ExitSignal, VmExitReason};
@@ -33,6 +33,7 @@ use crate::memory::GuestRam;
 use crate::realtime::{self, RtCgroups, RtItem};
 use crate::rpc::park::{Parker, Requests};
 use crate::rpc::{Doorbell, RpcServer, Services, VcpuFacts};
+use crate::seccomp::{self, ThreadKind};
 
 /// Offset from SIGRTMIN of the signal that kicks a vCPU out of `KVM_RUN`.
 const KICK_SIGNAL_OFFSET: i32 = 0;
@@ -121,6 +122,8 @@ pub struct VcpuContext {
     pub advance: AdvanceMode,
     pub rt: Option<RtPolicy>,
     pub cgroups: Option<Arc<RtCgroups>>,
+    /// The seccomp filter the thread confines itself with once set up.
+    pub seccomp: SeccompMode,
     /// Where the thread reports its real-time setup before it runs the guest.
     pub started: std::sync::mpsc::Sender<(usize, Vec<RtItem>)>,
 }
@@ -301,8 +304,6 @@ fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
         .store(unsafe { libc::gettid() }, Ordering::Release);
     let rt_items =
         realtime::apply_to_current_thread(ctx.index, ctx.rt.as_ref(), ctx.cgroups.as_deref());
-    // The VMM may be gone already (start failed); then nothing waits for this.
-    let _ = ctx.started.send((ctx.index, rt_items));
     let facts = VcpuFacts {
         index: ctx.index,
         count: ctx.count,
@@ -314,8 +315,25 @@ fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
         tsc_offset: clock::measure_tsc_offset(&fd, facts.tsc_khz),
         ..facts
     };
+    // Everything the thread opens or creates for itself comes before it
+    // drops file privileges and confines itself.
+    let cgroup_exit = ctx.cgroups.as_ref().map(|c| c.exit_for_this_thread());
+    let parker = Parker::new().and_then(|parker| {
+        if let Some(Err(e)) = &cgroup_exit {
+            return Err(Error::Realtime(e.clone()));
+        }
+        if let Some(owner) = ctx.services.files.as_ref().and_then(|f| f.owner()) {
+            owner
+                .act_as_on_this_thread()
+                .map_err(Error::host("taking on the share owner's file identity"))?;
+        }
+        seccomp::confine_current_thread(ThreadKind::Vcpu, ctx.seccomp)?;
+        Ok(parker)
+    });
+    // The VMM may be gone already (start failed); then nothing waits for this.
+    let _ = ctx.started.send((ctx.index, rt_items));
     let mut rpc = RpcServer::new(facts, ctx.ram.clone(), ctx.services.clone(), ctx.advance);
-    let finished = match Parker::new() {
+    let finished = match parker {
         Ok(parker) => run_loop(&mut fd, &ctx, control, &mut rpc, &parker),
         Err(e) => {
             ctx.exit.request(VmExitReason::Fatal {
@@ -326,8 +344,8 @@ fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
             false
         }
     };
-    if let Some(cgroups) = &ctx.cgroups {
-        cgroups.leave();
+    if let Some(Ok(exit)) = cgroup_exit {
+        exit.leave();
     }
     if ctx.advance != AdvanceMode::Off {
         tracing::info!(

@@ -16,8 +16,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::builtin::{self, GuestImage};
 use crate::boot::cpu;
 use crate::boot::linux;
-use crate::config::UnhandledIo;
 use crate::config::{GuestSpec, VmConfig};
+use crate::config::{SeccompMode, UnhandledIo};
 use crate::devices::{Bus, Console, ResetController, SerialDevice};
 use crate::error::{Error, Result};
 use crate::exit::{ExitSignal, VmExitReason};
@@ -282,6 +282,7 @@ impl Vm {
                 advance: self.config.advance_for(index),
                 rt: self.config.rt_policy(index),
                 cgroups: rt_host.cgroups.clone(),
+                seccomp: self.config.seccomp,
                 started: started_tx.clone(),
             };
             vcpus.push(VcpuHandle::spawn(fd, ctx)?);
@@ -301,6 +302,20 @@ impl Vm {
                     failure.result.as_ref().unwrap_err()
                 );
             }
+        }
+        if let Err(e) = self.console.confine(self.config.seccomp) {
+            // The vCPUs run already: stop them before giving up.
+            for vcpu in vcpus {
+                vcpu.join();
+            }
+            return Err(e);
+        }
+        match self.config.seccomp {
+            SeccompMode::Enforce => {}
+            SeccompMode::Log => tracing::warn!(
+                "seccomp in log mode: calls outside a thread's filter are let through and logged by the kernel"
+            ),
+            SeccompMode::Off => tracing::warn!("seccomp is off: no thread of this VM is confined"),
         }
         let running = RunningVm {
             vcpus,

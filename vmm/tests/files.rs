@@ -314,3 +314,55 @@ fn logger_keeps_its_deadlines_while_writing() {
     assert_eq!(run.streams[0].len(), 300, "lateness per cycle");
     assert_eq!(run.streams[2].len(), 300, "write duration per cycle");
 }
+
+/// Issue #12: a VMM running as root acts as the share's owner in the
+/// share, not as root: a file the guest makes belongs to the owner, and a
+/// directory only root may write to stays shut to the guest.
+#[test]
+fn file_calls_act_as_the_share_owner_not_as_root() {
+    let _serial = one_at_a_time(&SERIAL);
+    need_kvm!();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var("CI").is_err(), "CI runs as root");
+        eprintln!("skipping: only root can hand a share to another user");
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let share = Share::new("owner");
+    let nobody = 65534;
+    std::os::unix::fs::chown(share.root(), Some(nobody), Some(nobody)).unwrap();
+    let locked = share.root().join("root-only");
+    std::fs::create_dir(&locked).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = || Some(ShareConfig::new(share.root(), false));
+
+    let (run_ok, out) = run(
+        "logger",
+        1,
+        "count=3 period=1000000 file=made.log",
+        config(),
+    );
+    assert_exit_0(&run_ok, &out);
+    let made = std::fs::metadata(share.root().join("made.log")).unwrap();
+    assert_eq!(
+        (made.uid(), made.gid()),
+        (nobody, nobody),
+        "owned by the share's owner"
+    );
+
+    let (_, out) = run(
+        "logger",
+        1,
+        "count=3 period=1000000 file=root-only/x.log",
+        config(),
+    );
+    assert!(
+        out.contains("logger: open root-only/x.log: ") && out.contains("FAIL"),
+        "{out}"
+    );
+    assert!(
+        !locked.join("x.log").exists(),
+        "root's directory stayed shut"
+    );
+}

@@ -219,6 +219,47 @@ pub struct VmConfig {
     /// holds no samples, so a guest cannot grow its memory that way.
     #[serde(skip)]
     pub sample_streams: bool,
+    /// The seccomp filters of the VM's threads: `on` (default), `log`, `off`.
+    #[serde(default, deserialize_with = "from_str")]
+    pub seccomp: SeccompMode,
+}
+
+/// Whether the VM's threads confine themselves with seccomp filters (see
+/// `rtvm_vmm::seccomp`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SeccompMode {
+    /// A call outside a thread's list ends the process with a message.
+    #[default]
+    Enforce,
+    /// Calls outside the lists go through, and the kernel logs each one
+    /// (`audit: type=1326` in the kernel log): to find what a filter
+    /// lacks on another kernel or C library.
+    Log,
+    /// No filters, for debugging.
+    Off,
+}
+
+impl FromStr for SeccompMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "on" => Ok(SeccompMode::Enforce),
+            "log" => Ok(SeccompMode::Log),
+            "off" => Ok(SeccompMode::Off),
+            _ => Err(format!("seccomp mode '{s}' is not one of on, log, off")),
+        }
+    }
+}
+
+impl fmt::Display for SeccompMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SeccompMode::Enforce => "on",
+            SeccompMode::Log => "log",
+            SeccompMode::Off => "off",
+        })
+    }
 }
 
 fn default_advance() -> AdvanceMode {
@@ -258,6 +299,7 @@ impl VmConfig {
             timer_advance: default_advance(),
             unhandled_io: UnhandledIo::Fatal,
             sample_streams: false,
+            seccomp: SeccompMode::Enforce,
         }
     }
 

@@ -9,6 +9,8 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
+use crate::config::SeccompMode;
+use crate::seccomp::{self, ThreadKind};
 
 /// Raises the UART's interrupt line through the irqfd KVM listens on.
 pub struct IrqTrigger(pub EventFd);
@@ -72,6 +74,10 @@ struct Backlog {
     queued: u64,
     written: u64,
     dropped: u64,
+    /// The filter the writer thread is asked to confine itself with, and
+    /// then how that went.
+    confine: Option<SeccompMode>,
+    confined: Option<crate::Result<()>>,
 }
 
 /// An output of a console (the terminal, the log file): a backlog the
@@ -106,6 +112,11 @@ impl Terminal {
                                 .unwrap_or_else(|e| e.into_inner());
                             backlog = guard;
                         }
+                        if let Some(mode) = backlog.confine.take() {
+                            backlog.confined =
+                                Some(seccomp::confine_current_thread(ThreadKind::Terminal, mode));
+                            terminal.changed.notify_all();
+                        }
                         std::mem::take(&mut backlog.bytes)
                     };
                     if !chunk.is_empty() {
@@ -134,6 +145,33 @@ impl Terminal {
         // Wake the writer at line ends; it also looks on its own every 200 ms.
         if buf.contains(&b'\n') {
             self.changed.notify_all();
+        }
+    }
+
+    /// Has the writer thread confine itself with `mode`'s filter, and
+    /// waits (a bounded time) for it to say it has.
+    fn confine(&self, mode: SeccompMode) -> crate::Result<()> {
+        let mut backlog = self.lock();
+        backlog.confine = Some(mode);
+        backlog.confined = None;
+        self.changed.notify_all();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            if let Some(result) = backlog.confined.take() {
+                return result;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(crate::Error::Host {
+                    what: format!("confining the {} writer thread", self.what),
+                    source: std::io::ErrorKind::TimedOut.into(),
+                });
+            }
+            backlog = self
+                .changed
+                .wait_timeout(backlog, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -199,6 +237,18 @@ impl Console {
             Box::new(file),
         ));
         self
+    }
+
+    /// Has the threads that write the console out confine themselves with
+    /// `mode`'s seccomp filter (they need no new resources from here on).
+    pub fn confine(&self, mode: SeccompMode) -> crate::Result<()> {
+        if mode == SeccompMode::Off {
+            return Ok(());
+        }
+        for terminal in [&self.stdout, &self.file].into_iter().flatten() {
+            terminal.confine(mode)?;
+        }
+        Ok(())
     }
 
     /// Writes out whatever is still queued or buffered.

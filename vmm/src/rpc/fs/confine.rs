@@ -5,7 +5,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use rtvm_abi::vmrpc::{fs, Status, PATH_MAX};
 
@@ -57,6 +57,32 @@ pub(super) fn openat2(dir: RawFd, path: &CString, flags: i32, mode: u32) -> io::
     }
     // SAFETY: a fresh descriptor nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Opens `path` beneath `dir` if it is a regular file or a directory,
+/// never anything else, not even for a moment: it is looked up with
+/// `O_PATH` first (which no driver sees: opening a device node can act, a
+/// FIFO's open can block), checked, and then that very inode is reopened
+/// through `/proc/self/fd` with `flags` (which must not create).
+pub(super) fn open_existing(dir: RawFd, path: &CString, flags: i32) -> io::Result<OwnedFd> {
+    debug_assert_eq!(flags & (libc::O_CREAT | libc::O_EXCL), 0);
+    let found = openat2(dir, path, libc::O_PATH, 0)?;
+    // SAFETY: stat is plain data, filled by fstat before it is read.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a live descriptor and a stat buffer of the right type.
+    check(unsafe { libc::fstat(found.as_raw_fd(), &mut st) })?;
+    if !matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFDIR) {
+        return Err(io::Error::from_raw_os_error(libc::EPERM));
+    }
+    let again =
+        CString::new(format!("/proc/self/fd/{}", found.as_raw_fd())).expect("no NUL in a number");
+    // SAFETY: a NUL-terminated path; the result is checked below.
+    let fd = unsafe { libc::open(again.as_ptr(), flags | libc::O_CLOEXEC | libc::O_NOCTTY) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 pub(super) fn check(rc: libc::c_int) -> io::Result<()> {

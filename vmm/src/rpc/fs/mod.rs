@@ -18,7 +18,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -27,7 +27,7 @@ use rtvm_abi::vmrpc::{fs, Call, Request, Status};
 mod confine;
 
 pub use confine::guest_path;
-use confine::{check, cstring, kind_of, openat2, split, stat_results, status_of};
+use confine::{check, cstring, kind_of, open_existing, openat2, split, stat_results, status_of};
 
 use super::context::CallContext;
 use super::handles::HandleTable;
@@ -44,10 +44,47 @@ struct OpenFile {
 
 /// The file service of one VM.
 pub struct FileService {
+    owner: Option<ShareOwner>,
     config: ShareConfig,
     root: OwnedFd,
     files: HandleTable<OpenFile>,
     written: AtomicU64,
+}
+
+/// The share's owner, whose file-system identity the vCPU threads take on
+/// when the VMM runs as root (see [`FileService::owner`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShareOwner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl ShareOwner {
+    /// Makes the calling thread act as the owner wherever the kernel checks
+    /// file permissions: its file-system uid and gid become the owner's,
+    /// its supplementary groups go, and with a non-root fs uid the
+    /// capabilities that override file permissions are gone too. Raw system
+    /// calls, because the C library's `setgroups` would change every thread
+    /// of the process; this changes the caller only.
+    pub fn act_as_on_this_thread(self) -> std::io::Result<()> {
+        // SAFETY: setgroups with an empty list reads no memory.
+        let rc = unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) };
+        check(rc as i32)?;
+        // SAFETY: setfsgid/setfsuid take plain ids; -1 (no change) reads
+        // back the id in force, since they report no error otherwise.
+        let (gid, uid) = unsafe {
+            libc::syscall(libc::SYS_setfsgid, self.gid);
+            libc::syscall(libc::SYS_setfsuid, self.uid);
+            (
+                libc::syscall(libc::SYS_setfsgid, u32::MAX),
+                libc::syscall(libc::SYS_setfsuid, u32::MAX),
+            )
+        };
+        if (uid, gid) != (i64::from(self.uid), i64::from(self.gid)) {
+            return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+        }
+        Ok(())
+    }
 }
 
 impl FileService {
@@ -69,7 +106,13 @@ impl FileService {
                 config.path.display()
             )));
         }
+        // SAFETY: geteuid has no preconditions.
+        let owner = (unsafe { libc::geteuid() } == 0 && meta.uid() != 0).then(|| ShareOwner {
+            uid: meta.uid(),
+            gid: meta.gid(),
+        });
         Ok(FileService {
+            owner,
             root: dir.into(),
             files: HandleTable::new(0, config.max_open_files, Status::TooManyOpenFiles),
             config,
@@ -79,6 +122,13 @@ impl FileService {
 
     pub fn config(&self) -> &ShareConfig {
         &self.config
+    }
+
+    /// Whom the file calls act as when the VMM runs as root and the share
+    /// belongs to someone else: that owner, whose permissions then hold
+    /// in the share and who owns what the guest makes there.
+    pub fn owner(&self) -> Option<ShareOwner> {
+        self.owner
     }
 
     /// Descriptors the service holds open (for leak checks).
@@ -137,8 +187,8 @@ impl FileService {
             (false, true) => libc::O_WRONLY,
             _ => libc::O_RDONLY,
         };
-        // O_NONBLOCK: opening a FIFO someone planted in the share must not
-        // park the vCPU; such files are refused right after anyway.
+        // O_NONBLOCK: reads and writes of the share's files never park the
+        // vCPU (only regular files and directories are opened at all).
         os |= libc::O_NONBLOCK;
         if flags & CREATE != 0 {
             os |= libc::O_CREAT;
@@ -164,16 +214,14 @@ impl FileService {
         let slot = self.files.reserve()?;
         let fd = self.open_charged(&cstring(path)?, os, mode, flags & EXCLUSIVE != 0)?;
         let file = File::from(fd);
-        let meta = file.metadata().map_err(|e| status_of(&e))?;
-        if !(meta.is_file() || meta.is_dir()) {
-            return Err(Status::NotPermitted);
-        }
         Ok([slot.fill(OpenFile { file, writable }), 0, 0, 0])
     }
 
     /// Opens `path`; a file it makes is charged against the write quota
     /// ([`CREATE_COST`]). Without `exclusive`, an `O_CREAT` open first tries
-    /// to make the file, and opens the one that exists if it does.
+    /// to make the file, and opens the one that exists if it does. What
+    /// exists already opens only if it is a regular file or a directory
+    /// ([`open_existing`]); what `O_EXCL` makes is a regular file.
     fn open_charged(
         &self,
         path: &CString,
@@ -182,12 +230,13 @@ impl FileService {
         exclusive: bool,
     ) -> std::result::Result<OwnedFd, Status> {
         let root = self.root.as_raw_fd();
+        let existing = os & !(libc::O_CREAT | libc::O_EXCL);
         if os & libc::O_CREAT == 0 {
-            return openat2(root, path, os, mode).map_err(|e| status_of(&e));
+            return open_existing(root, path, existing).map_err(|e| status_of(&e));
         }
         if self.charge(CREATE_COST).is_err() {
             // No quota left to make a file: one that exists still opens.
-            return match openat2(root, path, os & !(libc::O_CREAT | libc::O_EXCL), 0) {
+            return match open_existing(root, path, existing) {
                 Ok(_) if exclusive => Err(Status::AlreadyExists),
                 Ok(fd) => Ok(fd),
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(Status::QuotaExceeded),
@@ -201,7 +250,7 @@ impl FileService {
                 if exclusive || e.raw_os_error() != Some(libc::EEXIST) {
                     return Err(status_of(&e));
                 }
-                openat2(root, path, os & !libc::O_CREAT, 0).map_err(|e| status_of(&e))
+                open_existing(root, path, existing).map_err(|e| status_of(&e))
             }
         }
     }
@@ -470,6 +519,7 @@ impl Drop for FileService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::FromRawFd;
     use std::path::PathBuf;
 
     fn share() -> (PathBuf, FileService) {
@@ -490,6 +540,79 @@ mod tests {
         std::os::unix::fs::symlink("../outside", root.join("escape")).unwrap();
         let svc = FileService::new(ShareConfig::new(root, false)).unwrap();
         (base, svc)
+    }
+
+    /// Issue #12: a FIFO or a device node planted in the share is refused
+    /// without ever being opened (its driver would see an open; a FIFO's
+    /// open can block): inotify, which reports every real open and none of
+    /// the `O_PATH` lookups, sees nothing. Regular files still open.
+    #[test]
+    fn special_files_are_refused_before_they_are_opened() {
+        let (base, svc) = share();
+        let root = base.join("share");
+        let cpath = |name: &str| {
+            std::ffi::CString::new(root.join(name).as_os_str().as_encoded_bytes()).unwrap()
+        };
+        // SAFETY: NUL-terminated paths, plain modes.
+        assert_eq!(unsafe { libc::mkfifo(cpath("fifo").as_ptr(), 0o666) }, 0);
+        // SAFETY: as above; (1, 3) is /dev/null's device number.
+        let null = unsafe {
+            libc::mknod(
+                cpath("null").as_ptr(),
+                libc::S_IFCHR | 0o666,
+                libc::makedev(1, 3),
+            )
+        };
+        let specials: &[&str] = if null == 0 {
+            &["fifo", "null"]
+        } else {
+            &["fifo"]
+        };
+        // SAFETY: plain syscall; the descriptor is checked and owned below.
+        let inotify = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(inotify >= 0);
+        // SAFETY: a fresh descriptor nobody else owns.
+        let inotify = unsafe { OwnedFd::from_raw_fd(inotify) };
+        // SAFETY: a live descriptor and a NUL-terminated path.
+        let watch = unsafe {
+            libc::inotify_add_watch(inotify.as_raw_fd(), cpath("").as_ptr(), libc::IN_OPEN)
+        };
+        assert!(watch >= 0);
+        use fs::open::*;
+        for name in specials {
+            for flags in [READ, WRITE, READ | WRITE | TRUNCATE, WRITE | CREATE] {
+                assert_eq!(
+                    svc.open(name, flags, 0).map(|_| ()),
+                    Err(Status::NotPermitted),
+                    "{name} {flags:#x}"
+                );
+            }
+        }
+        let mut events = [0u8; 4096];
+        // SAFETY: a live descriptor and a buffer of the length passed.
+        let n = unsafe {
+            libc::read(
+                inotify.as_raw_fd(),
+                events.as_mut_ptr().cast(),
+                events.len(),
+            )
+        };
+        assert!(
+            n < 0,
+            "the share saw opens: {:?}",
+            String::from_utf8_lossy(&events[..n.max(0) as usize])
+        );
+        assert!(svc.open("input.txt", READ, 0).is_ok());
+        // SAFETY: as above.
+        let n = unsafe {
+            libc::read(
+                inotify.as_raw_fd(),
+                events.as_mut_ptr().cast(),
+                events.len(),
+            )
+        };
+        assert!(n > 0, "inotify reports a real open");
+        std::fs::remove_dir_all(base).unwrap();
     }
 
     /// Issue #12: a file system mounted inside the share (a bind mount of
