@@ -252,6 +252,7 @@ fn stats_json(run: &VmRun) -> serde_json::Value {
         "process_rss_bytes": run.process_rss,
         "guest_resident_bytes": run.guest_resident,
         "vmm_overhead_bytes": run.vmm_overhead(),
+        "stuck_vcpus": run.stuck,
         "vmrpc": {
             "calls": run
                 .calls
@@ -280,6 +281,12 @@ fn run(args: &RunArgs) -> ExitCode {
         Ok(run) => run,
         Err(err) => return report_error(&err),
     };
+    if !run.stuck.is_empty() {
+        eprintln!(
+            "rtvm: error: vCPU threads {:?} were blocked in the host and did not stop",
+            run.stuck
+        );
+    }
     if run.reason.is_clean() {
         tracing::info!("{}", run.reason);
     } else {

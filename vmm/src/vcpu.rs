@@ -276,23 +276,45 @@ impl VcpuHandle {
         true
     }
 
-    /// Stops the vCPU and waits for its thread to end.
-    pub fn join(mut self) {
+    /// Stops the vCPU and waits, until `deadline`, for its thread to end.
+    /// A thread still in the host by then (blocked where no kick reaches
+    /// it: a lock held elsewhere, a host call that does not return) is
+    /// left behind with a log line, and `false` says so: one stuck thread
+    /// must not hang the VMM's shutdown. What it uses (guest RAM, its vCPU
+    /// fd, the services) it holds shares of, so leaving it is safe; it ends
+    /// when it next sees its stop request, or with the process.
+    pub fn join_until(mut self, deadline: Instant) -> bool {
+        self.finish(deadline)
+    }
+
+    fn finish(&mut self, deadline: Instant) -> bool {
+        let Some(thread) = self.thread.take() else {
+            return true;
+        };
         self.stop();
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("vCPU {} thread panicked", self.index);
-            }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !self.wait_for(VcpuState::Exited, left) && !thread.is_finished() {
+            tracing::error!(
+                "vCPU {} did not stop (state {:?}): its thread is blocked in the host and is left behind",
+                self.index,
+                self.state()
+            );
+            return false;
         }
+        if thread.join().is_err() {
+            tracing::error!("vCPU {} thread panicked", self.index);
+        }
+        true
     }
 }
 
+/// How long a stop waits for the vCPU threads to end before it leaves the
+/// stuck ones behind ([`VcpuHandle::join_until`]).
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
 impl Drop for VcpuHandle {
     fn drop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            self.stop();
-            let _ = thread.join();
-        }
+        self.finish(Instant::now() + STOP_GRACE);
     }
 }
 

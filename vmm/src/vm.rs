@@ -74,6 +74,9 @@ pub struct VmRun {
     pub calls: CallStats,
     /// What real-time setup was tried and how it went.
     pub rt_report: RtReport,
+    /// vCPUs whose threads had not ended when the stop's grace period
+    /// ran out, left behind (see `VcpuHandle::join_until`).
+    pub stuck: Vec<usize>,
 }
 
 impl VmRun {
@@ -305,8 +308,9 @@ impl Vm {
         }
         if let Err(e) = self.console.confine(self.config.seccomp) {
             // The vCPUs run already: stop them before giving up.
+            let deadline = Instant::now() + crate::vcpu::STOP_GRACE;
             for vcpu in vcpus {
-                vcpu.join();
+                vcpu.join_until(deadline);
             }
             return Err(e);
         }
@@ -458,9 +462,17 @@ impl RunningVm {
         let guest_time = self.started.elapsed();
         let process_rss = memory::process_rss();
         let guest_resident = self.ram.resident_bytes();
-        for vcpu in self.vcpus {
-            vcpu.join();
-        }
+        // All stop at once; then each gets what is left of one grace period.
+        self.vcpus.iter().for_each(VcpuHandle::stop);
+        let deadline = Instant::now() + crate::vcpu::STOP_GRACE;
+        let stuck = self
+            .vcpus
+            .into_iter()
+            .filter_map(|vcpu| {
+                let index = vcpu.index();
+                (!vcpu.join_until(deadline)).then_some(index)
+            })
+            .collect();
         self.console.finish();
         let streams = (0..rtvm_abi::vmrpc::STREAMS as usize)
             .map(|s| {
@@ -479,6 +491,7 @@ impl RunningVm {
             streams,
             calls: self.services.counters.snapshot(),
             rt_report: self.rt_report,
+            stuck,
         }
     }
 }

@@ -196,3 +196,56 @@ fn vmm_memory_overhead_is_measured() {
     assert!(guest > 0 && guest < rss, "guest {guest} of RSS {rss}");
     assert!(run.vmm_overhead().unwrap() > 0);
 }
+
+/// Issue #12: a vCPU thread blocked in the host where no kick reaches it
+/// (here: on the console's capture lock, which the test holds) cannot hang
+/// the stop: after the grace period it is left behind and named, and the
+/// stop returns. Released, the thread then ends on its own.
+#[test]
+fn a_vcpu_blocked_in_the_host_does_not_hang_the_stop() {
+    need_kvm!();
+    let out = support::Output::default();
+    let capture = out.clone();
+    let held = capture.hold();
+    let running = Vm::new(&config("spin", 1, ""), out.console())
+        .unwrap()
+        .start()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let tid = loop {
+        if let Some(tid) = running.vcpus()[0].thread_id() {
+            break tid;
+        }
+        assert!(Instant::now() < deadline, "the vCPU thread never started");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let task = format!("/proc/self/task/{tid}");
+    // The guest's first line blocks its vCPU on the held lock: wait until
+    // the thread sleeps in futex(2) (202 on x86-64).
+    while !std::fs::read_to_string(format!("{task}/syscall"))
+        .unwrap_or_default()
+        .starts_with("202 ")
+    {
+        assert!(Instant::now() < deadline, "the vCPU never blocked");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (done, stopped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(running.stop());
+    });
+    let run = stopped
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the stop returned while a vCPU stayed blocked");
+    assert_eq!(run.reason, VmExitReason::Stopped);
+    assert_eq!(run.stuck, vec![0]);
+    drop(held);
+    // The thread left behind finishes once it can.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::path::Path::new(&task).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the released vCPU thread never ended"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

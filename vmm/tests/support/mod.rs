@@ -30,6 +30,11 @@ impl Output {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 
+    /// Holds the capture buffer: a vCPU that prints meanwhile blocks.
+    pub fn hold(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.0.lock().unwrap()
+    }
+
     /// Waits until the guest printed `needle` (e.g. a server is ready).
     pub fn wait_for(&self, needle: &str, within: Duration) {
         let start = Instant::now();
