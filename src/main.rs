@@ -118,6 +118,9 @@ pub struct RunArgs {
     /// Most bytes the guest may write into the share in all, e.g. 1G [default: 1G].
     #[arg(long, value_name = "SIZE", requires = "share", value_parser = parse_byte_size)]
     share_max_written: Option<u64>,
+    /// Most entries the guest may make one directory hold [default: 10000].
+    #[arg(long, value_name = "N", requires = "share")]
+    share_max_dir_entries: Option<usize>,
     /// Let the guest bind local ADDRESS:PORT (PORT may be LO-HI or *; repeatable).
     #[arg(long = "net-bind", value_name = "ADDR:PORT")]
     net_bind: Vec<AddrRule>,
@@ -212,6 +215,9 @@ impl RunArgs {
             }
             if let Some(n) = self.share_max_written {
                 share.max_bytes_written = n;
+            }
+            if let Some(n) = self.share_max_dir_entries {
+                share.max_dir_entries = n;
             }
         }
         config.validate()?;

@@ -213,11 +213,14 @@ pub enum Call {
     FsUnlink = 28,
     /// Rename path `args[0..2]` to path `args[2..4]`, both inside the share.
     FsRename = 29,
-    /// List directory `args[0..2]` from entry number `args[2]` into the guest
-    /// buffer `args[3]`, `args[4]` bytes long, as records `kind: u8,
-    /// name_len: u16 (LE), name`. Entries come sorted by name. Results: the
-    /// entry number to continue from (0: no more), bytes written, entries.
-    /// A buffer too small for even one record: `TooLarge`.
+    /// List directory `args[0..2]` from cookie `args[2]` (0: the start)
+    /// into the guest buffer `args[3]`, `args[4]` bytes long, as records
+    /// `kind: u8, name_len: u16 (LE), name`, in the host file system's own
+    /// order (`.` and `..` left out). Results: the cookie to continue from
+    /// (opaque: the host directory's offset; 0: no more), bytes written,
+    /// entries. Each call costs what it returns, however large the
+    /// directory. A buffer too small for even one record: `TooLarge`; a
+    /// cookie the directory does not know: `BadArgument`.
     FsReaddir = 30,
 
     // Outsourced sockets: host sockets owned by the VM, confined by its
@@ -463,6 +466,8 @@ pub enum Status {
     ConnectionReset = 24 => "connection reset",
     /// The local address is in use by another socket.
     AddressInUse = 25 => "address in use",
+    /// The directory holds as many entries as the share allows.
+    DirectoryFull = 26 => "directory full",
 }
 }
 

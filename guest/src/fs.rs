@@ -49,7 +49,8 @@ impl Stat {
 /// The answer to one `FsReaddir`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Readdir {
-    /// The entry number to continue from; 0: there are no more.
+    /// The cookie to continue from (the host directory's offset); 0: there
+    /// are no more.
     pub next: u64,
     /// Bytes of records written to the buffer.
     pub bytes: usize,
@@ -272,8 +273,9 @@ impl Rpc {
         .map(drop)
     }
 
-    /// Lists directory `path` from entry number `cookie` (0: the first) into
-    /// `buf` as records (parse `&buf[..bytes]` with [`records`]).
+    /// Lists directory `path` from `cookie` (0: the start; else a `next`
+    /// an earlier call returned) into `buf` as records, in the host's order
+    /// (parse `&buf[..bytes]` with [`records`]).
     pub fn readdir(
         &mut self,
         path: impl AsRef<[u8]>,

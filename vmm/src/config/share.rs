@@ -11,6 +11,10 @@ use crate::error::{Error, Result};
 pub const DEFAULT_MAX_OPEN_FILES: usize = 64;
 pub const DEFAULT_MAX_BYTES_PER_CALL: u64 = 1 << 20;
 pub const DEFAULT_MAX_BYTES_WRITTEN: u64 = 1 << 30;
+pub const DEFAULT_MAX_DIR_ENTRIES: usize = 10_000;
+/// The entry cap can be lowered, not raised beyond this: a create counts
+/// the directory's entries up to the cap, so the cap bounds its cost.
+pub const MAX_DIR_ENTRIES: usize = 1_000_000;
 /// The per-call limit can be lowered, not raised beyond this.
 pub const MAX_BYTES_PER_CALL: u64 = 16 << 20;
 
@@ -27,6 +31,14 @@ pub struct ShareConfig {
     pub max_bytes_per_call: u64,
     #[serde(default = "default_max_written", deserialize_with = "super::byte_size")]
     pub max_bytes_written: u64,
+    /// Most entries the guest may make a directory hold: files, directories
+    /// and renames into it are refused (`DirectoryFull`) once it has them.
+    #[serde(default = "default_max_dir_entries")]
+    pub max_dir_entries: usize,
+}
+
+fn default_max_dir_entries() -> usize {
+    DEFAULT_MAX_DIR_ENTRIES
 }
 
 fn default_max_open() -> usize {
@@ -47,6 +59,7 @@ impl ShareConfig {
             max_open_files: DEFAULT_MAX_OPEN_FILES,
             max_bytes_per_call: DEFAULT_MAX_BYTES_PER_CALL,
             max_bytes_written: DEFAULT_MAX_BYTES_WRITTEN,
+            max_dir_entries: DEFAULT_MAX_DIR_ENTRIES,
         }
     }
 
@@ -61,6 +74,12 @@ impl ShareConfig {
             return Err(Error::Config(format!(
                 "share max_bytes_per_call = {}: must be 1..={MAX_BYTES_PER_CALL}",
                 self.max_bytes_per_call
+            )));
+        }
+        if self.max_dir_entries == 0 || self.max_dir_entries > MAX_DIR_ENTRIES {
+            return Err(Error::Config(format!(
+                "share max_dir_entries = {}: must be 1..={MAX_DIR_ENTRIES}",
+                self.max_dir_entries
             )));
         }
         Ok(())

@@ -19,7 +19,6 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rtvm_abi::vmrpc::{fs, Call, Request, Status};
@@ -27,7 +26,9 @@ use rtvm_abi::vmrpc::{fs, Call, Request, Status};
 mod confine;
 
 pub use confine::guest_path;
-use confine::{check, cstring, kind_of, open_existing, openat2, split, stat_results, status_of};
+use confine::{
+    check, cstring, kind_of_entry, open_existing, openat2, split, stat_results, status_of, walk_dir,
+};
 
 use super::context::CallContext;
 use super::handles::HandleTable;
@@ -212,7 +213,7 @@ impl FileService {
         // with the table unlocked: a slow open (a large O_TRUNC, a slow share)
         // must not stall other vCPUs' file calls.
         let slot = self.files.reserve()?;
-        let fd = self.open_charged(&cstring(path)?, os, mode, flags & EXCLUSIVE != 0)?;
+        let fd = self.open_charged(path, os, mode, flags & EXCLUSIVE != 0)?;
         let file = File::from(fd);
         Ok([slot.fill(OpenFile { file, writable }), 0, 0, 0])
     }
@@ -224,33 +225,39 @@ impl FileService {
     /// ([`open_existing`]); what `O_EXCL` makes is a regular file.
     fn open_charged(
         &self,
-        path: &CString,
+        path: &str,
         os: libc::c_int,
         mode: u32,
         exclusive: bool,
     ) -> std::result::Result<OwnedFd, Status> {
         let root = self.root.as_raw_fd();
         let existing = os & !(libc::O_CREAT | libc::O_EXCL);
+        let name = cstring(path)?;
         if os & libc::O_CREAT == 0 {
-            return open_existing(root, path, existing).map_err(|e| status_of(&e));
+            return open_existing(root, &name, existing).map_err(|e| status_of(&e));
         }
-        if self.charge(CREATE_COST).is_err() {
-            // No quota left to make a file: one that exists still opens.
-            return match open_existing(root, path, existing) {
+        let refused = match self.room_in(&self.parent(path)?.0) {
+            Err(Status::DirectoryFull) => Some(Status::DirectoryFull),
+            Err(other) => return Err(other),
+            Ok(()) => self.charge(CREATE_COST).err(),
+        };
+        if let Some(why) = refused {
+            // No room or no quota to make a file: one that exists still opens.
+            return match open_existing(root, &name, existing) {
                 Ok(_) if exclusive => Err(Status::AlreadyExists),
                 Ok(fd) => Ok(fd),
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(Status::QuotaExceeded),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(why),
                 Err(e) => Err(status_of(&e)),
             };
         }
-        match openat2(root, path, os | libc::O_EXCL, mode) {
+        match openat2(root, &name, os | libc::O_EXCL, mode) {
             Ok(fd) => Ok(fd),
             Err(e) => {
                 self.refund(CREATE_COST);
                 if exclusive || e.raw_os_error() != Some(libc::EEXIST) {
                     return Err(status_of(&e));
                 }
-                open_existing(root, path, existing).map_err(|e| status_of(&e))
+                open_existing(root, &name, existing).map_err(|e| status_of(&e))
             }
         }
     }
@@ -370,6 +377,7 @@ impl FileService {
         } else {
             mode as libc::mode_t
         };
+        self.room_in(&dir)?;
         self.charge(CREATE_COST)?;
         // SAFETY: valid dirfd and NUL-terminated name.
         if let Err(e) = check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }) {
@@ -402,6 +410,10 @@ impl FileService {
         self.writable_share()?;
         let (from_dir, from_name) = self.parent(from)?;
         let (to_dir, to_name) = self.parent(to)?;
+        // A rename within one directory adds no entry to it.
+        if identity(&from_dir)? != identity(&to_dir)? {
+            self.room_in(&to_dir)?;
+        }
         // SAFETY: valid dirfds and NUL-terminated names.
         check(unsafe {
             libc::renameat(
@@ -416,6 +428,9 @@ impl FileService {
     }
 
     /// `FsReaddir`: the records to copy to the guest, and the results.
+    /// Reads only the entries it returns (and one more), from the
+    /// directory offset the cookie names: a page costs the same in a
+    /// directory of ten entries or of a million.
     pub fn readdir(
         &self,
         path: &str,
@@ -423,46 +438,65 @@ impl FileService {
         buf_len: u64,
     ) -> std::result::Result<(Vec<u8>, [u64; 4]), Status> {
         self.check_len(buf_len)?;
-        let dir = openat2(
+        let dir = open_existing(
             self.root.as_raw_fd(),
             &cstring(path)?,
             libc::O_RDONLY | libc::O_DIRECTORY,
-            0,
         )
         .map_err(|e| status_of(&e))?;
-        let listing = Path::new("/proc/self/fd").join(dir.as_raw_fd().to_string());
-        let mut entries: Vec<(String, u64)> = std::fs::read_dir(&listing)
-            .map_err(|e| status_of(&e))?
-            .filter_map(|e| e.ok())
-            .map(|e| {
-                (
-                    e.file_name().to_string_lossy().into_owned(),
-                    e.file_type().map_or(fs::kind::OTHER, kind_of),
-                )
-            })
-            .collect();
-        entries.sort();
+        let fd = dir.as_raw_fd();
         let mut out = Vec::new();
-        let mut next = cookie as usize;
-        for (name, kind) in entries.iter().skip(cookie as usize) {
-            let record = 3 + name.len();
-            if out.len() + record > buf_len as usize {
-                break;
+        let (mut next, mut written, mut more) = (cookie, 0u64, false);
+        // A kernel record is at most about 24 bytes longer than ours.
+        let chunk = (buf_len as usize).saturating_mul(2).saturating_add(1024);
+        walk_dir(fd, cookie, chunk, |name, d_type, offset| {
+            let name = String::from_utf8_lossy(name);
+            if out.len() + 3 + name.len() > buf_len as usize {
+                more = true;
+                return false;
             }
-            out.push(*kind as u8);
+            out.push(kind_of_entry(fd, name.as_bytes(), d_type) as u8);
             out.extend_from_slice(&(name.len() as u16).to_le_bytes());
             out.extend_from_slice(name.as_bytes());
-            next += 1;
-        }
-        let written = next - cookie as usize;
-        if written == 0 && next < entries.len() {
+            (next, written) = (offset, written + 1);
+            true
+        })
+        .map_err(|e| status_of(&e))?;
+        if written == 0 && more {
             // Not even one record fits: the guest must offer a larger buffer.
             return Err(Status::TooLarge);
         }
-        let more = if next < entries.len() { next as u64 } else { 0 };
         let bytes = out.len() as u64;
-        Ok((out, [more, bytes, written as u64, 0]))
+        Ok((out, [if more { next } else { 0 }, bytes, written, 0]))
     }
+
+    /// Refuses when directory `dir` (an `O_PATH` descriptor beneath the
+    /// root) holds `max_dir_entries` already. Counts no further than the
+    /// cap, so the cap bounds what the check costs.
+    fn room_in(&self, dir: &OwnedFd) -> std::result::Result<(), Status> {
+        let cap = self.config.max_dir_entries;
+        let listing = openat2(dir.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+            .map_err(|e| status_of(&e))?;
+        let mut entries = 0;
+        walk_dir(listing.as_raw_fd(), 0, 64 << 10, |_, _, _| {
+            entries += 1;
+            entries < cap
+        })
+        .map_err(|e| status_of(&e))?;
+        if entries >= cap {
+            return Err(Status::DirectoryFull);
+        }
+        Ok(())
+    }
+}
+
+/// Which inode a descriptor is (device, inode number).
+fn identity(fd: &OwnedFd) -> std::result::Result<(u64, u64), Status> {
+    // SAFETY: stat is plain data, filled by fstat before it is read.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a live descriptor (O_PATH works with fstat) and a stat buffer.
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }).map_err(|e| status_of(&e))?;
+    Ok((st.st_dev, st.st_ino))
 }
 
 impl VmService for FileService {
@@ -588,30 +622,39 @@ mod tests {
                 );
             }
         }
-        let mut events = [0u8; 4096];
-        // SAFETY: a live descriptor and a buffer of the length passed.
-        let n = unsafe {
-            libc::read(
-                inotify.as_raw_fd(),
-                events.as_mut_ptr().cast(),
-                events.len(),
-            )
+        // The names inotify saw opened (the share itself, unnamed, is
+        // opened to count its entries before a create).
+        let opened = || {
+            let mut events = [0u8; 4096];
+            // SAFETY: a live descriptor and a buffer of the length passed.
+            let n = unsafe {
+                libc::read(
+                    inotify.as_raw_fd(),
+                    events.as_mut_ptr().cast(),
+                    events.len(),
+                )
+            };
+            let mut names = Vec::new();
+            let mut at = 0;
+            while at + 16 <= n.max(0) as usize {
+                let len = u32::from_ne_bytes(events[at + 12..at + 16].try_into().unwrap()) as usize;
+                let name = &events[at + 16..at + 16 + len];
+                let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(len)];
+                names.push(String::from_utf8_lossy(name).into_owned());
+                at += 16 + len;
+            }
+            names
         };
+        let seen = opened();
         assert!(
-            n < 0,
-            "the share saw opens: {:?}",
-            String::from_utf8_lossy(&events[..n.max(0) as usize])
+            specials.iter().all(|s| !seen.iter().any(|n| n == s)),
+            "the share saw opens of {seen:?}"
         );
         assert!(svc.open("input.txt", READ, 0).is_ok());
-        // SAFETY: as above.
-        let n = unsafe {
-            libc::read(
-                inotify.as_raw_fd(),
-                events.as_mut_ptr().cast(),
-                events.len(),
-            )
-        };
-        assert!(n > 0, "inotify reports a real open");
+        assert!(
+            opened().contains(&"input.txt".to_string()),
+            "inotify reports a real open"
+        );
         std::fs::remove_dir_all(base).unwrap();
     }
 
@@ -828,18 +871,96 @@ mod tests {
         std::fs::remove_dir_all(base).unwrap();
     }
 
+    /// Every name of `dir`, paged through with `buf_len`-byte buffers: the
+    /// names and the most records one call returned.
+    fn list_all(svc: &FileService, dir: &str, buf_len: u64) -> (Vec<String>, u64) {
+        let (mut names, mut most, mut cookie) = (Vec::new(), 0, 0);
+        loop {
+            let (out, [next, bytes, entries, _]) = svc.readdir(dir, cookie, buf_len).unwrap();
+            assert_eq!(bytes as usize, out.len());
+            let mut at = 0;
+            while at < out.len() {
+                let len = u16::from_le_bytes([out[at + 1], out[at + 2]]) as usize;
+                names.push(String::from_utf8(out[at + 3..at + 3 + len].to_vec()).unwrap());
+                at += 3 + len;
+            }
+            most = most.max(entries);
+            if next == 0 {
+                break;
+            }
+            assert_ne!(next, cookie, "the cookie moves on");
+            cookie = next;
+        }
+        (names, most)
+    }
+
+    /// Issue #12: readdir pages by the directory's own offset, so each
+    /// call reads what it returns; every entry comes exactly once.
     #[test]
-    fn readdir_is_sorted_and_paginates() {
+    fn readdir_pages_by_cookie_through_every_entry_once() {
         let (base, svc) = share();
         std::fs::write(base.join("share/dir/b"), b"").unwrap();
         std::fs::write(base.join("share/dir/a"), b"").unwrap();
+        std::fs::create_dir(base.join("share/dir/sub")).unwrap();
         let (out, r) = svc.readdir("dir", 0, 4).unwrap();
-        assert_eq!((r[0], r[2]), (1, 1), "one record fits; continue at 1");
-        assert_eq!(out, [fs::kind::FILE as u8, 1, 0, b'a']);
-        let (out, r) = svc.readdir("dir", 1, 100).unwrap();
-        assert_eq!((r[0], r[2]), (0, 1), "b, and no more");
-        assert_eq!(&out[3..], b"b");
+        assert_eq!(r[2], 1, "one record fits");
+        assert_ne!(r[0], 0, "and there are more");
+        assert_eq!(out.len(), 4);
+        let (mut names, most) = list_all(&svc, "dir", 6);
+        assert_eq!(most, 1);
+        names.sort();
+        assert_eq!(names, ["a", "b", "sub"]);
         assert_eq!(svc.readdir("dir", 0, 2).unwrap_err(), Status::TooLarge);
+        assert_eq!(
+            svc.readdir("input.txt", 0, 100).unwrap_err(),
+            Status::NotADirectory
+        );
+        // 3,000 entries, a page of about 100 at a time.
+        let many = base.join("share/many");
+        std::fs::create_dir(&many).unwrap();
+        for i in 0..3000 {
+            std::fs::write(many.join(format!("f{i:04}")), b"").unwrap();
+        }
+        let (mut names, most) = list_all(&svc, "many", 800);
+        assert!(most > 1 && most < 3000, "{most} per page");
+        names.sort();
+        let expected: Vec<String> = (0..3000).map(|i| format!("f{i:04}")).collect();
+        assert_eq!(names, expected);
+        std::fs::remove_dir_all(base).unwrap();
+    }
+
+    /// Issue #12: a directory holds at most `max_dir_entries` the guest
+    /// made: files, directories and renames into it are refused beyond
+    /// that, while what exists still opens and renames within it work.
+    #[test]
+    fn directories_are_capped() {
+        let (base, _) = share();
+        let mut config = ShareConfig::new(base.join("share"), false);
+        config.max_dir_entries = 3;
+        let svc = FileService::new(config).unwrap();
+        use fs::open::*;
+        std::fs::write(base.join("share/dir/b"), b"").unwrap();
+        std::fs::write(base.join("share/dir/a"), b"").unwrap();
+        svc.open("dir/c", WRITE | CREATE, 0).unwrap();
+        assert_eq!(
+            svc.open("dir/d", WRITE | CREATE, 0).unwrap_err(),
+            Status::DirectoryFull
+        );
+        assert_eq!(svc.mkdir("dir/e", 0).unwrap_err(), Status::DirectoryFull);
+        assert_eq!(
+            svc.rename("input.txt", "dir/f").unwrap_err(),
+            Status::DirectoryFull
+        );
+        assert!(svc.open("dir/a", WRITE | CREATE, 0).is_ok(), "it exists");
+        assert_eq!(
+            svc.open("dir/a", WRITE | CREATE | EXCLUSIVE, 0)
+                .unwrap_err(),
+            Status::AlreadyExists
+        );
+        svc.rename("dir/a", "dir/z").unwrap();
+        assert!(!base.join("share/dir/d").exists() && !base.join("share/dir/e").exists());
+        svc.unlink("dir/z", 0).unwrap();
+        svc.open("dir/d", WRITE | CREATE, 0).unwrap();
         std::fs::remove_dir_all(base).unwrap();
     }
 
