@@ -452,6 +452,29 @@ mod tests {
         assert_eq!(c.memory, 32 << 20);
         let c = VmConfig::from_toml("guest = \"builtin:spin\"\nmemory = 128").unwrap();
         assert_eq!((c.vcpus, c.memory), (1, 128 << 20));
+        assert_eq!(c.seccomp, SeccompMode::Enforce, "seccomp is on by default");
+    }
+
+    #[test]
+    fn seccomp_mode_is_on_log_or_off() {
+        for (text, mode) in [
+            ("on", SeccompMode::Enforce),
+            ("log", SeccompMode::Log),
+            ("off", SeccompMode::Off),
+        ] {
+            let c =
+                VmConfig::from_toml(&format!("guest = \"builtin:hello\"\nseccomp = \"{text}\""))
+                    .unwrap();
+            assert_eq!(c.seccomp, mode);
+            assert_eq!(mode.to_string(), text);
+        }
+        let err = VmConfig::from_toml("guest = \"builtin:hello\"\nseccomp = \"strict\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("seccomp mode 'strict' is not one of on, log, off"),
+            "{err}"
+        );
     }
 
     #[test]
