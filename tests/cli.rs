@@ -453,7 +453,7 @@ fn bench_rpc_reports_json() {
     }
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    for path in ["floor", "ping"] {
+    for path in ["floor", "ping", "floor_without_seccomp"] {
         assert_eq!(json[path]["samples"], 200, "{json}");
         for key in ["min_us", "avg_us", "p50_us", "p99_us", "p999_us", "max_us"] {
             assert!(
@@ -464,6 +464,7 @@ fn bench_rpc_reports_json() {
     }
     let ratio = json["ratio_p50"].as_f64().unwrap();
     assert!(ratio > 0.1 && ratio < 10.0, "{json}");
+    assert!(json["seccomp_ratio_p50"].as_f64().unwrap() > 0.0, "{json}");
     assert!(json["machine"]["preemption"].is_string());
 }
 

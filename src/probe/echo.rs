@@ -22,7 +22,7 @@ const STOP_CHECK: Duration = Duration::from_millis(20);
 /// answers whatever arrives. Changes the socket's read timeout.
 pub fn serve_echo(socket: &UdpSocket, stop: &AtomicBool) -> io::Result<u64> {
     socket.set_read_timeout(Some(STOP_CHECK))?;
-    seccomp::confine_current_thread(ThreadKind::Echo, SeccompMode::Enforce)
+    seccomp::confine_current_thread(ThreadKind::Probe, SeccompMode::Enforce)
         .map_err(io::Error::other)?;
     let mut buf = [0u8; 65536];
     let mut echoed = 0;

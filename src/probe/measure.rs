@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rtvm_vmm::config::SeccompMode;
+use rtvm_vmm::seccomp::{self, ThreadKind};
 use serde_json::{json, Value};
 
 use super::net::{in_bench_net, NetLayout, ProbeNet};
@@ -220,7 +222,14 @@ pub fn measure_in(net: &ProbeNet, opts: &ProbeOptions) -> Result<ProbeResult, St
         ));
     }
     let probe_addr = net.probe_addr();
-    net.run_inside(|| Prober::new(opts, probe_addr)?.run())
+    net.run_inside(|| {
+        let prober = Prober::new(opts, probe_addr)?;
+        // It reads whatever comes back from the guest: from here on, its
+        // socket and nothing else.
+        seccomp::confine_current_thread(ThreadKind::Probe, SeccompMode::Enforce)
+            .map_err(|e| e.to_string())?;
+        prober.run()
+    })
 }
 
 /// One request's record.

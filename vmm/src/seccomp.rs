@@ -44,8 +44,9 @@ pub enum ThreadKind {
     Control,
     /// Writes the guest console to the terminal or the serial log.
     Terminal,
-    /// The benchmark's host UDP echo.
-    Echo,
+    /// The network probe's measuring thread and the host UDP echo it
+    /// (or `rtvm bench net`) measures against: their socket, nothing else.
+    Probe,
 }
 
 impl ThreadKind {
@@ -54,7 +55,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Control => "control",
             ThreadKind::Terminal => "console",
-            ThreadKind::Echo => "echo",
+            ThreadKind::Probe => "probe",
         }
     }
 }
@@ -99,7 +100,7 @@ fn compile(kind: ThreadKind, mismatch: SeccompAction) -> seccompiler::Result<Bpf
             allow(TEARDOWN);
         }
         ThreadKind::Terminal => {}
-        ThreadKind::Echo => {
+        ThreadKind::Probe => {
             allow(WAITS);
             allow(SOCKETS);
         }
@@ -328,7 +329,7 @@ mod tests {
             ThreadKind::Vcpu,
             ThreadKind::Control,
             ThreadKind::Terminal,
-            ThreadKind::Echo,
+            ThreadKind::Probe,
         ] {
             for action in [SeccompAction::Trap, SeccompAction::Log] {
                 assert!(!compile(kind, action).unwrap().is_empty(), "{kind:?}");
