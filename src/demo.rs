@@ -78,6 +78,7 @@ pub fn run(args: &DemoArgs) -> ExitCode {
         cpu: None,
         linux: None,
         linux_tools: None,
+        trace: false,
     };
     let report = match timer::measure(&timer_args) {
         Ok(report) => report,

@@ -517,6 +517,7 @@ fn bench_timer_reports_json_histograms_and_plot() {
         "--seconds",
         "3",
         "--with-noadvance",
+        "--trace",
         "--histogram-dir",
         dir.to_str().unwrap(),
         "--plot",
@@ -524,6 +525,34 @@ fn bench_timer_reports_json_histograms_and_plot() {
     ]) else {
         return;
     };
+    // What each path's precision costs in CPU (issue #16).
+    for path in ["host", "guest_interrupt", "guest_longpoll"] {
+        assert!(
+            json["cpu_per_period_us"][path]
+                .as_f64()
+                .is_some_and(|us| us > 0.0),
+            "{path}: {json}"
+        );
+    }
+    // Every long-poll wake-up stage by stage, and the worst ones with the
+    // stages adding up to their lateness.
+    for stage in ["advance", "timer", "spin", "vmm", "entry", "guest_spin"] {
+        let samples = &json["guest_longpoll"]["stages"][stage]["samples"];
+        assert_eq!(
+            samples, &json["guest_longpoll"]["samples"],
+            "{stage}: {json}"
+        );
+    }
+    let worst = json["worst"].as_array().expect("--trace lists the worst");
+    assert!(!worst.is_empty() && worst.len() <= 20, "{json}");
+    for w in worst {
+        let sum: f64 = ["advance", "timer", "spin", "vmm", "entry", "guest_spin"]
+            .iter()
+            .map(|s| w[format!("{s}_us")].as_f64().unwrap())
+            .sum();
+        let total = w["total_us"].as_f64().unwrap();
+        assert!((sum - total).abs() < 0.01, "{w}");
+    }
     for path in [
         "host",
         "guest_interrupt",

@@ -150,6 +150,7 @@ pub fn measure(
             missed: 0,
             host_side_ns: Vec::new(),
             stats,
+            cpu_per_period_ns: None,
         }
     };
     Ok(vec![

@@ -19,6 +19,9 @@ pub struct PathResult {
     /// The host's own record of its wake-ups (long polling only).
     pub host_side_ns: Vec<u64>,
     pub stats: Stats,
+    /// CPU time the measuring thread (or the RT vCPU's thread, host and
+    /// guest together) used per period: what its precision costs.
+    pub cpu_per_period_ns: Option<u64>,
 }
 
 /// The `machine` object of every bench's JSON.

@@ -74,6 +74,8 @@ struct Control {
     changed: Condvar,
     /// Written on every request, for a thread parked in a long poll.
     wake: EventFd,
+    /// CPU time the thread used (host and guest), written as it ends.
+    cpu_ns: std::sync::atomic::AtomicU64,
 }
 
 impl Control {
@@ -190,6 +192,7 @@ impl VcpuHandle {
             changed: Condvar::new(),
             wake: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(Error::host("creating a vCPU wake eventfd"))?,
+            cpu_ns: std::sync::atomic::AtomicU64::new(0),
         });
         let index = ctx.index;
         let thread_control = control.clone();
@@ -279,12 +282,14 @@ impl VcpuHandle {
     /// Stops the vCPU and waits, until `deadline`, for its thread to end.
     /// A thread still in the host by then (blocked where no kick reaches
     /// it: a lock held elsewhere, a host call that does not return) is
-    /// left behind with a log line, and `false` says so: one stuck thread
+    /// left behind with a log line, and `None` says so: one stuck thread
     /// must not hang the VMM's shutdown. What it uses (guest RAM, its vCPU
     /// fd, the services) it holds shares of, so leaving it is safe; it ends
-    /// when it next sees its stop request, or with the process.
-    pub fn join_until(mut self, deadline: Instant) -> bool {
+    /// when it next sees its stop request, or with the process. A thread
+    /// that ended gives the CPU time it used.
+    pub fn join_until(mut self, deadline: Instant) -> Option<Duration> {
         self.finish(deadline)
+            .then(|| Duration::from_nanos(self.control.cpu_ns.load(Ordering::Acquire)))
     }
 
     fn finish(&mut self, deadline: Instant) -> bool {
@@ -378,6 +383,9 @@ fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
         );
     }
     KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    control
+        .cpu_ns
+        .store(clock::thread_cpu_ns(), Ordering::Release);
     control.set_state(VcpuState::Exited);
     if finished && ctx.live.fetch_sub(1, Ordering::AcqRel) == 1 {
         ctx.exit.request(VmExitReason::AllVcpusOff);
@@ -398,6 +406,7 @@ fn run_loop(
         if !obey_requests(control) {
             return false;
         }
+        rpc.entering_guest();
         let flow = match fd.run() {
             Ok(exit) => handle_exit(ctx, exit),
             Err(e) if e.errno() == libc::EINTR => {

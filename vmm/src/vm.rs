@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::exit::{ExitSignal, VmExitReason};
 use crate::memory::{self, GuestRam};
 use crate::realtime::{RtHost, RtHostSettings, RtReport};
+use crate::rpc::counters::WakeStages;
 use crate::rpc::{CallStats, Services};
 use crate::signals;
 use crate::vcpu::{VcpuContext, VcpuHandle, VcpuState};
@@ -70,6 +71,9 @@ pub struct VmRun {
     /// Samples the guest handed over with `Call::Report`, by stream (all
     /// empty unless `VmConfig::sample_streams`).
     pub streams: Vec<Vec<u64>>,
+    /// The host's record of each periodic long-poll wake-up, stage by
+    /// stage, in the order served (empty unless `VmConfig::sample_streams`).
+    pub wakes: Vec<WakeStages>,
     /// What the VMRPC servers served.
     pub calls: CallStats,
     /// What real-time setup was tried and how it went.
@@ -77,6 +81,9 @@ pub struct VmRun {
     /// vCPUs whose threads had not ended when the stop's grace period
     /// ran out, left behind (see `VcpuHandle::join_until`).
     pub stuck: Vec<usize>,
+    /// CPU time each vCPU's thread used, host and guest together (`None`
+    /// for one left behind).
+    pub vcpu_cpu: Vec<Option<Duration>>,
 }
 
 impl VmRun {
@@ -465,14 +472,16 @@ impl RunningVm {
         // All stop at once; then each gets what is left of one grace period.
         self.vcpus.iter().for_each(VcpuHandle::stop);
         let deadline = Instant::now() + crate::vcpu::STOP_GRACE;
-        let stuck = self
-            .vcpus
-            .into_iter()
-            .filter_map(|vcpu| {
-                let index = vcpu.index();
-                (!vcpu.join_until(deadline)).then_some(index)
-            })
-            .collect();
+        let mut stuck = Vec::new();
+        let mut vcpu_cpu = Vec::new();
+        for vcpu in self.vcpus {
+            let index = vcpu.index();
+            let joined = vcpu.join_until(deadline);
+            vcpu_cpu.push(joined);
+            if joined.is_none() {
+                stuck.push(index);
+            }
+        }
         self.console.finish();
         let streams = (0..rtvm_abi::vmrpc::STREAMS as usize)
             .map(|s| {
@@ -483,8 +492,15 @@ impl RunningVm {
                     .unwrap_or_default()
             })
             .collect();
+        let wakes = self
+            .services
+            .streams
+            .as_ref()
+            .map(|streams| streams.take_wakes())
+            .unwrap_or_default();
         VmRun {
             reason,
+            wakes,
             process_rss,
             guest_resident,
             guest_time,
@@ -492,6 +508,7 @@ impl RunningVm {
             calls: self.services.counters.snapshot(),
             rt_report: self.rt_report,
             stuck,
+            vcpu_cpu,
         }
     }
 }

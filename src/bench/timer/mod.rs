@@ -40,6 +40,7 @@ use crate::report::stats::Stats;
 use crate::report::PathResult;
 
 mod report;
+mod stages;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Workload {
@@ -95,6 +96,10 @@ pub struct TimerArgs {
     /// beside the host's cyclictest (needs hardware KVM).
     #[arg(long, value_name = "KERNEL", requires = "linux_tools")]
     pub linux: Option<PathBuf>,
+    /// List the worst long-poll wake-ups, each broken down by stage (host
+    /// timer, advance spin, rtvm's path back, VM entry).
+    #[arg(long)]
+    pub trace: bool,
     /// Directory holding the guest tools for --linux: a static `rtvm-guest`
     /// and `librtvm_preload.so`.
     #[arg(long, value_name = "DIR")]
@@ -120,6 +125,10 @@ pub struct TimerReport {
     pub seconds_per_path: f64,
     pub load: bool,
     pub workload: Workload,
+    /// Long-poll paths' wake-ups, stage by stage (see `stages`).
+    pub breakdowns: Vec<(&'static str, Vec<stages::Breakdown>)>,
+    /// How many of the worst wake-ups to list (`--trace`); 0: none.
+    pub worst: usize,
 }
 
 impl TimerReport {
@@ -198,8 +207,9 @@ fn host_path(
     work: u64,
     rt: &Mutex<Vec<RtItem>>,
 ) -> PathResult {
-    let (late, missed, items) = std::thread::spawn(move || {
+    let (late, missed, items, cpu) = std::thread::spawn(move || {
         let items = realtime::apply_thread_policy("host path thread", &policy);
+        let cpu_before = rtvm_vmm::clock::thread_cpu_ns();
         let mut late = Vec::with_capacity(count as usize);
         let mut missed = 0;
         let mut next = now_ns() + period;
@@ -217,7 +227,8 @@ fn host_path(
             spin_for(work);
             next += period;
         }
-        (late, missed, items)
+        let cpu = rtvm_vmm::clock::thread_cpu_ns() - cpu_before;
+        (late, missed, items, cpu)
     })
     .join()
     .expect("host path thread");
@@ -225,6 +236,7 @@ fn host_path(
     let stats = Stats::from_ns(&late).expect("samples");
     PathResult {
         name: "host",
+        cpu_per_period_ns: Some(cpu / count.max(1)),
         late_ns: late,
         missed,
         host_side_ns: Vec::new(),
@@ -244,7 +256,7 @@ fn guest_path(
     work: u64,
     busy_vcpu0: bool,
     rt: &Mutex<Vec<RtItem>>,
-) -> Result<PathResult, String> {
+) -> Result<(PathResult, Option<Vec<stages::Breakdown>>), String> {
     let mut config = VmConfig::new(GuestSpec::Builtin(workload.into()));
     config.sample_streams = true;
     config.vcpus = 2;
@@ -275,13 +287,21 @@ fn guest_path(
     let host_side = std::mem::take(&mut streams[HOST_STREAM as usize]);
     let stats =
         Stats::from_ns(&late).ok_or_else(|| format!("{name}: the guest reported no samples"))?;
-    Ok(PathResult {
-        name,
-        late_ns: late,
-        missed,
-        host_side_ns: host_side,
-        stats,
-    })
+    // The RT vCPU's thread over the whole run (boot and the end included,
+    // a few ms against seconds of periods).
+    let cpu = run.vcpu_cpu.get(1).copied().flatten();
+    let breakdowns = stages::join(&run.wakes, 1, &late);
+    Ok((
+        PathResult {
+            name,
+            cpu_per_period_ns: cpu.map(|c| c.as_nanos() as u64 / count.max(1)),
+            late_ns: late,
+            missed,
+            host_side_ns: host_side,
+            stats,
+        },
+        breakdowns,
+    ))
 }
 
 /// cyclictest on the host for the same time, as a reference for `host`.
@@ -314,6 +334,7 @@ fn cyclictest_path(policy: RtPolicy, period: u64, seconds: f64) -> Result<PathRe
         missed: 0,
         host_side_ns: Vec::new(),
         stats,
+        cpu_per_period_ns: None,
     })
 }
 
@@ -439,6 +460,7 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
         max_ns: DEFAULT_MAX_ADVANCE_NS,
     };
     let mut paths = Vec::new();
+    let mut breakdowns = Vec::new();
     let mut load: Option<HostLoad> = None;
     let result = (|| {
         for &name in &names {
@@ -447,10 +469,14 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
                 load = Some(HostLoad::start());
             }
             let busy = load.is_some();
-            let guest = |workload: &str, advance: AdvanceMode| {
-                guest_path(
+            let mut guest = |workload: &str, advance: AdvanceMode| {
+                let (path, stages) = guest_path(
                     name, workload, advance, policy, period, count, work, busy, &rt,
-                )
+                )?;
+                if let Some(stages) = stages {
+                    breakdowns.push((name, stages));
+                }
+                Ok::<_, String>(path)
             };
             let path = match name {
                 "host" => host_path(policy, period, count, work, &rt),
@@ -505,8 +531,13 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
         seconds_per_path: per_path,
         load: args.load,
         workload: args.workload,
+        breakdowns,
+        worst: if args.trace { WORST_LISTED } else { 0 },
     })
 }
+
+/// How many of the worst wake-ups `--trace` lists.
+const WORST_LISTED: usize = 10;
 
 pub fn run(args: &TimerArgs) -> Result<(), String> {
     let report = measure(args)?;

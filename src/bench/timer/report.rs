@@ -26,6 +26,32 @@ impl TimerReport {
             .map(|p| (p.name.to_string(), json!(p.missed)))
             .collect();
         out["missed_periods"] = Value::Object(missed);
+        let cpu: serde_json::Map<String, Value> = self
+            .paths
+            .iter()
+            .filter_map(|p| Some((p.name.to_string(), json!(p.cpu_per_period_ns? as f64 / 1e3))))
+            .collect();
+        out["cpu_per_period_us"] = Value::Object(cpu);
+        // Each long-poll path's wake-ups stage by stage; `worst` with --trace.
+        let mut worst = Vec::new();
+        for (name, breakdowns) in &self.breakdowns {
+            out[*name]["stages"] = Value::Object(
+                stages::stage_stats(breakdowns)
+                    .into_iter()
+                    .map(|(stage, stats)| (stage.to_string(), stats.to_json()))
+                    .collect(),
+            );
+            if self.worst > 0 {
+                for b in stages::worst(breakdowns, self.worst) {
+                    let mut entry = b.to_json();
+                    entry["path"] = json!(name);
+                    worst.push(entry);
+                }
+            }
+        }
+        if self.worst > 0 {
+            out["worst"] = Value::Array(worst);
+        }
         if let Some(lp) = self.path("guest_longpoll") {
             if let Some(s) = Stats::from_ns(&lp.host_side_ns) {
                 out["guest_longpoll_host_side"] = s.to_json();
@@ -85,9 +111,12 @@ impl TimerReport {
             self.host.cpu_model,
             self.host.preemption,
         );
-        println!("{}   missed", Stats::TABLE_HEADER);
+        println!("{}   missed  cpu_us/period", Stats::TABLE_HEADER);
         for p in &self.paths {
-            println!("{} {:>8}", p.stats.table_row(p.name), p.missed);
+            let cpu = p
+                .cpu_per_period_ns
+                .map_or("-".to_string(), |c| format!("{:.1}", c as f64 / 1e3));
+            println!("{} {:>8} {cpu:>14}", p.stats.table_row(p.name), p.missed);
         }
         if let Some(s) = self
             .path("guest_longpoll")
@@ -97,6 +126,32 @@ impl TimerReport {
                 "{}   (host's own record of its wake-ups)",
                 s.table_row("  longpoll, host")
             );
+        }
+        for (name, breakdowns) in &self.breakdowns {
+            println!("{name}, stage by stage (host record + guest arrival):");
+            for (stage, stats) in stages::stage_stats(breakdowns) {
+                println!("{}", stats.table_row(&format!("  {stage}")));
+            }
+            if self.worst > 0 {
+                println!(
+                    "  worst {}, µs: total = advance + timer + spin + vmm + entry + guest_spin",
+                    self.worst
+                );
+                for b in stages::worst(breakdowns, self.worst) {
+                    let us = |ns: i64| ns as f64 / 1e3;
+                    println!(
+                        "  cycle {:>7}: {:>9.1} = {:>7.1} + {:>8.1} + {:>6.1} + {:>6.1} + {:>8.1} + {:>6.1}",
+                        b.cycle,
+                        us(b.total),
+                        us(b.advance),
+                        us(b.timer),
+                        us(b.spin),
+                        us(b.vmm),
+                        us(b.entry),
+                        us(b.guest_spin)
+                    );
+                }
+            }
         }
         if self.workload == Workload::Frames {
             for p in &self.paths {

@@ -116,6 +116,12 @@ impl RpcServer {
         self.own.timer_advance()
     }
 
+    /// Called just before each KVM_RUN: completes the record of a wake-up
+    /// (benchmarks only; otherwise one branch).
+    pub fn entering_guest(&mut self) {
+        self.own.entering_guest(self.services.streams.as_ref());
+    }
+
     /// Serves the call whose page the doorbell value names.
     pub fn on_doorbell(&mut self, doorbell: u32, park: &mut dyn Park) -> Doorbell {
         let vcpu = self.own.facts().index;

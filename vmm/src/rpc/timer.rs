@@ -15,6 +15,7 @@
 use super::park::Park;
 use crate::clock::now_ns;
 use crate::config::AdvanceMode;
+use crate::rpc::counters::WakeStages;
 use rtvm_abi::vmrpc::{flags, Status};
 
 /// The share of waits the adaptive advance aims to have arrive on time.
@@ -187,8 +188,8 @@ impl TimerService {
         opts: WaitOptions,
         park: &mut dyn Park,
     ) -> Result<[u64; 4], Status> {
-        let returned = self.wait_for(deadline, opts, park)?;
-        Ok([deadline, returned, self.advance.current(), 0])
+        let wake = self.wait_for(deadline, opts, park)?;
+        Ok([deadline, wake.returned, self.advance.current(), 0])
     }
 
     pub fn start_periodic(&mut self, period: u64, first: u64) -> Result<[u64; 4], Status> {
@@ -206,26 +207,28 @@ impl TimerService {
 
     /// Waits for the next periodic deadline. Deadlines that passed before the
     /// call are counted as missed and skipped, so the task stays in phase.
+    /// The wait's stages come with the results (`entered` still 0).
     pub fn wait_next(
         &mut self,
         opts: WaitOptions,
         park: &mut dyn Park,
-    ) -> Result<[u64; 4], Status> {
+    ) -> Result<([u64; 4], WakeStages), Status> {
         let periodic = self.periodic.as_mut().ok_or(Status::NotConfigured)?;
         let (deadline, missed) = periodic.take(now_ns());
-        let returned = self.wait_for(deadline, opts, park)?;
-        let late = returned.saturating_sub(deadline);
-        Ok([deadline, late, missed, self.advance.current()])
+        let wake = self.wait_for(deadline, opts, park)?;
+        let late = wake.returned.saturating_sub(deadline);
+        Ok(([deadline, late, missed, self.advance.current()], wake))
     }
 
     /// Parks until the deadline (minus the advance), then spins or returns
-    /// early; returns the host time at which control goes back to the guest.
+    /// early; returns when each stage ended, `returned` being the host time
+    /// at which control goes back to the guest.
     fn wait_for(
         &mut self,
         deadline: u64,
         opts: WaitOptions,
         park: &mut dyn Park,
-    ) -> Result<u64, Status> {
+    ) -> Result<WakeStages, Status> {
         // Spinning is bounded to a quarter of the wait, so a short period
         // cannot turn a waiting RT vCPU into a busy one (and run it into its
         // RT bandwidth cap) however noisy the host.
@@ -247,16 +250,24 @@ impl TimerService {
             None => {}
         }
         self.last_advance = advance;
-        if opts.early_return && self.advance.is_enabled() {
-            return Ok(woke);
-        }
-        // Never hand back before the deadline.
         let mut now = woke;
-        while now < deadline {
-            std::hint::spin_loop();
-            now = now_ns();
+        // Never hand back before the deadline, unless the guest spins the
+        // rest itself.
+        if !(opts.early_return && self.advance.is_enabled()) {
+            while now < deadline {
+                std::hint::spin_loop();
+                now = now_ns();
+            }
         }
-        Ok(now)
+        Ok(WakeStages {
+            vcpu: 0,
+            deadline,
+            wake_at,
+            woke,
+            returned: now,
+            entered: 0,
+            arrived: None,
+        })
     }
 }
 
@@ -353,14 +364,18 @@ mod tests {
         assert_eq!(t.start_periodic(0, 0).unwrap_err(), Status::BadArgument);
         let period = 1_000_000;
         let first = t.start_periodic(period, 0).unwrap()[0];
-        let r = t
+        let (r, wake) = t
             .wait_next(WaitOptions::default(), &mut Unattended)
             .unwrap();
         assert_eq!(r[0], first);
         assert!(now_ns() >= first, "never before the deadline");
+        // Its stages, in order, end where the answer was handed back.
+        assert_eq!((wake.deadline, wake.wake_at), (first, first), "no advance");
+        assert!(wake.woke >= wake.wake_at && wake.returned >= wake.woke);
+        assert_eq!(wake.returned - first, r[1], "the lateness answered");
         // However late the next call comes, its deadline is in phase and
         // ahead of it.
-        let r = t
+        let (r, _) = t
             .wait_next(WaitOptions::default(), &mut Unattended)
             .unwrap();
         assert_eq!((r[0] - first) % period, 0, "in phase");

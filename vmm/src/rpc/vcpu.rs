@@ -6,7 +6,7 @@
 use rtvm_abi::vmrpc::{self, vcpu_info, Call, Request, Status};
 
 use super::context::CallContext;
-use super::counters::SampleStreams;
+use super::counters::{SampleStreams, WakeStages};
 use super::timer::{TimerService, WaitOptions};
 use crate::clock::{host_tsc, now_ns, TscOffset};
 use crate::config::AdvanceMode;
@@ -26,6 +26,12 @@ pub struct VcpuFacts {
 pub struct VcpuService {
     facts: VcpuFacts,
     timer: TimerService,
+    /// A recorded wake-up (benchmarks only) waiting for its last stage,
+    /// the vCPU's next KVM_RUN.
+    entering: Option<WakeStages>,
+    /// Where the last recorded wake-up went, for the guest's arrival that
+    /// comes with its next wait.
+    recorded: Option<usize>,
 }
 
 impl VcpuService {
@@ -33,6 +39,8 @@ impl VcpuService {
         VcpuService {
             facts,
             timer: TimerService::new(advance),
+            entering: None,
+            recorded: None,
         }
     }
 
@@ -43,6 +51,16 @@ impl VcpuService {
     /// The timer advance this vCPU uses now (ns).
     pub fn timer_advance(&self) -> u64 {
         self.timer.advance().current()
+    }
+
+    /// The vCPU is about to enter the guest: a wake-up waiting for that
+    /// stage is complete.
+    pub fn entering_guest(&mut self, streams: Option<&SampleStreams>) {
+        if let (Some(mut wake), Some(streams)) = (self.entering.take(), streams) {
+            wake.entered = now_ns();
+            wake.vcpu = self.facts.index;
+            self.recorded = streams.record_wake(wake);
+        }
     }
 
     pub fn serve(
@@ -60,10 +78,18 @@ impl VcpuService {
             Call::SleepUntil => self.timer.sleep_until(a[0], wait(a[1]), cx.park),
             Call::Periodic => self.timer.start_periodic(a[0], a[1]),
             Call::WaitNext => {
-                let results = self.timer.wait_next(wait(a[0]), cx.park)?;
+                let opts = wait(a[0]);
+                if let (Some(streams), Some(index), Some(arrival)) =
+                    (streams, self.recorded.take(), opts.feedback)
+                {
+                    streams.set_arrival(index, arrival);
+                }
+                let (results, wake) = self.timer.wait_next(opts, cx.park)?;
                 // Full stream: the cross-check simply stops growing.
                 if let Some(streams) = streams {
                     let _ = streams.append(vmrpc::HOST_STREAM as usize, &[results[1]]);
+                    // Completed when the vCPU enters the guest again.
+                    self.entering = Some(wake);
                 }
                 Ok(results)
             }
