@@ -79,6 +79,8 @@ pub fn run(args: &DemoArgs) -> ExitCode {
         linux: None,
         linux_tools: None,
         trace: false,
+        rounds: None,
+        compare_memory: false,
     };
     let report = match timer::measure(&timer_args) {
         Ok(report) => report,

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use flags::{RtVcpuArg, ShareArg};
 use rtvm_vmm::config::{
-    parse_byte_size, parse_size, AddrRule, AdvanceMode, RtBandwidth, SeccompMode,
+    parse_byte_size, parse_size, AddrRule, AdvanceMode, HugePages, RtBandwidth, SeccompMode,
 };
 use rtvm_vmm::seccomp::{self, ThreadKind};
 use rtvm_vmm::{Console, Error, GuestSpec, Vm, VmConfig, VmRun};
@@ -97,6 +97,13 @@ pub struct RunArgs {
     /// spins). Without it such a VM refuses to start.
     #[arg(long)]
     rt_allow_uncapped: bool,
+    /// Pages that back guest RAM: thp (transparent huge pages), off (4 KiB),
+    /// hugetlbfs (the host's reserved 2 MiB pages) [default: thp].
+    #[arg(long, value_name = "MODE")]
+    huge_pages: Option<HugePages>,
+    /// Fault all of guest RAM in at start (no first-touch faults later).
+    #[arg(long)]
+    prefault: bool,
     /// Lock all memory (mlockall) when real-time vCPUs exist.
     #[arg(long)]
     mlock: bool,
@@ -186,6 +193,10 @@ impl RunArgs {
         config.rt_strict |= self.rt_strict;
         config.rt_allow_uncapped |= self.rt_allow_uncapped;
         config.mlock |= self.mlock;
+        config.prefault |= self.prefault;
+        if let Some(pages) = self.huge_pages {
+            config.huge_pages = pages;
+        }
         if let Some(bw) = self.rt_bandwidth {
             config.rt_bandwidth = bw;
         }

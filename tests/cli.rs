@@ -615,6 +615,43 @@ fn bench_timer_host_path_agrees_with_cyclictest() {
     );
 }
 
+/// Issue #16: the memory backings measured side by side, round by round,
+/// each applied and reported.
+#[test]
+fn bench_timer_compares_memory_backings_in_rounds() {
+    need_kvm!();
+    let Some(json) = bench_json(&[
+        "bench",
+        "timer",
+        "--json",
+        "--seconds",
+        "2",
+        "--compare-memory",
+        "--rounds",
+        "2",
+    ]) else {
+        return;
+    };
+    let samples = json["guest_longpoll"]["samples"].as_u64().unwrap();
+    assert!(samples >= 200, "{json}");
+    for path in ["guest_longpoll_4k", "guest_longpoll_prefault"] {
+        assert_eq!(
+            json[path]["samples"].as_u64(),
+            Some(samples),
+            "{path}: {json}"
+        );
+        assert!(json[path]["stages"]["timer"]["samples"].as_u64() == Some(samples));
+    }
+    let rt = json["machine"]["rt"].to_string();
+    for step in [
+        "ok: guest RAM on transparent huge pages",
+        "ok: guest RAM excluded from KSM merging",
+        "ok: guest RAM prefaulted",
+    ] {
+        assert!(rt.contains(step), "{step}: {rt}");
+    }
+}
+
 #[test]
 fn bench_timer_frames_counts_deadline_misses() {
     need_kvm!();

@@ -52,11 +52,11 @@ impl Stats {
     }
 
     pub const TABLE_HEADER: &'static str =
-        "path                 samples    min_us    avg_us    p50_us    p99_us  p99.9_us    max_us";
+        "path                       samples    min_us    avg_us    p50_us    p99_us  p99.9_us    max_us";
 
     pub fn table_row(&self, name: &str) -> String {
         format!(
-            "{name:<18} {:>9} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+            "{name:<24} {:>9} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
             self.samples,
             self.min_us,
             self.avg_us,

@@ -17,7 +17,7 @@ use crate::boot::builtin::{self, GuestImage};
 use crate::boot::cpu;
 use crate::boot::linux;
 use crate::config::{GuestSpec, VmConfig};
-use crate::config::{SeccompMode, UnhandledIo};
+use crate::config::{HugePages, SeccompMode, UnhandledIo};
 use crate::devices::{Bus, Console, ResetController, SerialDevice};
 use crate::error::{Error, Result};
 use crate::exit::{ExitSignal, VmExitReason};
@@ -47,6 +47,8 @@ pub struct Vm {
     services: Arc<Services>,
     /// The host-clock page of a Linux guest's VMRPC region.
     clock: Option<linux::ClockPage>,
+    /// How guest RAM got backed, for the RT report.
+    backing: Vec<memory::BackingStep>,
 }
 
 /// How often the control thread refreshes the clock page.
@@ -164,7 +166,8 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(Error::kvm("KVM_CREATE_PIT2"))?;
 
-        let ram = GuestRam::new(config.memory)?;
+        let (ram, backing) =
+            GuestRam::with_backing(config.memory, config.huge_pages, config.prefault)?;
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
@@ -251,6 +254,7 @@ impl Vm {
             exit,
             console,
             clock,
+            backing,
             config: config.clone(),
         })
     }
@@ -264,6 +268,13 @@ impl Vm {
             .filter(|&i| self.config.rt_policy(i).is_some())
             .count();
         let mut rt_report = RtReport::default();
+        // How guest RAM is backed matters to a real-time guest, or to one
+        // that asked for more than the default.
+        if rt_vcpus > 0 || self.config.prefault || self.config.huge_pages == HugePages::Hugetlbfs {
+            for (what, result) in self.backing {
+                rt_report.record(what, result);
+            }
+        }
         let rt_host = RtHost::setup(
             RtHostSettings {
                 bandwidth: self.config.rt_bandwidth,

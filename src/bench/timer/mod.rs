@@ -27,7 +27,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rtvm_abi::vmrpc::HOST_STREAM;
 use rtvm_vmm::clock::now_ns;
 use rtvm_vmm::config::RtPolicy;
-use rtvm_vmm::config::{AdvanceMode, DEFAULT_MAX_ADVANCE_NS};
+use rtvm_vmm::config::{AdvanceMode, HugePages, DEFAULT_MAX_ADVANCE_NS};
 use rtvm_vmm::host::HostInfo;
 use rtvm_vmm::realtime::{self, RtItem};
 use rtvm_vmm::{Console, GuestSpec, Vm, VmConfig};
@@ -96,6 +96,17 @@ pub struct TimerArgs {
     /// beside the host's cyclictest (needs hardware KVM).
     #[arg(long, value_name = "KERNEL", requires = "linux_tools")]
     pub linux: Option<PathBuf>,
+    /// Run every path this many times in turn, each for its share of the
+    /// time, and pool the results: a noisy host's drift then falls on every
+    /// path alike [default: 1, or 4 with --compare-memory].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub rounds: Option<u64>,
+    /// Also measure long polling with guest RAM on 4 KiB pages
+    /// (`guest_longpoll_4k`) and with RAM prefaulted
+    /// (`guest_longpoll_prefault`), beside the default (transparent huge
+    /// pages, faulted lazily), alternating round by round.
+    #[arg(long)]
+    pub compare_memory: bool,
     /// List the worst long-poll wake-ups, each broken down by stage (host
     /// timer, advance spin, rtvm's path back, VM entry).
     #[arg(long)]
@@ -250,6 +261,7 @@ fn guest_path(
     name: &'static str,
     workload: &str,
     advance: AdvanceMode,
+    (huge_pages, prefault): (HugePages, bool),
     policy: RtPolicy,
     period: u64,
     count: u64,
@@ -265,6 +277,8 @@ fn guest_path(
     // still runs, and its RT report says so.
     config.rt_allow_uncapped = true;
     config.timer_advance = advance;
+    config.huge_pages = huge_pages;
+    config.prefault = prefault;
     let housekeeping = if busy_vcpu0 { "busy" } else { "none" };
     config.cmdline =
         format!("rt=1 period={period} count={count} work={work} housekeeping={housekeeping}");
@@ -278,9 +292,14 @@ fn guest_path(
             run.reason
         ));
     }
-    rt.lock()
-        .unwrap()
-        .extend(run.rt_report.for_vcpu(1).cloned());
+    // The RT vCPU's steps and the VM's own (its cgroups, how its RAM is backed).
+    rt.lock().unwrap().extend(
+        run.rt_report
+            .items
+            .iter()
+            .filter(|i| i.vcpu.is_none_or(|v| v == 1))
+            .cloned(),
+    );
     let mut streams = run.streams;
     let late = std::mem::take(&mut streams[0]);
     let missed = streams[1].iter().sum();
@@ -427,8 +446,15 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
     if args.with_cyclictest && args.linux.is_none() {
         names.push("host_cyclictest");
     }
+    if args.compare_memory && args.linux.is_none() {
+        names.extend(["guest_longpoll_4k", "guest_longpoll_prefault"]);
+    }
+    let rounds = args
+        .rounds
+        .unwrap_or(if args.compare_memory { 4 } else { 1 });
     let per_path = args.seconds / names.len() as f64;
-    let count = ((per_path * 1e9) / period as f64).ceil().max(10.0) as u64;
+    let per_round = per_path / rounds as f64;
+    let count = ((per_round * 1e9) / period as f64).ceil().max(10.0) as u64;
 
     let progress = ProgressBar::new((args.seconds * 10.0) as u64);
     progress.set_style(
@@ -463,41 +489,52 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
     let mut breakdowns = Vec::new();
     let mut load: Option<HostLoad> = None;
     let result = (|| {
-        for &name in &names {
-            progress.set_message(name);
-            if args.load && name != "guest_longpoll_noload" && load.is_none() {
-                load = Some(HostLoad::start());
+        for _ in 0..rounds {
+            for &name in &names {
+                progress.set_message(name);
+                if args.load && name != "guest_longpoll_noload" && load.is_none() {
+                    load = Some(HostLoad::start());
+                }
+                let busy = load.is_some();
+                let mut guest = |workload: &str, advance: AdvanceMode, backing| {
+                    let (path, stages) = guest_path(
+                        name, workload, advance, backing, policy, period, count, work, busy, &rt,
+                    )?;
+                    if let Some(stages) = stages {
+                        merge_breakdowns(&mut breakdowns, name, stages);
+                    }
+                    Ok::<_, String>(path)
+                };
+                let lazy_thp = (HugePages::Transparent, false);
+                let path = match name {
+                    "host" => host_path(policy, period, count, work, &rt),
+                    "guest_interrupt" => guest("timer-irq", AdvanceMode::Off, lazy_thp)?,
+                    "guest_longpoll" | "guest_longpoll_noload" => {
+                        guest("periodic", adaptive, lazy_thp)?
+                    }
+                    "guest_longpoll_noadvance" => guest("periodic", AdvanceMode::Off, lazy_thp)?,
+                    "guest_longpoll_4k" => guest("periodic", adaptive, (HugePages::Off, false))?,
+                    "guest_longpoll_prefault" => {
+                        guest("periodic", adaptive, (HugePages::Transparent, true))?
+                    }
+                    "host_cyclictest" => cyclictest_path(policy, period, per_round)?,
+                    "linux_cyclictest" => {
+                        let kernel = args.linux.as_deref().expect("names come from --linux");
+                        let tools = args.linux_tools.as_deref().expect("clap requires it");
+                        let mut both =
+                            super::linux::measure(kernel, tools, policy, period, per_round, &rt)?;
+                        let polled = both.pop().expect("two paths");
+                        merge_path(&mut paths, both.pop().expect("two paths"));
+                        polled
+                    }
+                    // Measured together with linux_cyclictest, in one boot.
+                    "linux_cyclictest_longpoll" => continue,
+                    _ => unreachable!("path names are fixed above"),
+                };
+                merge_path(&mut paths, path);
             }
-            let busy = load.is_some();
-            let mut guest = |workload: &str, advance: AdvanceMode| {
-                let (path, stages) = guest_path(
-                    name, workload, advance, policy, period, count, work, busy, &rt,
-                )?;
-                if let Some(stages) = stages {
-                    breakdowns.push((name, stages));
-                }
-                Ok::<_, String>(path)
-            };
-            let path = match name {
-                "host" => host_path(policy, period, count, work, &rt),
-                "guest_interrupt" => guest("timer-irq", AdvanceMode::Off)?,
-                "guest_longpoll" | "guest_longpoll_noload" => guest("periodic", adaptive)?,
-                "guest_longpoll_noadvance" => guest("periodic", AdvanceMode::Off)?,
-                "host_cyclictest" => cyclictest_path(policy, period, per_path)?,
-                "linux_cyclictest" => {
-                    let kernel = args.linux.as_deref().expect("names come from --linux");
-                    let tools = args.linux_tools.as_deref().expect("clap requires it");
-                    let mut both =
-                        super::linux::measure(kernel, tools, policy, period, per_path, &rt)?;
-                    let polled = both.pop().expect("two paths");
-                    paths.push(both.pop().expect("two paths"));
-                    polled
-                }
-                // Measured together with linux_cyclictest, in one boot.
-                "linux_cyclictest_longpoll" => continue,
-                _ => unreachable!("path names are fixed above"),
-            };
-            paths.push(path);
+            // Each round's quiet baseline is quiet again.
+            load = None;
         }
         Ok::<(), String>(())
     })();
@@ -534,6 +571,42 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
         breakdowns,
         worst: if args.trace { WORST_LISTED } else { 0 },
     })
+}
+
+/// Adds one round's result for a path to what earlier rounds measured.
+fn merge_path(paths: &mut Vec<PathResult>, round: PathResult) {
+    let Some(earlier) = paths.iter_mut().find(|p| p.name == round.name) else {
+        paths.push(round);
+        return;
+    };
+    let periods = |p: &PathResult| p.late_ns.len() as u64;
+    earlier.cpu_per_period_ns = match (earlier.cpu_per_period_ns, round.cpu_per_period_ns) {
+        (Some(a), Some(b)) => {
+            let (na, nb) = (periods(earlier), periods(&round));
+            Some((a * na + b * nb) / (na + nb).max(1))
+        }
+        _ => None,
+    };
+    earlier.late_ns.extend(round.late_ns);
+    earlier.host_side_ns.extend(round.host_side_ns);
+    earlier.missed += round.missed;
+    earlier.stats = Stats::from_ns(&earlier.late_ns).expect("samples from both rounds");
+}
+
+/// Adds one round's wake-up breakdowns for a path, cycles numbered on.
+fn merge_breakdowns(
+    all: &mut Vec<(&'static str, Vec<stages::Breakdown>)>,
+    name: &'static str,
+    mut round: Vec<stages::Breakdown>,
+) {
+    match all.iter_mut().find(|(n, _)| *n == name) {
+        Some((_, earlier)) => {
+            let offset = earlier.len();
+            round.iter_mut().for_each(|b| b.cycle += offset);
+            earlier.extend(round);
+        }
+        None => all.push((name, round)),
+    }
 }
 
 /// How many of the worst wake-ups `--trace` lists.

@@ -219,9 +219,54 @@ pub struct VmConfig {
     /// holds no samples, so a guest cannot grow its memory that way.
     #[serde(skip)]
     pub sample_streams: bool,
+    /// How guest RAM is backed: `thp` (transparent huge pages, the
+    /// default), `off` (4 KiB pages), `hugetlbfs` (reserved 2 MiB pages).
+    #[serde(default, deserialize_with = "from_str")]
+    pub huge_pages: HugePages,
+    /// Fault all of guest RAM in at start, so no first touch faults later.
+    #[serde(default)]
+    pub prefault: bool,
     /// The seccomp filters of the VM's threads: `on` (default), `log`, `off`.
     #[serde(default, deserialize_with = "from_str")]
     pub seccomp: SeccompMode,
+}
+
+/// Which pages back guest RAM (see `GuestRam::with_backing`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HugePages {
+    /// Transparent huge pages, asked for with MADV_HUGEPAGE where the host
+    /// allows them.
+    #[default]
+    Transparent,
+    /// 4 KiB pages.
+    Off,
+    /// 2 MiB pages from the host's reserved hugetlbfs pool.
+    Hugetlbfs,
+}
+
+impl FromStr for HugePages {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "thp" => Ok(HugePages::Transparent),
+            "off" => Ok(HugePages::Off),
+            "hugetlbfs" => Ok(HugePages::Hugetlbfs),
+            _ => Err(format!(
+                "huge pages '{s}' is not one of thp, off, hugetlbfs"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for HugePages {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HugePages::Transparent => "thp",
+            HugePages::Off => "off",
+            HugePages::Hugetlbfs => "hugetlbfs",
+        })
+    }
 }
 
 /// Whether the VM's threads confine themselves with seccomp filters (see
@@ -300,6 +345,8 @@ impl VmConfig {
             unhandled_io: UnhandledIo::Fatal,
             sample_streams: false,
             seccomp: SeccompMode::Enforce,
+            huge_pages: HugePages::default(),
+            prefault: false,
         }
     }
 
