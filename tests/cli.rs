@@ -295,7 +295,35 @@ fn serial_log_gets_the_console() {
     assert!(text(&out.stderr).contains("cannot create serial log /nonexistent/dir/log"));
 }
 
-fn spawn_spinning(vcpus: &str, extra: &[&str]) -> Child {
+/// A spinning guest's rtvm process, killed if the test fails before it
+/// ends the process itself (a spinning guest left behind would eat two
+/// CPUs for as long as the machine runs).
+struct Spinning(Option<Child>);
+
+impl Spinning {
+    fn id(&self) -> u32 {
+        self.0.as_ref().expect("running").id()
+    }
+
+    /// Sends `sig` and waits (bounded) for the process to end.
+    fn signal_and_wait(mut self, sig: i32) -> Output {
+        let child = self.0.take().expect("running");
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        wait_output_within(child, Duration::from_secs(60))
+    }
+}
+
+impl Drop for Spinning {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn spawn_spinning(vcpus: &str, extra: &[&str]) -> Spinning {
     let mut child = rtvm()
         .args(["run", "--guest", "builtin:spin", "--vcpus", vcpus])
         .args(extra)
@@ -310,8 +338,9 @@ fn spawn_spinning(vcpus: &str, extra: &[&str]) -> Child {
         &mut first,
     )
     .unwrap();
+    let spinning = Spinning(Some(child));
     assert!(first.starts_with("spinning on"), "{first}");
-    child
+    spinning
 }
 
 #[test]
@@ -325,10 +354,7 @@ fn termination_signals_stop_a_spinning_guest_cleanly() {
         (libc::SIGHUP, 129),
         (libc::SIGQUIT, 131),
     ] {
-        let child = spawn_spinning("2", &[]);
-        // SAFETY: plain kill(2) of our own child.
-        unsafe { libc::kill(child.id() as i32, sig) };
-        let out = wait_output_within(child, Duration::from_secs(60));
+        let out = spawn_spinning("2", &[]).signal_and_wait(sig);
         assert_eq!(out.status.code(), Some(code), "{}", text(&out.stderr));
         assert!(!text(&out.stderr).contains("panicked"));
     }
@@ -379,9 +405,7 @@ fn every_thread_of_a_running_vm_is_under_seccomp() {
             std::thread::sleep(Duration::from_millis(20));
         };
         assert_eq!(threads, expected, "{extra:?}");
-        // SAFETY: plain kill(2) of our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let out = wait_output_within(child, Duration::from_secs(60));
+        let out = child.signal_and_wait(libc::SIGTERM);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(143), "{stderr}");
         assert_eq!(want == "0", stderr.contains("seccomp is off"), "{stderr}");
@@ -552,7 +576,16 @@ fn bench_timer_reports_json_histograms_and_plot() {
             .sum();
         let total = w["total_us"].as_f64().unwrap();
         assert!((sum - total).abs() < 0.01, "{w}");
+        // What held the RT CPU meanwhile, from the sched_switch trace (a
+        // list, empty when nothing else was scheduled there).
+        assert!(w["ran_instead"].is_array(), "{w}");
     }
+    assert!(
+        json["machine"]["rt"]
+            .to_string()
+            .contains("ok: sched_switch traced on CPU"),
+        "{json}"
+    );
     for path in [
         "host",
         "guest_interrupt",

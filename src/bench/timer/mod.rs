@@ -40,6 +40,7 @@ use crate::report::stats::Stats;
 use crate::report::PathResult;
 
 mod report;
+mod sched_trace;
 mod stages;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -140,6 +141,10 @@ pub struct TimerReport {
     pub breakdowns: Vec<(&'static str, Vec<stages::Breakdown>)>,
     /// How many of the worst wake-ups to list (`--trace`); 0: none.
     pub worst: usize,
+    /// Context switches on the RT CPU during the run (`--trace`), to say
+    /// what ran there instead of the vCPU thread.
+    pub switches: Option<Vec<sched_trace::Switch>>,
+    pub cpu: usize,
 }
 
 impl TimerReport {
@@ -488,6 +493,17 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
     let mut paths = Vec::new();
     let mut breakdowns = Vec::new();
     let mut load: Option<HostLoad> = None;
+    let trace = if args.trace && args.linux.is_none() {
+        let started = sched_trace::SchedTrace::start(cpu);
+        rt.lock().unwrap().push(RtItem {
+            vcpu: None,
+            what: format!("sched_switch traced on CPU {cpu} (tracefs)"),
+            result: started.as_ref().map(drop).map_err(Clone::clone),
+        });
+        started.ok()
+    } else {
+        None
+    };
     let result = (|| {
         for _ in 0..rounds {
             for &name in &names {
@@ -539,6 +555,14 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
         Ok::<(), String>(())
     })();
     drop(load);
+    let switches = match trace.map(sched_trace::SchedTrace::finish) {
+        Some(Ok(switches)) => Some(switches),
+        Some(Err(e)) => {
+            eprintln!("rtvm: warning: reading the sched_switch trace: {e}");
+            None
+        }
+        None => None,
+    };
     ticking.store(false, Ordering::Relaxed);
     let _ = ticker.join();
     progress.finish_and_clear();
@@ -570,6 +594,8 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
         workload: args.workload,
         breakdowns,
         worst: if args.trace { WORST_LISTED } else { 0 },
+        switches,
+        cpu,
     })
 }
 

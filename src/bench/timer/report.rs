@@ -45,6 +45,15 @@ impl TimerReport {
                 for b in stages::worst(breakdowns, self.worst) {
                     let mut entry = b.to_json();
                     entry["path"] = json!(name);
+                    entry["ran_instead"] = match self.ran_instead(b) {
+                        Some(tasks) => Value::Array(
+                            tasks
+                                .into_iter()
+                                .map(|(task, ns)| json!({"task": task, "us": ns as f64 / 1e3}))
+                                .collect(),
+                        ),
+                        None => Value::Null,
+                    };
                     worst.push(entry);
                 }
             }
@@ -100,6 +109,15 @@ impl TimerReport {
         out
     }
 
+    /// What held the RT CPU while wake-up `b` was on its way, other than
+    /// the vCPU thread; `None` without a trace that covers it.
+    fn ran_instead(&self, b: stages::Breakdown) -> Option<Vec<(String, u64)>> {
+        let switches = self.switches.as_ref()?;
+        let (from, to) = b.window();
+        (switches.first()?.at_ns <= from)
+            .then(|| sched_trace::occupants(switches, from, to, "rtvm-vcpu1-"))
+    }
+
     pub fn print_table(&self) {
         println!(
             "rtvm bench timer: {} workload, period {:.3} ms, {:.1} s per path{} ({} on {}, preemption {})",
@@ -150,6 +168,23 @@ impl TimerReport {
                         us(b.entry),
                         us(b.guest_spin)
                     );
+                    match self.ran_instead(b) {
+                        Some(tasks) if tasks.is_empty() => println!(
+                            "      nothing else was scheduled on CPU {}: the time went below this kernel's scheduler",
+                            self.cpu
+                        ),
+                        Some(tasks) => println!(
+                            "      ran instead on CPU {}: {}",
+                            self.cpu,
+                            tasks
+                                .iter()
+                                .take(4)
+                                .map(|(t, ns)| format!("{t} {:.1} µs", *ns as f64 / 1e3))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                        None => {}
+                    }
                 }
             }
         }

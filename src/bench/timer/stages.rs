@@ -26,6 +26,8 @@ use crate::report::stats::Stats;
 pub struct Breakdown {
     /// Index of the cycle in the run.
     pub cycle: usize,
+    /// The cycle's deadline, host CLOCK_MONOTONIC ns.
+    pub deadline: u64,
     pub total: i64,
     pub advance: i64,
     pub timer: i64,
@@ -79,6 +81,7 @@ pub fn join(wakes: &[WakeStages], vcpu: usize, late_ns: &[u64]) -> Option<Vec<Br
                 let arrived = w.arrived.unwrap_or(runs);
                 Breakdown {
                     cycle,
+                    deadline: w.deadline,
                     total: late as i64,
                     advance: d(w.wake_at, w.deadline),
                     timer: d(w.woke, w.wake_at),
@@ -108,6 +111,16 @@ pub fn stage_stats(breakdowns: &[Breakdown]) -> Vec<(&'static str, Stats)> {
             Some((name, Stats::from_ns(&ns)?))
         })
         .collect()
+}
+
+impl Breakdown {
+    /// From the host timer's expiry to the task running, host ns.
+    pub fn window(self) -> (u64, u64) {
+        (
+            self.deadline.saturating_add_signed(self.advance),
+            self.deadline.saturating_add_signed(self.total),
+        )
+    }
 }
 
 /// The `n` latest wake-ups, latest first.
