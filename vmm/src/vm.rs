@@ -494,21 +494,24 @@ impl RunningVm {
             }
         }
         self.console.finish();
-        let streams = (0..rtvm_abi::vmrpc::STREAMS as usize)
-            .map(|s| {
-                self.services
-                    .streams
-                    .as_ref()
-                    .map(|streams| streams.take(s))
-                    .unwrap_or_default()
-            })
-            .collect();
         let wakes = self
             .services
             .streams
             .as_ref()
             .map(|streams| streams.take_wakes())
             .unwrap_or_default();
+        let streams = (0..rtvm_abi::vmrpc::STREAMS as usize)
+            .map(|s| match &self.services.streams {
+                // The host's own stream: the lateness of every periodic
+                // wait as the host handed control back.
+                Some(_) if s == rtvm_abi::vmrpc::HOST_STREAM as usize => wakes
+                    .iter()
+                    .map(|w| w.returned.saturating_sub(w.deadline))
+                    .collect(),
+                Some(streams) => streams.take(s),
+                None => Vec::new(),
+            })
+            .collect();
         VmRun {
             reason,
             wakes,

@@ -115,7 +115,7 @@ impl TimerReport {
         let switches = self.switches.as_ref()?;
         let (from, to) = b.window();
         (switches.first()?.at_ns <= from)
-            .then(|| sched_trace::occupants(switches, from, to, "rtvm-vcpu1-"))
+            .then(|| sched_trace::occupants(switches, (from, to), "rtvm-vcpu1-", b.thread_woke()))
     }
 
     pub fn print_table(&self) {
@@ -172,6 +172,11 @@ impl TimerReport {
                         Some(tasks) if tasks.is_empty() => println!(
                             "      nothing else was scheduled on CPU {}: the time went below this kernel's scheduler",
                             self.cpu
+                        ),
+                        Some(tasks) if tasks.iter().all(|(t, _)| t.starts_with("swapper/")) => println!(
+                            "      CPU {} idle until the thread ran ({:.1} µs): timer interrupt and idle exit; then nothing else was scheduled",
+                            self.cpu,
+                            tasks[0].1 as f64 / 1e3
                         ),
                         Some(tasks) => println!(
                             "      ran instead on CPU {}: {}",

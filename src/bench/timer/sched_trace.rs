@@ -161,22 +161,43 @@ pub fn parse(line: &str) -> Option<Switch> {
 }
 
 /// Who held the CPU in `[from, to)`, and for how long (ns), longest first;
-/// the task named `skip` (the vCPU thread itself) is left out.
-pub fn occupants(switches: &[Switch], from: u64, to: u64, skip: &str) -> Vec<(String, u64)> {
+/// the task named `ours` (the vCPU thread, as `comm-`) is left out, and is
+/// known to run from `ours_from` on, whatever the trace says: some kernels
+/// (this project's nested hosts among them) record no switch out of the
+/// idle task, so a thread woken on an idle CPU would seem never to run.
+pub fn occupants(
+    switches: &[Switch],
+    (from, to): (u64, u64),
+    ours: &str,
+    ours_from: u64,
+) -> Vec<(String, u64)> {
     let first = switches.partition_point(|s| s.at_ns < from);
     // Who ran at `from`: the task the last switch before it handed over to.
     let mut running = first.checked_sub(1).map(|i| switches[i].next.clone());
+    let ours_now = Switch {
+        at_ns: ours_from,
+        prev: String::new(),
+        next: ours.to_string(),
+    };
+    let mut window: Vec<&Switch> = switches[first..]
+        .iter()
+        .take_while(|s| s.at_ns < to)
+        .collect();
+    if (from..to).contains(&ours_from) {
+        let at = window.partition_point(|s| s.at_ns <= ours_from);
+        window.insert(at, &ours_now);
+    }
     let mut since = from;
     let mut held: Vec<(String, u64)> = Vec::new();
     let credit = |task: &Option<String>, ns: u64, held: &mut Vec<(String, u64)>| {
-        if let Some(task) = task.as_deref().filter(|t| !t.starts_with(skip) && ns > 0) {
+        if let Some(task) = task.as_deref().filter(|t| !t.starts_with(ours) && ns > 0) {
             match held.iter_mut().find(|(t, _)| t == task) {
                 Some((_, total)) => *total += ns,
                 None => held.push((task.to_string(), ns)),
             }
         }
     };
-    for s in switches[first..].iter().take_while(|s| s.at_ns < to) {
+    for s in window {
         credit(&running, s.at_ns - since, &mut held);
         running = Some(s.next.clone());
         since = s.at_ns;
@@ -216,12 +237,22 @@ mod tests {
             sw(900, "rtvm-vcpu1-42", "swapper/1-0"),
         ];
         assert_eq!(
-            occupants(&switches, 200, 800, "rtvm-vcpu1"),
+            occupants(&switches, (200, 800), "rtvm-vcpu1-", 700),
             [
                 ("stress-9".to_string(), 400),
                 ("ksoftirqd/1-20".to_string(), 100)
             ]
         );
-        assert!(occupants(&switches, 750, 850, "rtvm-vcpu1").is_empty());
+        assert!(occupants(&switches, (750, 850), "rtvm-vcpu1-", 700).is_empty());
+        // No switch out of idle recorded: the thread runs from when it
+        // says it woke.
+        let idle = [
+            sw(100, "rtvm-vcpu1-42", "swapper/1-0"),
+            sw(2000, "rtvm-vcpu1-42", "swapper/1-0"),
+        ];
+        assert_eq!(
+            occupants(&idle, (1000, 1500), "rtvm-vcpu1-", 1040),
+            [("swapper/1-0".to_string(), 40)]
+        );
     }
 }

@@ -121,6 +121,13 @@ impl Breakdown {
             self.deadline.saturating_add_signed(self.total),
         )
     }
+
+    /// When the vCPU thread ran again after its park, host ns.
+    pub fn thread_woke(self) -> u64 {
+        self.deadline
+            .saturating_add_signed(self.advance)
+            .saturating_add_signed(self.timer)
+    }
 }
 
 /// The `n` latest wake-ups, latest first.

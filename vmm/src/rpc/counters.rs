@@ -14,8 +14,14 @@ pub const STREAM_CAPACITY: usize = 4 << 20;
 /// host's own record of each long-poll wake-up, stage by stage.
 pub struct SampleStreams {
     streams: Mutex<Vec<Vec<u64>>>,
-    wakes: Mutex<Vec<WakeStages>>,
+    /// In chunks that never grow: recording happens between a timestamp
+    /// and KVM_RUN, where a vector's doubling (a copy of everything so far)
+    /// would show up as a late wake-up of our own making.
+    wakes: Mutex<Vec<Vec<WakeStages>>>,
 }
+
+/// Wake-ups per chunk of the record.
+const WAKES_CHUNK: usize = 4096;
 
 impl Default for SampleStreams {
     fn default() -> Self {
@@ -69,29 +75,43 @@ impl SampleStreams {
         Ok(s.len() as u64)
     }
 
+    /// Makes room for the next [`SampleStreams::record_wake`], so that
+    /// recording allocates nothing: called before a wait, where the time
+    /// it takes is absorbed by the wait.
+    pub fn prepare_wake(&self) {
+        let mut wakes = self.wakes.lock().unwrap_or_else(|e| e.into_inner());
+        let full = wakes.last().is_none_or(|c| c.len() == c.capacity());
+        if full && wakes.len() * WAKES_CHUNK < WAKES_CAPACITY {
+            wakes.push(Vec::with_capacity(WAKES_CHUNK));
+        }
+    }
+
     /// Records one wake-up and says where it went (for
-    /// [`SampleStreams::set_arrival`]); beyond [`WAKES_CAPACITY`] the
-    /// record stops growing.
+    /// [`SampleStreams::set_arrival`]); without room prepared (beyond
+    /// [`WAKES_CAPACITY`]) the record stops growing.
     pub fn record_wake(&self, wake: WakeStages) -> Option<usize> {
         let mut wakes = self.wakes.lock().unwrap_or_else(|e| e.into_inner());
-        (wakes.len() < WAKES_CAPACITY).then(|| {
-            wakes.push(wake);
-            wakes.len() - 1
-        })
+        let chunks = wakes.len();
+        let chunk = wakes.last_mut().filter(|c| c.len() < c.capacity())?;
+        chunk.push(wake);
+        Some((chunks - 1) * WAKES_CHUNK + chunk.len() - 1)
     }
 
     /// Completes recorded wake-up `index` with the guest's arrival, `ns`
     /// after its deadline (signed).
     pub fn set_arrival(&self, index: usize, after_deadline: i64) {
         let mut wakes = self.wakes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = wakes.get_mut(index) {
+        let w = wakes
+            .get_mut(index / WAKES_CHUNK)
+            .and_then(|c| c.get_mut(index % WAKES_CHUNK));
+        if let Some(w) = w {
             w.arrived = Some(w.deadline.saturating_add_signed(after_deadline));
         }
     }
 
     /// Takes the recorded wake-ups out.
     pub fn take_wakes(&self) -> Vec<WakeStages> {
-        std::mem::take(&mut *self.wakes.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.wakes.lock().unwrap_or_else(|e| e.into_inner())).concat()
     }
 
     /// Takes the samples of `stream` out.

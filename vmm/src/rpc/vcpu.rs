@@ -79,16 +79,17 @@ impl VcpuService {
             Call::Periodic => self.timer.start_periodic(a[0], a[1]),
             Call::WaitNext => {
                 let opts = wait(a[0]);
-                if let (Some(streams), Some(index), Some(arrival)) =
-                    (streams, self.recorded.take(), opts.feedback)
-                {
-                    streams.set_arrival(index, arrival);
+                if let Some(streams) = streams {
+                    if let (Some(index), Some(arrival)) = (self.recorded.take(), opts.feedback) {
+                        streams.set_arrival(index, arrival);
+                    }
+                    streams.prepare_wake();
                 }
                 let (results, wake) = self.timer.wait_next(opts, cx.park)?;
-                // Full stream: the cross-check simply stops growing.
-                if let Some(streams) = streams {
-                    let _ = streams.append(vmrpc::HOST_STREAM as usize, &[results[1]]);
-                    // Completed when the vCPU enters the guest again.
+                // Completed when the vCPU enters the guest again; nothing
+                // else happens on the way there (the host stream is made
+                // from these records when the VM ends).
+                if streams.is_some() {
                     self.entering = Some(wake);
                 }
                 Ok(results)
