@@ -53,10 +53,9 @@ pub fn run(args: &RpcArgs) -> Result<(), String> {
     }
     // The same guest in eight VMs, seccomp on and off alternately, so the
     // filters' cost per exit is measured side by side with what it is
-    // compared to. The exit time here has two modes (~25 and ~34 µs) and
-    // which one a VM's p50 lands in varies from VM to VM, filters or not,
-    // so the ratio of minima is the steadier measure of what they cost.
-    // Ping and floor are interleaved within each VM.
+    // compared to: a host's drift falls on both alike. The ratio of minima
+    // is reported beside the p50s' as the measure least moved by load
+    // from elsewhere. Ping and floor are interleaved within each VM.
     let (mut floors, mut pings, mut unfiltered) = (Vec::new(), Vec::new(), Vec::new());
     let mut rt_report = None;
     const ROUNDS: u64 = 4;
