@@ -80,6 +80,7 @@ pub fn run(args: &DemoArgs) -> ExitCode {
         linux_tools: None,
         trace: false,
         rounds: None,
+        minutes: None,
         compare_memory: false,
     };
     let report = match timer::measure(&timer_args) {

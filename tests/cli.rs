@@ -797,6 +797,49 @@ fn bench_timer_rejects_bad_settings() {
     let out = run(&["bench", "timer", "--linux", "/boot/vmlinuz"]);
     assert_eq!(out.status.code(), Some(2), "--linux needs --linux-tools");
     assert!(text(&out.stderr).contains("--linux-tools"));
+    for bad in [
+        &["--minutes", "0"][..],
+        &["--minutes", "2", "--seconds", "5"],
+    ] {
+        let out = run(&[&["bench", "timer"][..], bad].concat());
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", text(&out.stderr));
+    }
+}
+
+/// Issue #16: a long run reports what it has after every round, and ends
+/// with the same JSON as a short one.
+#[test]
+fn bench_timer_minutes_reports_each_round() {
+    need_kvm!();
+    let _cpu = real_time_cpu();
+    let out = output_within(
+        rtvm().args([
+            "bench",
+            "timer",
+            "--json",
+            "--minutes",
+            "1",
+            "--rounds",
+            "2",
+        ]),
+        Duration::from_secs(180),
+    );
+    if refused_without_tsc_clock(&out) {
+        return;
+    }
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let partial = stderr
+        .lines()
+        .filter(|l| l.starts_with("so far, guest_longpoll "))
+        .count();
+    assert_eq!(partial, 2, "one line per round: {stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(
+        json["guest_longpoll"]["samples"].as_u64().unwrap() >= 10_000,
+        "{json}"
+    );
+    assert!(json["missed_periods"]["guest_longpoll"].is_u64(), "{json}");
 }
 
 #[test]

@@ -55,8 +55,13 @@ pub enum Workload {
 #[derive(Args, Clone)]
 pub struct TimerArgs {
     /// Total measuring time in seconds, split evenly between the paths.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, conflicts_with = "minutes")]
     pub seconds: f64,
+    /// A long run: M minutes in all, one round a minute (unless --rounds
+    /// says otherwise), each round's figures so far printed to stderr as it
+    /// ends; the final table or JSON as for --seconds.
+    #[arg(long, value_name = "M", value_parser = clap::value_parser!(u64).range(1..=1440))]
+    pub minutes: Option<u64>,
     /// Period of the task, in µs (periodic workload).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=1_000_000))]
     pub period_us: u64,
@@ -406,11 +411,9 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
         cpu: Some(cpu),
     };
     policy.validate()?;
-    if !(args.seconds > 0.0 && args.seconds <= 86_400.0) {
-        return Err(format!(
-            "--seconds {}: must be between 0 and 86400",
-            args.seconds
-        ));
+    let seconds = args.minutes.map_or(args.seconds, |m| m as f64 * 60.0);
+    if !(seconds > 0.0 && seconds <= 86_400.0) {
+        return Err(format!("--seconds {seconds}: must be between 0 and 86400"));
     }
     if let Some(tools) = &args.linux_tools {
         super::linux::check_tools(tools)?;
@@ -456,12 +459,16 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
     }
     let rounds = args
         .rounds
-        .unwrap_or(if args.compare_memory { 4 } else { 1 });
-    let per_path = args.seconds / names.len() as f64;
+        .unwrap_or(match (args.minutes, args.compare_memory) {
+            (Some(minutes), _) => minutes,
+            (None, true) => 4,
+            (None, false) => 1,
+        });
+    let per_path = seconds / names.len() as f64;
     let per_round = per_path / rounds as f64;
     let count = ((per_round * 1e9) / period as f64).ceil().max(10.0) as u64;
 
-    let progress = ProgressBar::new((args.seconds * 10.0) as u64);
+    let progress = ProgressBar::new((seconds * 10.0) as u64);
     progress.set_style(
         ProgressStyle::with_template("{msg:>26} [{bar:30}] {elapsed}/{duration}")
             .expect("static template")
@@ -551,6 +558,16 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
             }
             // Each round's quiet baseline is quiet again.
             load = None;
+            if args.minutes.is_some() {
+                progress.suspend(|| {
+                    for p in &paths {
+                        eprintln!(
+                            "so far, {:<24} {} samples, p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs, {} missed",
+                            p.name, p.stats.samples, p.stats.p99_us, p.stats.p999_us, p.stats.max_us, p.missed
+                        );
+                    }
+                });
+            }
         }
         Ok::<(), String>(())
     })();
