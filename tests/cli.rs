@@ -580,6 +580,11 @@ fn bench_timer_reports_json_histograms_and_plot() {
         // list, empty when nothing else was scheduled there).
         assert!(w["ran_instead"].is_array(), "{w}");
     }
+    // When the kernel made the vCPU thread runnable, from sched_wakeup.
+    assert!(
+        worst.iter().any(|w| w["woken_after_us"].is_f64()),
+        "{worst:?}"
+    );
     assert!(
         json["machine"]["rt"]
             .to_string()

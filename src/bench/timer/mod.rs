@@ -146,9 +146,9 @@ pub struct TimerReport {
     pub breakdowns: Vec<(&'static str, Vec<stages::Breakdown>)>,
     /// How many of the worst wake-ups to list (`--trace`); 0: none.
     pub worst: usize,
-    /// Context switches on the RT CPU during the run (`--trace`), to say
-    /// what ran there instead of the vCPU thread.
-    pub switches: Option<Vec<sched_trace::Switch>>,
+    /// Context switches and wake-ups on the RT CPU during the run
+    /// (`--trace`), to say what ran there instead of the vCPU thread.
+    pub trace: Option<sched_trace::Trace>,
     pub cpu: usize,
 }
 
@@ -572,8 +572,8 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
         Ok::<(), String>(())
     })();
     drop(load);
-    let switches = match trace.map(sched_trace::SchedTrace::finish) {
-        Some(Ok(switches)) => Some(switches),
+    let trace = match trace.map(sched_trace::SchedTrace::finish) {
+        Some(Ok(trace)) => Some(trace),
         Some(Err(e)) => {
             eprintln!("rtvm: warning: reading the sched_switch trace: {e}");
             None
@@ -611,7 +611,7 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
         workload: args.workload,
         breakdowns,
         worst: if args.trace { WORST_LISTED } else { 0 },
-        switches,
+        trace,
         cpu,
     })
 }

@@ -45,6 +45,10 @@ impl TimerReport {
                 for b in stages::worst(breakdowns, self.worst) {
                     let mut entry = b.to_json();
                     entry["path"] = json!(name);
+                    entry["woken_after_us"] = match self.woken_after(b) {
+                        Some(ns) => json!(ns as f64 / 1e3),
+                        None => Value::Null,
+                    };
                     entry["ran_instead"] = match self.ran_instead(b) {
                         Some(tasks) => Value::Array(
                             tasks
@@ -112,10 +116,24 @@ impl TimerReport {
     /// What held the RT CPU while wake-up `b` was on its way, other than
     /// the vCPU thread; `None` without a trace that covers it.
     fn ran_instead(&self, b: stages::Breakdown) -> Option<Vec<(String, u64)>> {
-        let switches = self.switches.as_ref()?;
+        let switches = &self.trace.as_ref()?.switches;
         let (from, to) = b.window();
         (switches.first()?.at_ns <= from)
             .then(|| sched_trace::occupants(switches, (from, to), "rtvm-vcpu1-", b.thread_woke()))
+    }
+
+    /// When the kernel made the vCPU thread runnable in wake-up `b`'s
+    /// window, as µs after the host timer's expiry; `None` without a trace
+    /// entry for it.
+    fn woken_after(&self, b: stages::Breakdown) -> Option<u64> {
+        let wakeups = &self.trace.as_ref()?.wakeups;
+        let (from, to) = b.window();
+        let first = wakeups.partition_point(|w| w.at_ns < from);
+        wakeups[first..]
+            .iter()
+            .take_while(|w| w.at_ns < to)
+            .find(|w| w.task.starts_with("rtvm-vcpu1-"))
+            .map(|w| w.at_ns - from)
     }
 
     pub fn print_table(&self) {
@@ -168,6 +186,14 @@ impl TimerReport {
                         us(b.entry),
                         us(b.guest_spin)
                     );
+                    if let Some(ns) = self.woken_after(b) {
+                        let runnable = b.thread_woke().saturating_sub(b.window().0 + ns);
+                        println!(
+                            "      made runnable {:.1} µs after the timer's expiry, then runnable {:.1} µs before it ran",
+                            ns as f64 / 1e3,
+                            runnable as f64 / 1e3
+                        );
+                    }
                     match self.ran_instead(b) {
                         Some(tasks) if tasks.is_empty() => println!(
                             "      nothing else was scheduled on CPU {}: the time went below this kernel's scheduler",

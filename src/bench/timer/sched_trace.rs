@@ -1,5 +1,6 @@
-//! What ran on the real-time CPU instead of the vCPU thread: the kernel's
-//! `sched_switch` tracepoint, read through tracefs as rtla and perf do, in
+//! What ran on the real-time CPU instead of the vCPU thread, and when the
+//! thread was woken: the kernel's `sched_switch` and `sched_wakeup`
+//! tracepoints, read through tracefs as rtla and perf do, in
 //! an instance of our own (a tracer the user runs meanwhile is not
 //! disturbed) with the `mono` trace clock, so its timestamps are host
 //! CLOCK_MONOTONIC like the wake-up records they are matched with.
@@ -22,6 +23,22 @@ pub struct Switch {
     pub prev: String,
     /// The task that runs from then on.
     pub next: String,
+}
+
+/// A task made runnable on the traced CPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wakeup {
+    /// Host CLOCK_MONOTONIC, ns.
+    pub at_ns: u64,
+    /// The task woken, as `comm-pid`.
+    pub task: String,
+}
+
+/// What a trace recorded, oldest first.
+#[derive(Debug, Default)]
+pub struct Trace {
+    pub switches: Vec<Switch>,
+    pub wakeups: Vec<Wakeup>,
 }
 
 /// Tracing of one CPU's context switches, stopped and removed on drop.
@@ -77,23 +94,26 @@ impl SchedTrace {
             &BUFFER_KB.to_string(),
         )?;
         write(&at("events/sched/sched_switch/enable"), "1")?;
+        write(&at("events/sched/sched_wakeup/enable"), "1")?;
         write(&at("tracing_on"), "1")?;
         Ok(trace)
     }
 
-    /// Stops tracing and returns the switches recorded, oldest first.
-    pub fn finish(self) -> Result<Vec<Switch>, String> {
+    /// Stops tracing and returns what was recorded.
+    pub fn finish(self) -> Result<Trace, String> {
         write(&self.instance.join("tracing_on"), "0")?;
         let path = self.instance.join(format!("per_cpu/cpu{}/trace", self.cpu));
         let file = fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut switches = Vec::new();
+        let mut trace = Trace::default();
         for line in BufReader::new(file).lines() {
             let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
             if let Some(switch) = parse(&line) {
-                switches.push(switch);
+                trace.switches.push(switch);
+            } else if let Some(wakeup) = parse_wakeup(&line) {
+                trace.wakeups.push(wakeup);
             }
         }
-        Ok(switches)
+        Ok(trace)
     }
 }
 
@@ -101,6 +121,7 @@ impl Drop for SchedTrace {
     fn drop(&mut self) {
         let _ = fs::write(self.instance.join("tracing_on"), "0");
         let _ = fs::write(self.instance.join("events/sched/sched_switch/enable"), "0");
+        let _ = fs::write(self.instance.join("events/sched/sched_wakeup/enable"), "0");
         if let Err(e) = fs::remove_dir(&self.instance) {
             eprintln!(
                 "rtvm: warning: removing trace instance {}: {e}",
@@ -131,6 +152,29 @@ fn cpumask(cpu: usize) -> String {
         .join(",")
 }
 
+/// The timestamp of a trace line's event (`secs.micros` before `: NAME: `).
+fn stamp(head: &str) -> Option<u64> {
+    let stamp = head.rsplit(' ').next()?;
+    let (secs, micros) = stamp.split_once('.')?;
+    Some(
+        secs.parse::<u64>().ok()? * 1_000_000_000
+            + micros.parse::<u64>().ok()? * 10u64.pow(9u32.checked_sub(micros.len() as u32)?),
+    )
+}
+
+/// A `sched_wakeup` line: `... 123.456789: sched_wakeup: comm=rtvm-vcpu1
+/// pid=42 prio=19 target_cpu=001`.
+pub fn parse_wakeup(line: &str) -> Option<Wakeup> {
+    let (head, fields) = line.split_once(": sched_wakeup: ")?;
+    let comm = fields.strip_prefix("comm=")?;
+    let (comm, rest) = comm.split_at(comm.find(" pid=")?);
+    let pid = rest[" pid=".len()..].split(' ').next()?;
+    Some(Wakeup {
+        at_ns: stamp(head)?,
+        task: format!("{comm}-{pid}"),
+    })
+}
+
 /// A `sched_switch` line of the trace file, e.g.
 /// `<idle>-0 [001] d..2. 123.456789: sched_switch: prev_comm=swapper/1
 /// prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=rtvm-vcpu1
@@ -138,10 +182,7 @@ fn cpumask(cpu: usize) -> String {
 /// cut at the next key.
 pub fn parse(line: &str) -> Option<Switch> {
     let (head, fields) = line.split_once(": sched_switch: ")?;
-    let stamp = head.rsplit(' ').next()?;
-    let (secs, micros) = stamp.split_once('.')?;
-    let at_ns = secs.parse::<u64>().ok()? * 1_000_000_000
-        + micros.parse::<u64>().ok()? * 10u64.pow(9 - micros.len() as u32);
+    let at_ns = stamp(head)?;
     let between = |from: &str, to: &str| -> Option<&str> {
         let start = fields.find(from)? + from.len();
         let end = fields[start..].find(to).map_or(fields.len(), |e| start + e);
@@ -219,6 +260,14 @@ mod tests {
         assert_eq!(s.prev, "kworker/1:2 x-77");
         assert_eq!(s.next, "rtvm-vcpu1-42");
         assert!(parse("  <idle>-0 [001] 1.000001: sched_wakeup: comm=x").is_none());
+        let woken = parse_wakeup(
+            "  <idle>-0  [001] dNs5. 24423.204662: sched_wakeup: comm=rtvm-vcpu1 pid=42 prio=19 target_cpu=001",
+        )
+        .unwrap();
+        assert_eq!(
+            (woken.at_ns, woken.task.as_str()),
+            (24_423_204_662_000, "rtvm-vcpu1-42")
+        );
         assert_eq!(cpumask(1), "00000002");
         assert_eq!(cpumask(33), "00000002,00000000");
     }
