@@ -123,6 +123,9 @@ pub struct VcpuContext {
     pub services: Arc<Services>,
     pub advance: AdvanceMode,
     pub rt: Option<RtPolicy>,
+    /// The host CPUs the VM's RT vCPUs are pinned to, which its other
+    /// vCPUs keep off.
+    pub rt_cpus: Arc<[usize]>,
     pub cgroups: Option<Arc<RtCgroups>>,
     /// The seccomp filter the thread confines itself with once set up.
     pub seccomp: SeccompMode,
@@ -329,8 +332,12 @@ fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
     control
         .tid
         .store(unsafe { libc::gettid() }, Ordering::Release);
-    let rt_items =
-        realtime::apply_to_current_thread(ctx.index, ctx.rt.as_ref(), ctx.cgroups.as_deref());
+    let rt_items = realtime::apply_to_current_thread(
+        ctx.index,
+        ctx.rt.as_ref(),
+        ctx.cgroups.as_deref(),
+        &ctx.rt_cpus,
+    );
     let facts = VcpuFacts {
         index: ctx.index,
         count: ctx.count,

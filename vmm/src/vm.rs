@@ -285,6 +285,9 @@ impl Vm {
             &mut rt_report,
         )
         .map_err(Error::Realtime)?;
+        let rt_cpus: Arc<[usize]> = (0..count)
+            .filter_map(|i| self.config.rt_policy(i).and_then(|p| p.cpu))
+            .collect();
         let live = Arc::new(AtomicUsize::new(count));
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let started = Instant::now();
@@ -302,6 +305,7 @@ impl Vm {
                 services: self.services.clone(),
                 advance: self.config.advance_for(index),
                 rt: self.config.rt_policy(index),
+                rt_cpus: rt_cpus.clone(),
                 cgroups: rt_host.cgroups.clone(),
                 seccomp: self.config.seccomp,
                 started: started_tx.clone(),
