@@ -10,7 +10,9 @@
 //! to TSC values with the `Rpc` clock calibration. A cycle whose deadline
 //! has already passed when it would wait counts the deadlines that passed as
 //! missed and skips them, as the host's `WaitNext` does. Stream 0 gets how
-//! late each wait returned (host ns, guest-side), stream 1 the missed count.
+//! late each wait returned (host ns, guest-side), stream 1 the missed count,
+//! stream 2 the deadline (host ns), for the bench to match each cycle with
+//! the host scheduler's trace of the vCPU thread.
 
 use super::rt::{self, Housekeeping};
 use super::Ctx;
@@ -42,6 +44,7 @@ fn rt_task(ctx: &Ctx) -> u32 {
 
     let mut late = Batch::new(0);
     let mut missed = Batch::new(1);
+    let mut deadlines = Batch::new(2);
     let (mut total_missed, mut max_late) = (0, 0);
     let mut next = rpc.now() + period;
     for _ in 0..count {
@@ -56,6 +59,7 @@ fn rt_task(ctx: &Ctx) -> u32 {
         let late_ns = woke.saturating_sub(next);
         late.push(&mut rpc, late_ns);
         missed.push(&mut rpc, missed_now);
+        deadlines.push(&mut rpc, next);
         total_missed += missed_now;
         max_late = max_late.max(late_ns);
         if work != 0 {
@@ -65,6 +69,7 @@ fn rt_task(ctx: &Ctx) -> u32 {
     }
     late.flush(&mut rpc);
     missed.flush(&mut rpc);
+    deadlines.flush(&mut rpc);
 
     println!("timer-irq: cycles={count} missed={total_missed} max_late_ns={max_late}");
     0

@@ -42,6 +42,7 @@ use crate::report::PathResult;
 mod report;
 mod sched_trace;
 mod stages;
+mod steal;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Workload {
@@ -144,6 +145,15 @@ pub struct TimerReport {
     pub workload: Workload,
     /// Long-poll paths' wake-ups, stage by stage (see `stages`).
     pub breakdowns: Vec<(&'static str, Vec<stages::Breakdown>)>,
+    /// The interrupt path's wake-ups, for the trace to break down.
+    pub irq_wakes: Vec<(&'static str, Vec<stages::IrqWake>)>,
+    /// Steal time on the RT CPU while each path ran, ns (`None`: the
+    /// kernel does not show it).
+    pub steal_ns: Vec<(&'static str, Option<u64>)>,
+    /// The RT CPU's steal time sampled through the run (`--trace`), as
+    /// (host ns, steal ns so far), to say what of a late wake-up the
+    /// hypervisor below took.
+    pub steal_samples: Option<Vec<(u64, u64)>>,
     /// How many of the worst wake-ups to list (`--trace`); 0: none.
     pub worst: usize,
     /// Context switches and wake-ups on the RT CPU during the run
@@ -278,7 +288,7 @@ fn guest_path(
     work: u64,
     busy_vcpu0: bool,
     rt: &Mutex<Vec<RtItem>>,
-) -> Result<(PathResult, Option<Vec<stages::Breakdown>>), String> {
+) -> Result<GuestPath, String> {
     let mut config = VmConfig::new(GuestSpec::Builtin(workload.into()));
     config.sample_streams = true;
     config.vcpus = 2;
@@ -320,6 +330,10 @@ fn guest_path(
     // a few ms against seconds of periods).
     let cpu = run.vcpu_cpu.get(1).copied().flatten();
     let breakdowns = stages::join(&run.wakes, 1, &late);
+    let irq_wakes = match workload {
+        "timer-irq" => stages::irq_wakes(&streams[2], &late),
+        _ => Vec::new(),
+    };
     Ok((
         PathResult {
             name,
@@ -330,8 +344,17 @@ fn guest_path(
             stats,
         },
         breakdowns,
+        irq_wakes,
     ))
 }
+
+/// A guest path's result, its long-poll wake-ups stage by stage, and its
+/// interrupt-path wake-ups.
+type GuestPath = (
+    PathResult,
+    Option<Vec<stages::Breakdown>>,
+    Vec<stages::IrqWake>,
+);
 
 /// cyclictest on the host for the same time, as a reference for `host`.
 fn cyclictest_path(policy: RtPolicy, period: u64, seconds: f64) -> Result<PathResult, String> {
@@ -499,6 +522,8 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
     };
     let mut paths = Vec::new();
     let mut breakdowns = Vec::new();
+    let mut irq_wakes = Vec::new();
+    let mut steal_ns: Vec<(&'static str, Option<u64>)> = Vec::new();
     let mut load: Option<HostLoad> = None;
     let trace = if args.trace && args.linux.is_none() {
         let started = sched_trace::SchedTrace::start(cpu);
@@ -511,6 +536,11 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
     } else {
         None
     };
+    let steal_sampler = if trace.is_some() {
+        steal::StealSampler::start(cpu)
+    } else {
+        None
+    };
     let result = (|| {
         for _ in 0..rounds {
             for &name in &names {
@@ -519,12 +549,16 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
                     load = Some(HostLoad::start());
                 }
                 let busy = load.is_some();
+                let steal_before = steal::steal_ns(cpu);
                 let mut guest = |workload: &str, advance: AdvanceMode, backing| {
-                    let (path, stages) = guest_path(
+                    let (path, stages, irq) = guest_path(
                         name, workload, advance, backing, policy, period, count, work, busy, &rt,
                     )?;
                     if let Some(stages) = stages {
                         merge_breakdowns(&mut breakdowns, name, stages);
+                    }
+                    if !irq.is_empty() {
+                        merge_irq_wakes(&mut irq_wakes, name, irq);
                     }
                     Ok::<_, String>(path)
                 };
@@ -555,6 +589,11 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
                     _ => unreachable!("path names are fixed above"),
                 };
                 merge_path(&mut paths, path);
+                let stolen = steal_before.zip(steal::steal_ns(cpu)).map(|(a, b)| b - a);
+                match steal_ns.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, total)) => *total = total.zip(stolen).map(|(a, b)| a + b),
+                    None => steal_ns.push((name, stolen)),
+                }
             }
             // Each round's quiet baseline is quiet again.
             load = None;
@@ -572,6 +611,7 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
         Ok::<(), String>(())
     })();
     drop(load);
+    let steal_samples = steal_sampler.map(steal::StealSampler::finish);
     let trace = match trace.map(sched_trace::SchedTrace::finish) {
         Some(Ok(trace)) => Some(trace),
         Some(Err(e)) => {
@@ -610,6 +650,9 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
         load: args.load,
         workload: args.workload,
         breakdowns,
+        irq_wakes,
+        steal_ns,
+        steal_samples,
         worst: if args.trace { WORST_LISTED } else { 0 },
         trace,
         cpu,
@@ -646,6 +689,22 @@ fn merge_breakdowns(
         Some((_, earlier)) => {
             let offset = earlier.len();
             round.iter_mut().for_each(|b| b.cycle += offset);
+            earlier.extend(round);
+        }
+        None => all.push((name, round)),
+    }
+}
+
+/// Adds one round's interrupt-path wake-ups, cycles numbered on.
+fn merge_irq_wakes(
+    all: &mut Vec<(&'static str, Vec<stages::IrqWake>)>,
+    name: &'static str,
+    mut round: Vec<stages::IrqWake>,
+) {
+    match all.iter_mut().find(|(n, _)| *n == name) {
+        Some((_, earlier)) => {
+            let offset = earlier.len();
+            round.iter_mut().for_each(|w| w.cycle += offset);
             earlier.extend(round);
         }
         None => all.push((name, round)),

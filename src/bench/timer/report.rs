@@ -2,6 +2,37 @@
 
 use super::*;
 
+/// The RT vCPU's thread in the trace, as `comm-`.
+const VCPU_THREAD: &str = "rtvm-vcpu1-";
+/// The kernel adds a stall's steal time at the CPU's next tick after it.
+const STEAL_SETTLE_NS: u64 = 20_000_000;
+
+/// When the trace saw the RT vCPU's thread woken, oldest first.
+fn vcpu_wakeups(trace: &sched_trace::Trace) -> Vec<u64> {
+    trace
+        .wakeups
+        .iter()
+        .filter(|w| w.task.starts_with(VCPU_THREAD))
+        .map(|w| w.at_ns)
+        .collect()
+}
+
+fn held_json(held: Option<Vec<(String, u64)>>) -> Value {
+    match held {
+        Some(tasks) => Value::Array(
+            tasks
+                .into_iter()
+                .map(|(task, ns)| json!({"task": task, "us": ns as f64 / 1e3}))
+                .collect(),
+        ),
+        None => Value::Null,
+    }
+}
+
+fn stolen_json(ns: Option<u64>) -> Value {
+    ns.map_or(Value::Null, |ns| json!(ns / 1_000_000))
+}
+
 fn jitter_us(samples: &[u64]) -> f64 {
     let n = samples.len().max(1) as f64;
     let mean = samples.iter().map(|&s| s as f64).sum::<f64>() / n;
@@ -32,6 +63,12 @@ impl TimerReport {
             .filter_map(|p| Some((p.name.to_string(), json!(p.cpu_per_period_ns? as f64 / 1e3))))
             .collect();
         out["cpu_per_period_us"] = Value::Object(cpu);
+        out["steal_ms"] = Value::Object(
+            self.steal_ns
+                .iter()
+                .map(|(name, ns)| (name.to_string(), json!(ns.map(|ns| ns as f64 / 1e6))))
+                .collect(),
+        );
         // Each long-poll path's wake-ups stage by stage; `worst` with --trace.
         let mut worst = Vec::new();
         for (name, breakdowns) in &self.breakdowns {
@@ -49,16 +86,33 @@ impl TimerReport {
                         Some(ns) => json!(ns as f64 / 1e3),
                         None => Value::Null,
                     };
-                    entry["ran_instead"] = match self.ran_instead(b) {
-                        Some(tasks) => Value::Array(
-                            tasks
-                                .into_iter()
-                                .map(|(task, ns)| json!({"task": task, "us": ns as f64 / 1e3}))
-                                .collect(),
-                        ),
-                        None => Value::Null,
-                    };
+                    entry["ran_instead"] = held_json(self.ran_instead(b));
+                    entry["stolen_ms"] = stolen_json(self.stolen_in(b.window()));
                     worst.push(entry);
+                }
+            }
+        }
+        // The interrupt path's, where the trace saw them.
+        if let Some(trace) = &self.trace {
+            let wakeups = vcpu_wakeups(trace);
+            for (name, wakes) in &self.irq_wakes {
+                out[*name]["stages"] = Value::Object(
+                    stages::irq_stage_stats(wakes, &wakeups, self.period_ns)
+                        .into_iter()
+                        .map(|(stage, stats)| (stage.to_string(), stats.to_json()))
+                        .collect(),
+                );
+                for w in stages::worst_irq(wakes, self.worst) {
+                    let woken = w.woken(&wakeups, self.period_ns);
+                    let us = |ns: i64| json!(ns as f64 / 1e3);
+                    worst.push(json!({
+                        "path": name,
+                        "cycle": w.cycle,
+                        "total_us": us(w.total as i64),
+                        "woken_after_us": woken.map(|t| us(t as i64 - w.deadline as i64)),
+                        "ran_instead": held_json(self.ran_instead_irq(w, woken)),
+                        "stolen_ms": stolen_json(self.stolen_in(w.window())),
+                    }));
                 }
             }
         }
@@ -119,7 +173,35 @@ impl TimerReport {
         let switches = &self.trace.as_ref()?.switches;
         let (from, to) = b.window();
         (switches.first()?.at_ns <= from)
-            .then(|| sched_trace::occupants(switches, (from, to), "rtvm-vcpu1-", b.thread_woke()))
+            .then(|| sched_trace::occupants(switches, (from, to), VCPU_THREAD, b.thread_woke()))
+    }
+
+    /// What held the RT CPU while interrupt-path wake-up `w` was on its
+    /// way: the vCPU thread counts as running from its first switch in
+    /// after `woken`, else from `woken` (a wake-up on an idle CPU), else
+    /// throughout (a halt poll).
+    fn ran_instead_irq(
+        &self,
+        w: stages::IrqWake,
+        woken: Option<u64>,
+    ) -> Option<Vec<(String, u64)>> {
+        let switches = &self.trace.as_ref()?.switches;
+        let (from, to) = w.window();
+        let ours_from = match woken {
+            Some(t) => switches[switches.partition_point(|s| s.at_ns < t)..]
+                .iter()
+                .take_while(|s| s.at_ns < to)
+                .find(|s| s.next.starts_with(VCPU_THREAD))
+                .map_or(t, |s| s.at_ns),
+            None => from,
+        };
+        (switches.first()?.at_ns <= from)
+            .then(|| sched_trace::occupants(switches, (from, to), VCPU_THREAD, ours_from))
+    }
+
+    /// Steal time counted on the RT CPU over `window` (see `steal`).
+    fn stolen_in(&self, (from, to): (u64, u64)) -> Option<u64> {
+        steal::stolen_between(self.steal_samples.as_deref()?, from, to, STEAL_SETTLE_NS)
     }
 
     /// When the kernel made the vCPU thread runnable in wake-up `b`'s
@@ -132,7 +214,7 @@ impl TimerReport {
         wakeups[first..]
             .iter()
             .take_while(|w| w.at_ns < to)
-            .find(|w| w.task.starts_with("rtvm-vcpu1-"))
+            .find(|w| w.task.starts_with(VCPU_THREAD))
             .map(|w| w.at_ns - from)
     }
 
@@ -147,12 +229,22 @@ impl TimerReport {
             self.host.cpu_model,
             self.host.preemption,
         );
-        println!("{}   missed  cpu_us/period", Stats::TABLE_HEADER);
+        println!("{}   missed  cpu_us/period  steal_ms", Stats::TABLE_HEADER);
         for p in &self.paths {
             let cpu = p
                 .cpu_per_period_ns
                 .map_or("-".to_string(), |c| format!("{:.1}", c as f64 / 1e3));
-            println!("{} {:>8} {cpu:>14}", p.stats.table_row(p.name), p.missed);
+            let steal = self
+                .steal_ns
+                .iter()
+                .find(|(n, _)| *n == p.name)
+                .and_then(|(_, ns)| *ns)
+                .map_or("-".to_string(), |ns| format!("{}", ns / 1_000_000));
+            println!(
+                "{} {:>8} {cpu:>14} {steal:>9}",
+                p.stats.table_row(p.name),
+                p.missed
+            );
         }
         if let Some(s) = self
             .path("guest_longpoll")
@@ -194,28 +286,35 @@ impl TimerReport {
                             runnable as f64 / 1e3
                         );
                     }
-                    match self.ran_instead(b) {
-                        Some(tasks) if tasks.is_empty() => println!(
-                            "      nothing else was scheduled on CPU {}: the time went below this kernel's scheduler",
-                            self.cpu
-                        ),
-                        Some(tasks) if tasks.iter().all(|(t, _)| t.starts_with("swapper/")) => println!(
-                            "      CPU {} idle until the thread ran ({:.1} µs): timer interrupt and idle exit; then nothing else was scheduled",
-                            self.cpu,
-                            tasks[0].1 as f64 / 1e3
-                        ),
-                        Some(tasks) => println!(
-                            "      ran instead on CPU {}: {}",
-                            self.cpu,
-                            tasks
-                                .iter()
-                                .take(4)
-                                .map(|(t, ns)| format!("{t} {:.1} µs", *ns as f64 / 1e3))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                        None => {}
-                    }
+                    self.print_held(self.ran_instead(b), self.stolen_in(b.window()));
+                }
+            }
+        }
+        if let Some(trace) = &self.trace {
+            let wakeups = vcpu_wakeups(trace);
+            for (name, wakes) in &self.irq_wakes {
+                println!("{name}, stage by stage (guest deadline + the trace's wake-up of the vCPU thread):");
+                for (stage, stats) in stages::irq_stage_stats(wakes, &wakeups, self.period_ns) {
+                    println!("{}", stats.table_row(&format!("  {stage}")));
+                }
+                println!(
+                    "  worst {}, µs: total (vCPU thread woken after the deadline)",
+                    self.worst
+                );
+                for w in stages::worst_irq(wakes, self.worst) {
+                    let woken = w.woken(&wakeups, self.period_ns);
+                    let after = woken.map_or("not woken: a halt poll caught it".into(), |t| {
+                        format!(
+                            "woken {:.1} µs after the deadline",
+                            (t as i64 - w.deadline as i64) as f64 / 1e3
+                        )
+                    });
+                    println!(
+                        "  cycle {:>7}: {:>9.1} ({after})",
+                        w.cycle,
+                        w.total as f64 / 1e3
+                    );
+                    self.print_held(self.ran_instead_irq(w, woken), self.stolen_in(w.window()));
                 }
             }
         }
@@ -238,6 +337,40 @@ impl TimerReport {
                 Ok(()) => println!("  rt ok: {}", item.what),
                 Err(e) => println!("  rt FAILED: {}: {e}", item.what),
             }
+        }
+    }
+
+    /// What held the RT CPU during one late wake-up, and what the
+    /// hypervisor below took of it.
+    fn print_held(&self, held: Option<Vec<(String, u64)>>, stolen: Option<u64>) {
+        match held {
+            Some(tasks) if tasks.is_empty() => println!(
+                "      nothing else was scheduled on CPU {}: the time went below this kernel's scheduler",
+                self.cpu
+            ),
+            Some(tasks) if tasks.iter().all(|(t, _)| t.starts_with("swapper/")) => println!(
+                "      CPU {} idle until the thread ran ({:.1} µs): timer interrupt and idle exit; then nothing else was scheduled",
+                self.cpu,
+                tasks[0].1 as f64 / 1e3
+            ),
+            Some(tasks) => println!(
+                "      ran instead on CPU {}: {}",
+                self.cpu,
+                tasks
+                    .iter()
+                    .take(4)
+                    .map(|(t, ns)| format!("{t} {:.1} µs", *ns as f64 / 1e3))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => {}
+        }
+        if let Some(ns) = stolen.filter(|&ns| ns > 0) {
+            println!(
+                "      the hypervisor below took {} ms of CPU {} meanwhile (its steal time, counted in 10 ms)",
+                ns / 1_000_000,
+                self.cpu
+            );
         }
     }
 

@@ -130,6 +130,87 @@ impl Breakdown {
     }
 }
 
+/// A wake-up of the interrupt path: the guest's deadline and lateness. The
+/// host takes no part in it (KVM's in-kernel LAPIC timer wakes the halted
+/// vCPU thread), so its stages come from the scheduler's trace only:
+///
+/// ```text
+/// deadline ─ timer ─► vCPU thread woken ─ after_wake ─► task runs
+/// ```
+///
+/// `timer` is KVM's timer and the host's (negative where KVM's own timer
+/// advance woke the thread early); `after_wake` the thread getting the CPU,
+/// the VM entry, the interrupt's delivery and the guest's handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IrqWake {
+    pub cycle: usize,
+    /// Host CLOCK_MONOTONIC ns.
+    pub deadline: u64,
+    /// The guest's lateness, ns.
+    pub total: u64,
+}
+
+impl IrqWake {
+    pub fn window(self) -> (u64, u64) {
+        (self.deadline, self.deadline + self.total)
+    }
+
+    /// When the vCPU thread was woken for this deadline: its last wake-up
+    /// from half a period before the deadline to the task running (a halt
+    /// poll that caught the interrupt leaves none).
+    pub fn woken(self, wakeups: &[u64], period: u64) -> Option<u64> {
+        let (from, to) = (
+            self.deadline.saturating_sub(period / 2),
+            self.deadline + self.total,
+        );
+        let last = wakeups.partition_point(|&w| w <= to).checked_sub(1)?;
+        (wakeups[last] > from).then_some(wakeups[last])
+    }
+}
+
+/// Pairs the guest's deadlines with its lateness, cycle by cycle.
+pub fn irq_wakes(deadlines: &[u64], late_ns: &[u64]) -> Vec<IrqWake> {
+    deadlines
+        .iter()
+        .zip(late_ns)
+        .enumerate()
+        .map(|(cycle, (&deadline, &total))| IrqWake {
+            cycle,
+            deadline,
+            total,
+        })
+        .collect()
+}
+
+/// The interrupt path's stages over every wake-up the trace saw the vCPU
+/// thread woken for: `timer` (how late the thread was woken; one woken
+/// early counts 0) and `after_wake`.
+pub fn irq_stage_stats(
+    wakes: &[IrqWake],
+    wakeups: &[u64],
+    period: u64,
+) -> Vec<(&'static str, Stats)> {
+    let (mut timer, mut after) = (Vec::new(), Vec::new());
+    for w in wakes {
+        if let Some(woken) = w.woken(wakeups, period) {
+            timer.push(woken.saturating_sub(w.deadline));
+            after.push((w.deadline + w.total).saturating_sub(woken.max(w.deadline)));
+        }
+    }
+    [("timer", timer), ("after_wake", after)]
+        .into_iter()
+        .filter_map(|(name, ns)| Some((name, Stats::from_ns(&ns)?)))
+        .collect()
+}
+
+/// The `n` latest interrupt-path wake-ups, latest first.
+pub fn worst_irq(wakes: &[IrqWake], n: usize) -> Vec<IrqWake> {
+    let mut sorted = wakes.to_vec();
+    sorted.sort_by_key(|w| std::cmp::Reverse(w.total));
+    sorted.truncate(n);
+    sorted
+}
+
 /// The `n` latest wake-ups, latest first.
 pub fn worst(breakdowns: &[Breakdown], n: usize) -> Vec<Breakdown> {
     let mut sorted = breakdowns.to_vec();
@@ -183,5 +264,36 @@ mod tests {
         let stats = stage_stats(&got);
         assert_eq!(stats.len(), 6);
         assert_eq!(stats[0].1.max_us, 0.02, "the advance by how early");
+    }
+
+    #[test]
+    fn interrupt_wakeups_pair_with_the_thread_woken_for_them() {
+        let wakes = irq_wakes(&[1000, 2000, 3000], &[50, 400, 30]);
+        assert_eq!(
+            wakes[1],
+            IrqWake {
+                cycle: 1,
+                deadline: 2000,
+                total: 400
+            }
+        );
+        // Woken 10 late for the first; early (KVM's advance) for the
+        // second, plus a stray earlier wake-up; none for the third (a halt
+        // poll caught it).
+        let wakeups = [1010, 1990, 1400, 1995];
+        let mut sorted = wakeups;
+        sorted.sort();
+        assert_eq!(wakes[0].woken(&sorted, 1000), Some(1010));
+        assert_eq!(wakes[1].woken(&sorted, 1000), Some(1995));
+        assert_eq!(wakes[2].woken(&sorted, 1000), None);
+        let stats = irq_stage_stats(&wakes, &sorted, 1000);
+        assert_eq!(stats[0].0, "timer");
+        assert_eq!(stats[0].1.samples, 2);
+        assert_eq!(stats[0].1.max_us, 0.01);
+        assert_eq!(
+            stats[1].1.max_us, 0.4,
+            "after_wake from the deadline when woken early"
+        );
+        assert_eq!(worst_irq(&wakes, 1)[0].cycle, 1);
     }
 }
