@@ -107,7 +107,7 @@ pub struct RunArgs {
     /// Lock all memory (mlockall) when real-time vCPUs exist.
     #[arg(long)]
     mlock: bool,
-    /// RT bandwidth cap of the RT vCPUs' cgroup: RUNTIME_US/PERIOD_US [default: 40000/100000].
+    /// RT bandwidth cap of the RT vCPUs' cgroup: RUNTIME_US/PERIOD_US [default: 400000/1000000].
     #[arg(long, value_name = "R/P")]
     rt_bandwidth: Option<RtBandwidth>,
     /// Timer advance of long polls on RT vCPUs: auto, off, or e.g. 20us [default: auto].

@@ -391,6 +391,13 @@ fn a_spinning_rt_vcpu_gets_no_more_than_its_cap() {
         },
     );
     c.timer_advance = AdvanceMode::Off;
+    // A short period, so that the one second measured spans ten of them:
+    // a window as long as the period can hold the end of one budget and
+    // the start of the next, up to twice the cap.
+    c.rt_bandwidth = RtBandwidth {
+        runtime_us: 40_000,
+        period_us: 100_000,
+    };
     let cap = c.rt_bandwidth.runtime_us as f64 / c.rt_bandwidth.period_us as f64;
     let running = match Vm::new(&c, Console::default()).unwrap().start() {
         Ok(running) => running,
