@@ -53,7 +53,7 @@ impl Default for RtBandwidth {
     /// 40% of each CPU: leaves room for another rtvm VM under the kernel's
     /// default 95% RT limit, and 60% for the host when a guest runs away.
     /// Over the kernel's own RT period (1 s), not a shorter one: a healthy
-    /// RT vCPU that averaged 12% was seen to be charged 35 ms within 50 ms
+    /// RT vCPU that averaged 12-18% was seen to be charged 35 ms within 50 ms
     /// (work done on its behalf below it), and a 40 ms of every 100 ms cap
     /// then throttled it, in the middle of its deadlines (issue #16).
     fn default() -> Self {
