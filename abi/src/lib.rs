@@ -36,7 +36,7 @@ pub mod linux;
 pub mod vmrpc;
 
 /// Version of this ABI. The VMM refuses a guest whose header names another.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Guest-physical address the built-in guest image is linked at.
 /// Its [`GuestHeader`] is the first thing there.

@@ -8,6 +8,18 @@
 //! way the vDSO reads the guest's own clock. Page `1 + i` is vCPU `i`'s call
 //! page (see [`crate::vmrpc`]); a caller must run pinned to vCPU `i` while it
 //! uses page `1 + i`, or use any other page of the region it owns.
+//!
+//! After the call pages come the **call slots**, for callers that are not
+//! pinned, that live in several processes, or that pass data: a slot table
+//! page of [`SLOTS`] owner words, then each slot's call page followed by
+//! [`SLOT_DATA_PAGES`] data pages (the buffers its calls name by
+//! guest-physical address). The doorbell names the page, not the vCPU, so a
+//! slot serves whichever vCPU rings it. A caller owns a slot while its owner
+//! word holds the caller's nonzero id (the Linux thread id), taken with a
+//! compare-and-swap from 0 and given back by storing 0 (release); a slot
+//! whose owner no longer exists may be taken over. The VMM never reads the
+//! owner words: ownership is the guest's own affair, and the VMM validates
+//! every page and buffer address whoever rings.
 
 use core::sync::atomic::{fence, Ordering};
 
@@ -112,9 +124,33 @@ pub fn read_clock_pair(load: impl Fn(usize, Ordering) -> u64, retries: u32) -> O
     None
 }
 
-/// Bytes of the region for `vcpus` vCPUs: the header page and a call page each.
+/// Call slots in the region.
+pub const SLOTS: u32 = 32;
+/// Data pages after each slot's call page: 64 KiB, a whole UDP datagram.
+pub const SLOT_DATA_PAGES: u64 = 16;
+/// Bytes a slot's calls can pass at once.
+pub const SLOT_DATA_SIZE: u64 = SLOT_DATA_PAGES * 4096;
+
+/// Bytes of the region for `vcpus` vCPUs: the header page, a call page
+/// each, the slot table page and the slots.
 pub const fn region_size(vcpus: u32) -> u64 {
-    (1 + vcpus as u64) * 4096
+    slot_call_page(0, vcpus, SLOTS)
+}
+
+/// Guest-physical address of the slot table (one owner word per slot, u64
+/// little-endian) in the region at `region` of a `vcpus`-vCPU VM.
+pub const fn slot_table(region: u64, vcpus: u32) -> u64 {
+    region + (1 + vcpus as u64) * 4096
+}
+
+/// Guest-physical address of slot `slot`'s call page; its data pages follow.
+pub const fn slot_call_page(region: u64, vcpus: u32, slot: u32) -> u64 {
+    slot_table(region, vcpus) + 4096 + slot as u64 * (1 + SLOT_DATA_PAGES) * 4096
+}
+
+/// Guest-physical address of slot `slot`'s data pages.
+pub const fn slot_data(region: u64, vcpus: u32, slot: u32) -> u64 {
+    slot_call_page(region, vcpus, slot) + 4096
 }
 
 /// Guest-physical address of vCPU `vcpu`'s call page in the region at `region`.
@@ -154,7 +190,17 @@ mod tests {
         assert_eq!(host_ns_at(&RegionHeader::default(), 1), None);
         assert_eq!(core::mem::size_of::<RegionHeader>(), 64);
         assert_eq!(call_page(0x1000_0000, 2), 0x1000_3000);
-        assert_eq!(region_size(2), 3 * 4096);
+        // Header, 2 call pages, slot table, 32 slots of 17 pages.
+        assert_eq!(region_size(2), (4 + 32 * 17) * 4096);
+        assert_eq!(slot_table(0x1000_0000, 2), 0x1000_3000);
+        assert_eq!(slot_call_page(0x1000_0000, 2, 0), 0x1000_4000);
+        assert_eq!(slot_data(0x1000_0000, 2, 0), 0x1000_5000);
+        assert_eq!(slot_call_page(0x1000_0000, 2, 1), 0x1000_4000 + 17 * 4096);
+        assert_eq!(
+            slot_data(0, 2, SLOTS - 1) + SLOT_DATA_SIZE,
+            region_size(2),
+            "the last slot's data ends the region"
+        );
     }
 
     #[test]

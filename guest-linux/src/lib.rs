@@ -26,6 +26,7 @@
 
 mod header;
 mod portio;
+pub mod slots;
 
 use std::fmt;
 

@@ -8,9 +8,10 @@
 use std::cell::Cell;
 use std::ffi::CString;
 use std::io;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use rtvm_abi::linux::{call_page, region_size, CMDLINE_KEY, REGION_MAGIC};
+use rtvm_abi::linux::{call_page, region_size, slot_table, CMDLINE_KEY, REGION_MAGIC, SLOTS};
 use rtvm_abi::vmrpc::{Status, DOORBELL_ERROR, PAYLOAD_OFFSET};
 use rtvm_abi::{cmdline_arg, port, ABI_VERSION, MAX_VCPUS};
 
@@ -224,7 +225,7 @@ impl PortIo {
         if vcpu_count == 0 || vcpu_count as usize > MAX_VCPUS {
             return Err(Error::BadHeader(format!("{vcpu_count} vCPUs")));
         }
-        let last_pfn = call_page(region, vcpu_count - 1) >> 12;
+        let last_pfn = (region + region_size(vcpu_count) - 1) >> 12;
         if last_pfn >= u64::from(DOORBELL_ERROR) {
             return Err(Error::BadHeader(format!(
                 "region at {region:#x} is beyond what a doorbell can name"
@@ -243,6 +244,21 @@ impl PortIo {
             region,
             vcpu_count,
         })
+    }
+
+    /// The region's slot table (see [`crate::slots`]): one owner word per
+    /// slot, shared with every process that maps the region.
+    pub fn slot_table(&self) -> &[AtomicU64] {
+        let offset = slot_table(0, self.vcpu_count) as usize;
+        // SAFETY: the table page lies inside our mapping (`region_size`
+        // counts it), is 8-byte aligned, lives as long as `self`, and is
+        // only ever accessed atomically, by this and other processes.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.map.base.add(offset).cast::<AtomicU64>(),
+                SLOTS as usize,
+            )
+        }
     }
 
     /// Guest-physical address of the region.
