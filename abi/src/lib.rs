@@ -31,6 +31,7 @@
 //! machines guest CPL0 code is emulated and about 1000x slower than CPL3 code.
 #![no_std]
 
+pub mod addr;
 pub mod client;
 pub mod linux;
 pub mod vmrpc;

@@ -25,6 +25,7 @@
 //! another.
 
 mod header;
+pub mod net;
 mod portio;
 pub mod slots;
 
@@ -85,6 +86,10 @@ pub enum Error {
     NoHostClock,
     /// A write to the exit port did not end the VM (not running under rtvm).
     ExitIgnored,
+    /// Every call slot of the region is owned by a live thread.
+    NoFreeSlot,
+    /// More bytes than a call slot carries, or more handles than a poll takes.
+    TooLong,
 }
 
 impl fmt::Display for Error {
@@ -125,6 +130,8 @@ impl fmt::Display for Error {
             Error::ExitIgnored => {
                 f.write_str("the exit port did not end the VM (not running under rtvm?)")
             }
+            Error::NoFreeSlot => f.write_str("every VMRPC call slot is in use by a live thread"),
+            Error::TooLong => f.write_str("more than one VMRPC call slot carries"),
         }
     }
 }

@@ -11,11 +11,15 @@ use std::io;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use rtvm_abi::linux::{call_page, region_size, slot_table, CMDLINE_KEY, REGION_MAGIC, SLOTS};
+use rtvm_abi::linux::{
+    call_page, region_size, slot_call_page, slot_data, slot_table, CMDLINE_KEY, REGION_MAGIC,
+    SLOTS, SLOT_DATA_SIZE,
+};
 use rtvm_abi::vmrpc::{Status, DOORBELL_ERROR, PAYLOAD_OFFSET};
 use rtvm_abi::{cmdline_arg, port, ABI_VERSION, MAX_VCPUS};
 
 use crate::header::{Header, HeaderMemory};
+use crate::slots::SlotTransport;
 use crate::{Error, Page, Transport};
 
 const PAGE_SIZE: usize = 4096;
@@ -246,21 +250,6 @@ impl PortIo {
         })
     }
 
-    /// The region's slot table (see [`crate::slots`]): one owner word per
-    /// slot, shared with every process that maps the region.
-    pub fn slot_table(&self) -> &[AtomicU64] {
-        let offset = slot_table(0, self.vcpu_count) as usize;
-        // SAFETY: the table page lies inside our mapping (`region_size`
-        // counts it), is 8-byte aligned, lives as long as `self`, and is
-        // only ever accessed atomically, by this and other processes.
-        unsafe {
-            std::slice::from_raw_parts(
-                self.map.base.add(offset).cast::<AtomicU64>(),
-                SLOTS as usize,
-            )
-        }
-    }
-
     /// Guest-physical address of the region.
     pub fn region(&self) -> u64 {
         self.region
@@ -296,36 +285,106 @@ impl PortIo {
         if vcpu >= self.vcpu_count {
             return Err(Status::BadArgument);
         }
-        if !PORT_GRANTED.with(Cell::get) {
-            grant_port(port::DOORBELL).map_err(|_| Status::NotPermitted)?;
-            PORT_GRANTED.with(|g| g.set(true));
-        }
+        self.grant_here()?;
         if current_cpu().ok() != Some(vcpu) {
             return Err(Status::BadArgument);
         }
         let offset = (call_page(0, vcpu)) as usize;
-        // SAFETY: the call page lies inside our mapping (vcpu < count).
-        let dst = unsafe { self.map.base.add(offset) }.cast::<u64>();
-        let words = COPIED_BYTES / 8;
-        for i in 0..words {
-            let w = u64::from_le_bytes(page[i * 8..i * 8 + 8].try_into().unwrap());
-            // SAFETY: in the mapping, 8-byte aligned; volatile because the
-            // VMM, not this program, reads it.
-            unsafe { dst.add(i).write_volatile(w) };
-        }
         let pfn = (call_page(self.region, vcpu) >> 12) as u32;
-        // SAFETY: the thread holds the port; the VMM serves the call page,
-        // which only this (pinned) thread uses meanwhile.
-        let eax = unsafe { out32(port::DOORBELL, pfn) };
-        if eax & DOORBELL_ERROR != 0 {
-            return Err(Status::from_u32(eax & !DOORBELL_ERROR).unwrap_or(Status::BadAddress));
-        }
-        for i in 0..words {
-            // SAFETY: as above; the VMM wrote the answer during the `out`.
-            let w = unsafe { dst.add(i).read_volatile() };
-            page[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        // SAFETY: the call page lies inside our mapping (vcpu < count); only
+        // this (pinned) thread uses it meanwhile; the port is granted.
+        unsafe { ring_at(self.map.base.add(offset).cast::<u64>(), pfn, page) }
+    }
+}
+
+/// Copies `page`'s words to the call page at `dst`, rings the doorbell with
+/// its frame number, and copies the answer back.
+///
+/// # Safety
+/// `dst` is a call page of our mapping that no other thread uses meanwhile,
+/// and the calling thread holds the doorbell port.
+unsafe fn ring_at(dst: *mut u64, pfn: u32, page: &mut Page) -> Result<(), Status> {
+    let words = COPIED_BYTES / 8;
+    for i in 0..words {
+        let w = u64::from_le_bytes(page[i * 8..i * 8 + 8].try_into().unwrap());
+        // SAFETY: in the call page (caller's promise), 8-byte aligned;
+        // volatile because the VMM, not this program, reads it.
+        unsafe { dst.add(i).write_volatile(w) };
+    }
+    // SAFETY: the thread holds the port (caller's promise).
+    let eax = unsafe { out32(port::DOORBELL, pfn) };
+    if eax & DOORBELL_ERROR != 0 {
+        return Err(Status::from_u32(eax & !DOORBELL_ERROR).unwrap_or(Status::BadAddress));
+    }
+    for i in 0..words {
+        // SAFETY: as above; the VMM wrote the answer during the `out`.
+        let w = unsafe { dst.add(i).read_volatile() };
+        page[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    Ok(())
+}
+
+impl PortIo {
+    fn grant_here(&self) -> Result<(), Status> {
+        if !PORT_GRANTED.with(Cell::get) {
+            grant_port(port::DOORBELL).map_err(|_| Status::NotPermitted)?;
+            PORT_GRANTED.with(|g| g.set(true));
         }
         Ok(())
+    }
+
+    /// A byte range of slot `slot`'s data pages in our mapping.
+    fn slot_data_ptr(&self, slot: usize, len: usize) -> *mut u8 {
+        assert!(slot < SLOTS as usize && len as u64 <= SLOT_DATA_SIZE);
+        let offset = slot_data(0, self.vcpu_count, slot as u32) as usize;
+        // SAFETY: the slot's data lies inside our mapping (`region_size`
+        // counts every slot).
+        unsafe { self.map.base.add(offset) }
+    }
+}
+
+/// The region's call slots, for calls from any thread of any process: the
+/// slot table's atomics keep owners apart (see [`crate::slots`]).
+impl SlotTransport for PortIo {
+    fn slot_table(&self) -> &[AtomicU64] {
+        let offset = slot_table(0, self.vcpu_count) as usize;
+        // SAFETY: the table page lies inside our mapping (`region_size`
+        // counts it), is 8-byte aligned, lives as long as `self`, and is
+        // only ever accessed atomically, by this and other processes.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.map.base.add(offset).cast::<AtomicU64>(),
+                SLOTS as usize,
+            )
+        }
+    }
+
+    fn data_address(&self, slot: usize) -> u64 {
+        slot_data(self.region, self.vcpu_count, slot as u32)
+    }
+
+    fn write_data(&self, slot: usize, bytes: &[u8]) {
+        let dst = self.slot_data_ptr(slot, bytes.len());
+        // SAFETY: inside the slot's data (checked), which the caller owns.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
+    }
+
+    fn read_data(&self, slot: usize, out: &mut [u8]) {
+        let src = self.slot_data_ptr(slot, out.len());
+        // SAFETY: as in write_data; the VMM wrote it during the call.
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) };
+    }
+
+    fn ring_slot(&self, slot: usize, page: &mut Page) -> Result<(), Status> {
+        if slot >= SLOTS as usize {
+            return Err(Status::BadArgument);
+        }
+        self.grant_here()?;
+        let at = slot_call_page(0, self.vcpu_count, slot as u32) as usize;
+        let pfn = (slot_call_page(self.region, self.vcpu_count, slot as u32) >> 12) as u32;
+        // SAFETY: the slot's call page lies inside our mapping; the caller
+        // owns the slot; the thread holds the port (granted above).
+        unsafe { ring_at(self.map.base.add(at).cast::<u64>(), pfn, page) }
     }
 }
 

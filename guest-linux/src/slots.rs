@@ -12,6 +12,25 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use rtvm_abi::vmrpc::Status;
+
+use crate::Page;
+
+/// Delivers calls through the region's call slots.
+pub trait SlotTransport {
+    /// The slot table: one owner word per slot.
+    fn slot_table(&self) -> &[AtomicU64];
+    /// Guest-physical address of slot `slot`'s data pages.
+    fn data_address(&self, slot: usize) -> u64;
+    /// Copies `bytes` (at most `SLOT_DATA_SIZE`) to the start of the data.
+    fn write_data(&self, slot: usize, bytes: &[u8]);
+    /// Copies the start of the data into `out` (at most `SLOT_DATA_SIZE`).
+    fn read_data(&self, slot: usize, out: &mut [u8]);
+    /// Delivers the call in `page` through the slot's call page and leaves
+    /// the answer in it; `Err` when the doorbell itself was refused.
+    fn ring_slot(&self, slot: usize, page: &mut Page) -> Result<(), Status>;
+}
+
 /// Who owns slots: the calling thread's id, and whether an id still lives.
 pub trait Owners {
     fn me(&self) -> u64;

@@ -171,3 +171,97 @@ impl Transport for InProcess {
         Some(Header::new(self.header.clone()))
     }
 }
+
+/// Where the in-process VMRPC region sits in guest RAM (its call slots).
+pub const REGION: u64 = 0x40_0000;
+
+/// The VMM side of one VM for socket calls through call slots, in-process:
+/// the real server, its `NetService` under `net`, the region's slots in
+/// its guest RAM.
+pub struct InProcessSlots {
+    ram: Arc<GuestRam>,
+    server: std::sync::Mutex<RpcServer>,
+    vcpus: u32,
+}
+
+impl InProcessSlots {
+    pub fn new(net: rtvm_vmm::config::NetPolicy) -> InProcessSlots {
+        let ram = Arc::new(GuestRam::new(RAM).unwrap());
+        let facts = VcpuFacts {
+            index: 0,
+            count: 1,
+            realtime: false,
+            tsc_khz: tsc_khz(),
+            tsc_offset: None,
+        };
+        let mut config = VmConfig::new(GuestSpec::Builtin("in-process".into()));
+        config.net = net;
+        let services = Services::new(&config).unwrap();
+        let server = RpcServer::new(facts, ram.clone(), Arc::new(services), AdvanceMode::Off);
+        assert!(REGION + rtvm_abi::linux::region_size(1) <= RAM);
+        InProcessSlots {
+            ram,
+            server: std::sync::Mutex::new(server),
+            vcpus: 1,
+        }
+    }
+
+    fn host(&self, guest_addr: u64) -> *mut u8 {
+        let base = self.ram.host_base().unwrap() as *mut u8;
+        // SAFETY: every address passed lies in the region, inside RAM
+        // (checked at construction).
+        unsafe { base.add(guest_addr as usize) }
+    }
+}
+
+impl rtvm_guest_linux::slots::SlotTransport for InProcessSlots {
+    fn slot_table(&self) -> &[std::sync::atomic::AtomicU64] {
+        let at = self.host(rtvm_abi::linux::slot_table(REGION, self.vcpus));
+        // SAFETY: the table page lies in RAM, 8-byte aligned, lives as long
+        // as `self.ram`, and is only accessed atomically.
+        unsafe {
+            std::slice::from_raw_parts(
+                at.cast::<std::sync::atomic::AtomicU64>(),
+                rtvm_abi::linux::SLOTS as usize,
+            )
+        }
+    }
+
+    fn data_address(&self, slot: usize) -> u64 {
+        rtvm_abi::linux::slot_data(REGION, self.vcpus, slot as u32)
+    }
+
+    fn write_data(&self, slot: usize, bytes: &[u8]) {
+        let at = self.host(self.data_address(slot));
+        // SAFETY: inside the slot's data pages, in RAM.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), at, bytes.len()) };
+    }
+
+    fn read_data(&self, slot: usize, out: &mut [u8]) {
+        let at = self.host(self.data_address(slot));
+        // SAFETY: as in write_data.
+        unsafe { std::ptr::copy_nonoverlapping(at, out.as_mut_ptr(), out.len()) };
+    }
+
+    fn ring_slot(&self, slot: usize, page: &mut Page) -> Result<(), Status> {
+        let addr = rtvm_abi::linux::slot_call_page(REGION, self.vcpus, slot as u32);
+        let at = self.host(addr);
+        // SAFETY: the call page lies in RAM; the server reads it only inside
+        // `on_doorbell`, below, on this thread.
+        unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), at, CALL_PAGE_SIZE) };
+        // Like a vCPU: one call at a time per server (a waiting call holds it).
+        let outcome = self
+            .server
+            .lock()
+            .unwrap()
+            .on_doorbell((addr >> 12) as u32, &mut Unattended);
+        match outcome {
+            Doorbell::Served => {
+                // SAFETY: as above.
+                unsafe { std::ptr::copy_nonoverlapping(at, page.as_mut_ptr(), CALL_PAGE_SIZE) };
+                Ok(())
+            }
+            Doorbell::BadPage(status) => Err(status),
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Outsourced sockets from Linux user space: the VMRPC socket calls
+//! (`Call::NetSocket` .. `Call::NetClose`, see `rtvm_abi::vmrpc` for the
+//! contract) through a call slot of the region, whose data pages carry the
+//! bytes (a process's own buffers are virtual addresses the host cannot
+//! read). Each call takes a slot for its duration, any thread, pinned or
+//! not: a receive that waits keeps its slot until it returns.
+//!
+//! Errors are the host's statuses, as [`Error::Status`]; what an unmodified
+//! program sees instead (errno) is the preload library's business.
+
+use rtvm_abi::linux::SLOT_DATA_SIZE;
+use rtvm_abi::vmrpc::{Call, Request, ARGS, CALL_PAGE_SIZE, REQUEST_SIZE, RESULTS, STATUS_OFFSET};
+
+pub use rtvm_abi::addr::{Addr, Ready};
+pub use rtvm_abi::vmrpc::net::{opt, INET, INET6, NO_DEADLINE, POLL_MAX, TCP, UDP};
+
+use crate::slots::{self, LinuxThreads, Owners, SlotTransport};
+use crate::{decode_answer, Error, UNANSWERED};
+
+/// Most bytes one send or receive carries: a slot's data pages.
+pub const MAX_IO: usize = SLOT_DATA_SIZE as usize;
+
+/// Where a call's answer bytes go: the buffer, and how many the results say
+/// there are.
+type Output<'a> = (&'a mut [u8], fn(&[u64; RESULTS]) -> u64);
+
+/// A socket client over a slot transport.
+pub struct Sockets<T: SlotTransport, O: Owners = LinuxThreads> {
+    transport: T,
+    owners: O,
+}
+
+/// A slot held for one call, given back on drop (also on a panic).
+struct Held<'a, T: SlotTransport, O: Owners> {
+    sockets: &'a Sockets<T, O>,
+    slot: usize,
+}
+
+impl<T: SlotTransport, O: Owners> Drop for Held<'_, T, O> {
+    fn drop(&mut self) {
+        slots::give_back(
+            self.sockets.transport.slot_table(),
+            self.slot,
+            &self.sockets.owners,
+        );
+    }
+}
+
+impl<T: SlotTransport> Sockets<T, LinuxThreads> {
+    pub fn new(transport: T) -> Self {
+        Sockets::with_owners(transport, LinuxThreads)
+    }
+}
+
+impl<T: SlotTransport, O: Owners> Sockets<T, O> {
+    pub fn with_owners(transport: T, owners: O) -> Self {
+        Sockets { transport, owners }
+    }
+
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
+    fn hold(&self) -> Result<Held<'_, T, O>, Error> {
+        let slot =
+            slots::take(self.transport.slot_table(), &self.owners).ok_or(Error::NoFreeSlot)?;
+        Ok(Held {
+            sockets: self,
+            slot,
+        })
+    }
+
+    /// One call through a slot: `input` copied to the slot's data first,
+    /// `args` built from the data's guest-physical address, and `output`
+    /// filled from the data after the answer (up to `output_len(results)`
+    /// bytes, at most its length).
+    fn call(
+        &self,
+        call: Call,
+        input: &[u8],
+        args: impl FnOnce(u64) -> [u64; ARGS],
+        output: Option<Output<'_>>,
+    ) -> Result<[u64; RESULTS], Error> {
+        if input.len() > MAX_IO || output.as_ref().is_some_and(|(o, _)| o.len() > MAX_IO) {
+            return Err(Error::TooLong);
+        }
+        let held = self.hold()?;
+        if !input.is_empty() {
+            self.transport.write_data(held.slot, input);
+        }
+        let mut request = [0u8; REQUEST_SIZE];
+        Request {
+            call,
+            flags: 0,
+            args: args(self.transport.data_address(held.slot)),
+        }
+        .encode(&mut request);
+        let mut page = [0u8; CALL_PAGE_SIZE];
+        page[..REQUEST_SIZE].copy_from_slice(&request);
+        page[STATUS_OFFSET..STATUS_OFFSET + 4].copy_from_slice(&UNANSWERED.to_le_bytes());
+        self.transport.ring_slot(held.slot, &mut page)?;
+        let results = decode_answer(&page)?;
+        if let Some((out, len)) = output {
+            let n = (len(&results) as usize).min(out.len());
+            self.transport.read_data(held.slot, &mut out[..n]);
+        }
+        Ok(results)
+    }
+
+    fn simple(&self, call: Call, args: [u64; ARGS]) -> Result<[u64; RESULTS], Error> {
+        self.call(call, &[], |_| args, None)
+    }
+
+    /// A new socket: `domain` [`INET`] or [`INET6`], `kind` [`UDP`] or [`TCP`].
+    pub fn socket(&self, domain: u64, kind: u64) -> Result<u64, Error> {
+        Ok(self.simple(Call::NetSocket, [domain, kind, 0, 0, 0, 0])?[0])
+    }
+
+    pub fn bind(&self, handle: u64, addr: &Addr) -> Result<(), Error> {
+        let [a, b, c] = addr.words();
+        self.simple(Call::NetBind, [handle, a, b, c, 0, 0])
+            .map(drop)
+    }
+
+    pub fn listen(&self, handle: u64, backlog: u64) -> Result<(), Error> {
+        self.simple(Call::NetListen, [handle, backlog, 0, 0, 0, 0])
+            .map(drop)
+    }
+
+    /// Waits until `deadline` (host ns, [`NO_DEADLINE`]: none) for a
+    /// connection: its handle and the peer.
+    pub fn accept(&self, handle: u64, deadline: u64) -> Result<(u64, Addr), Error> {
+        let r = self.simple(Call::NetAccept, [handle, deadline, 0, 0, 0, 0])?;
+        Ok((r[0], Addr::from_words([r[1], r[2], r[3]])))
+    }
+
+    pub fn connect(&self, handle: u64, addr: &Addr, deadline: u64) -> Result<(), Error> {
+        let [a, b, c] = addr.words();
+        self.simple(Call::NetConnect, [handle, a, b, c, deadline, 0])
+            .map(drop)
+    }
+
+    /// Sends up to [`MAX_IO`] bytes of `data` (to `to`, or the connected
+    /// peer); the bytes sent.
+    pub fn send(&self, handle: u64, data: &[u8], to: Option<&Addr>) -> Result<usize, Error> {
+        let data = &data[..data.len().min(MAX_IO)];
+        let [a, b, c] = to.unwrap_or(&Addr::NONE).words();
+        let len = data.len() as u64;
+        let r = self.call(Call::NetSend, data, |at| [handle, at, len, a, b, c], None)?;
+        Ok(r[0] as usize)
+    }
+
+    /// Receives into `buf` (up to [`MAX_IO`] bytes), waiting until
+    /// `deadline`: the bytes received (0 for TCP: the peer closed) and the
+    /// sender.
+    pub fn recv(&self, handle: u64, buf: &mut [u8], deadline: u64) -> Result<(usize, Addr), Error> {
+        let len = buf.len().min(MAX_IO);
+        let buf = &mut buf[..len];
+        let r = self.call(
+            Call::NetRecv,
+            &[],
+            |at| [handle, at, len as u64, deadline, 0, 0],
+            Some((buf, |r| r[0])),
+        )?;
+        Ok((r[0] as usize, Addr::from_words([r[1], r[2], r[3]])))
+    }
+
+    /// Waits until `deadline` for any of `handles` (at most [`POLL_MAX`])
+    /// to be readable.
+    pub fn poll(&self, handles: &[u64], deadline: u64) -> Result<Ready, Error> {
+        if handles.len() as u64 > POLL_MAX {
+            return Err(Error::TooLong);
+        }
+        let bytes: Vec<u8> = handles.iter().flat_map(|h| h.to_le_bytes()).collect();
+        let n = handles.len() as u64;
+        let r = self.call(Call::NetPoll, &bytes, |at| [at, n, deadline, 0, 0, 0], None)?;
+        Ok(Ready {
+            mask: r[0],
+            count: r[1],
+        })
+    }
+
+    pub fn setsockopt(&self, handle: u64, option: u64, value: u64) -> Result<(), Error> {
+        self.simple(Call::NetSetsockopt, [handle, option, value, 0, 0, 0])
+            .map(drop)
+    }
+
+    pub fn close(&self, handle: u64) -> Result<(), Error> {
+        self.simple(Call::NetClose, [handle, 0, 0, 0, 0, 0])
+            .map(drop)
+    }
+}
