@@ -39,6 +39,8 @@ fn two_vcpu_script() -> String {
          done\n\
          echo '== sleep on the RT vCPU'\n\
          taskset -c 1 rtvm-guest sleep 2000000\n\
+         echo '== outsourced sockets'\n\
+         taskset -c 0 rtvm-guest net-selftest 40001\n\
          echo '== cyclictest, guest timer interrupts'\n\
          {cyclictest}\n\
          echo '== cyclictest, long polling'\n\
@@ -69,6 +71,11 @@ const TWO_VCPUS: &[&str] = &[
     "1:prio=80,cpu=1",
     // The outer kernel has no RT group scheduling: no cap can be made.
     "--rt-allow-uncapped",
+    // `rtvm-guest net-selftest 40001`: 40000 stays outside the policy.
+    "--net-bind",
+    "127.0.0.1:40001-40002",
+    "--net-connect",
+    "127.0.0.1:40001-40002",
     "--cmdline",
     "console=ttyS0 isolcpus=1 nohz_full=1 rcu_nocbs=1",
 ];
@@ -122,6 +129,16 @@ fn check_two_vcpu_run(out: &Outcome) {
         section(console, "== vCPU 1", "== sleep").contains("rt true"),
         "vCPU 1 is the RT vCPU"
     );
+    // Outsourced sockets from Linux user space, through the region's call
+    // slots, under the VM's policy (issue #13).
+    let sockets = section(console, "== outsourced sockets", "== ");
+    for line in [
+        "net-selftest: udp ok",
+        "net-selftest: tcp ok",
+        "net-selftest: refused ok",
+    ] {
+        assert!(sockets.contains(line), "{line}:\n{sockets}");
+    }
 
     let plain = section(console, "== cyclictest, guest timer", "== cyclictest, long");
     let polled = section(console, "== cyclictest, long polling", "== coreutils");

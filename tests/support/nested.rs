@@ -415,6 +415,8 @@ mount -t tmpfs cgroup /sys/fs/cgroup && mkdir -p /sys/fs/cgroup/cpu \
     && mount -t cgroup -o cpu,cpuacct cgroup /sys/fs/cgroup/cpu \
     || echo "nested: no cgroup v1 cpu controller"
 echo "nested: clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+# Guests' outsourced sockets talk over the outer VM's loopback.
+ifconfig lo 127.0.0.1 up 2>/dev/null || ip link set lo up || echo "nested: no loopback"
 echo "nested-stage: command"
 {command}
 status=$?
