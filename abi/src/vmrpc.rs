@@ -264,6 +264,15 @@ pub enum Call {
     NetSetsockopt = 48,
     /// Close handle `args[0]`.
     NetClose = 49,
+    /// Shut down handle `args[0]`: `args[1]` = 0 reading, 1 writing, 2 both.
+    NetShutdown = 50,
+    /// The address of handle `args[0]`: `args[1]` = 0 its own (what
+    /// getsockname says), 1 its peer's (getpeername). `results[0..3]` =
+    /// the address.
+    NetAddress = 51,
+    /// Option `args[1]` ([`net::opt`]) of handle `args[0]`: `results[0]` =
+    /// its value (buffer sizes as the host's kernel reports them).
+    NetGetsockopt = 52,
 }
 }
 
@@ -378,6 +387,11 @@ pub mod net {
         pub const PRIORITY: u64 = 5;
         /// IP_TOS / IPV6_TCLASS, 0..=255 (DSCP for real-time traffic).
         pub const TOS: u64 = 6;
+        /// SO_ERROR, read only: the socket's pending error as a
+        /// [`super::super::Status`] number (0: none), cleared by reading.
+        pub const ERROR: u64 = 7;
+        /// FIONREAD, read only: bytes ready to be received.
+        pub const READABLE: u64 = 8;
     }
 
     /// The address words of an IPv4 address and port.

@@ -185,6 +185,29 @@ impl<T: SlotTransport, O: Owners> Sockets<T, O> {
             .map(drop)
     }
 
+    /// Shuts down reading (`how` 0), writing (1) or both (2).
+    pub fn shutdown(&self, handle: u64, how: u64) -> Result<(), Error> {
+        self.simple(Call::NetShutdown, [handle, how, 0, 0, 0, 0])
+            .map(drop)
+    }
+
+    /// The socket's own address (getsockname).
+    pub fn local_address(&self, handle: u64) -> Result<Addr, Error> {
+        let r = self.simple(Call::NetAddress, [handle, 0, 0, 0, 0, 0])?;
+        Ok(Addr::from_words([r[0], r[1], r[2]]))
+    }
+
+    /// The connected peer's address (getpeername).
+    pub fn peer_address(&self, handle: u64) -> Result<Addr, Error> {
+        let r = self.simple(Call::NetAddress, [handle, 1, 0, 0, 0, 0])?;
+        Ok(Addr::from_words([r[0], r[1], r[2]]))
+    }
+
+    /// Option `option` ([`opt`]) of the socket.
+    pub fn getsockopt(&self, handle: u64, option: u64) -> Result<u64, Error> {
+        Ok(self.simple(Call::NetGetsockopt, [handle, option, 0, 0, 0, 0])?[0])
+    }
+
     pub fn close(&self, handle: u64) -> Result<(), Error> {
         self.simple(Call::NetClose, [handle, 0, 0, 0, 0, 0])
             .map(drop)

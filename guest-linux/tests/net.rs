@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::Ordering;
 
 use rtvm_abi::vmrpc::Status;
-use rtvm_guest_linux::net::{Addr, Sockets, INET, MAX_IO, NO_DEADLINE, TCP, UDP};
+use rtvm_guest_linux::net::{opt, Addr, Sockets, INET, MAX_IO, NO_DEADLINE, TCP, UDP};
 use rtvm_guest_linux::slots::SlotTransport;
 use rtvm_guest_linux::Error;
 use rtvm_vmm::clock::now_ns;
@@ -209,4 +209,67 @@ fn too_many_handles_for_one_poll_are_refused_before_any_call() {
     let s = loopback();
     let handles = vec![0u64; 65];
     assert!(matches!(s.poll(&handles, NO_DEADLINE), Err(Error::TooLong)));
+}
+
+#[test]
+fn names_options_pending_bytes_and_shutdown_answer_as_the_host_sees_them() {
+    let _serial = serial();
+    let s = loopback();
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let h = s.socket(INET, UDP).unwrap();
+    s.bind(h, &Addr::v4([127, 0, 0, 1], 0)).unwrap();
+    // getsockname: the port the host's kernel picked.
+    let me = s.local_address(h).unwrap();
+    assert_eq!(me.octets4(), [127, 0, 0, 1]);
+    assert_ne!(me.port, 0);
+    // getpeername before a connect: the host's ENOTCONN, as a status.
+    assert!(matches!(s.peer_address(h), Err(Error::Status(_))));
+    s.connect(h, &addr(peer.local_addr().unwrap()), NO_DEADLINE)
+        .unwrap();
+    assert_eq!(s.peer_address(h).unwrap(), addr(peer.local_addr().unwrap()));
+    // FIONREAD: nothing, then the datagram's bytes.
+    assert_eq!(s.getsockopt(h, opt::READABLE).unwrap(), 0);
+    peer.send_to(b"12345", format!("127.0.0.1:{}", me.port))
+        .unwrap();
+    s.poll(&[h], now_ns() + 5_000_000_000).unwrap();
+    assert_eq!(s.getsockopt(h, opt::READABLE).unwrap(), 5);
+    // Options read back what was set; SO_ERROR is clear.
+    s.setsockopt(h, opt::REUSEADDR, 1).unwrap();
+    assert_eq!(s.getsockopt(h, opt::REUSEADDR).unwrap(), 1);
+    s.setsockopt(h, opt::TOS, 0xb8).unwrap();
+    assert_eq!(s.getsockopt(h, opt::TOS).unwrap(), 0xb8);
+    assert_eq!(s.getsockopt(h, opt::ERROR).unwrap(), 0);
+    assert!(s.getsockopt(h, opt::RCVBUF).unwrap() > 0);
+    assert!(matches!(
+        s.getsockopt(h, 99),
+        Err(Error::Status(Status::BadArgument))
+    ));
+    s.close(h).unwrap();
+
+    // Shutting down a TCP connection's writing side ends the peer's stream.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let l = s.socket(INET, TCP).unwrap();
+    s.bind(l, &Addr::v4([127, 0, 0, 1], port)).unwrap();
+    s.listen(l, 1).unwrap();
+    let client = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut all = Vec::new();
+        c.read_to_end(&mut all).unwrap();
+        all
+    });
+    let (conn, _) = s.accept(l, now_ns() + 5_000_000_000).unwrap();
+    s.send(conn, b"bye", None).unwrap();
+    s.shutdown(conn, 1).unwrap();
+    assert_eq!(client.join().unwrap(), b"bye");
+    assert!(matches!(
+        s.shutdown(conn, 3),
+        Err(Error::Status(Status::BadArgument))
+    ));
+    s.close(conn).unwrap();
+    s.close(l).unwrap();
 }

@@ -21,7 +21,7 @@
 use std::process::ExitCode;
 
 use rtvm_abi::vmrpc::Status;
-use rtvm_guest_linux::net::{Addr, Sockets, INET, TCP, UDP};
+use rtvm_guest_linux::net::{opt, Addr, Sockets, INET, TCP, UDP};
 use rtvm_guest_linux::{exit_vm, Client, Error, PortIo};
 
 const USAGE: &str =
@@ -127,6 +127,7 @@ fn net_selftest(s: &Sockets<PortIo>, port: u16) -> Result<(), Error> {
     let (a, b) = (s.socket(INET, UDP)?, s.socket(INET, UDP)?);
     s.bind(a, &here(port))?;
     s.bind(b, &here(port + 1))?;
+    check(s.local_address(a)? == here(port), "getsockname")?;
     check(
         s.send(a, b"over", Some(&here(port + 1)))? == 4,
         "short UDP send",
@@ -145,12 +146,13 @@ fn net_selftest(s: &Sockets<PortIo>, port: u16) -> Result<(), Error> {
     println!("net-selftest: udp ok");
     // TCP: a listener, a client connecting to it, both directions.
     let l = s.socket(INET, TCP)?;
-    s.setsockopt(l, rtvm_guest_linux::net::opt::REUSEADDR, 1)?;
+    s.setsockopt(l, opt::REUSEADDR, 1)?;
     s.bind(l, &here(port))?;
     s.listen(l, 4)?;
     let c = s.socket(INET, TCP)?;
     s.connect(c, &here(port), deadline()?)?;
     let (conn, _) = s.accept(l, deadline()?)?;
+    check(s.peer_address(c)? == here(port), "getpeername")?;
     check(s.send(c, b"hello", None)? == 5, "short TCP send")?;
     let mut got = Vec::new();
     while got.len() < 5 {
@@ -159,9 +161,11 @@ fn net_selftest(s: &Sockets<PortIo>, port: u16) -> Result<(), Error> {
         got.extend_from_slice(&buf[..n]);
     }
     check(got == b"hello", "TCP bytes garbled")?;
-    s.close(c)?;
+    check(s.getsockopt(conn, opt::ERROR)? == 0, "SO_ERROR set")?;
+    s.shutdown(c, 1)?;
     let (n, _) = s.recv(conn, &mut buf, deadline()?)?;
-    check(n == 0, "no end of stream after the close")?;
+    check(n == 0, "no end of stream after the shutdown")?;
+    s.close(c)?;
     s.close(conn)?;
     s.close(l)?;
     println!("net-selftest: tcp ok");

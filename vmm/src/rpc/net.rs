@@ -108,6 +108,16 @@ impl std::ops::Deref for GuestSocket {
     }
 }
 
+/// Bytes queued for receiving on `socket` (FIONREAD).
+fn readable_bytes(socket: &Socket) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD on our own socket writes one int.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as u64)
+}
+
 /// The socket service of one VM.
 pub struct NetService {
     policy: NetPolicy,
@@ -453,6 +463,55 @@ impl NetService {
         Ok([0; 4])
     }
 
+    /// `NetShutdown`.
+    pub fn shutdown(&self, handle: u64, how: u64) -> std::result::Result<[u64; 4], Status> {
+        let socket = self.socket(handle)?;
+        let how = match how {
+            0 => std::net::Shutdown::Read,
+            1 => std::net::Shutdown::Write,
+            2 => std::net::Shutdown::Both,
+            _ => return Err(Status::BadArgument),
+        };
+        socket.shutdown(how).map_err(|e| status_of(&e))?;
+        Ok([0; 4])
+    }
+
+    /// `NetAddress`.
+    pub fn address(&self, handle: u64, which: u64) -> std::result::Result<[u64; 4], Status> {
+        let socket = self.socket(handle)?;
+        let addr = match which {
+            0 => socket.local_addr(),
+            1 => socket.peer_addr(),
+            _ => return Err(Status::BadArgument),
+        }
+        .map_err(|e| status_of(&e))?;
+        let addr = addr.as_socket().ok_or(Status::BadArgument)?;
+        let [a, b, c] = encode_addr(&addr);
+        Ok([a, b, c, 0])
+    }
+
+    /// `NetGetsockopt`.
+    pub fn getsockopt(&self, handle: u64, opt: u64) -> std::result::Result<[u64; 4], Status> {
+        let socket = self.socket(handle)?;
+        let value = match opt {
+            net::opt::REUSEADDR => socket.reuse_address().map(u64::from),
+            net::opt::RCVBUF => socket.recv_buffer_size().map(|n| n as u64),
+            net::opt::SNDBUF => socket.send_buffer_size().map(|n| n as u64),
+            net::opt::NODELAY => socket.tcp_nodelay().map(u64::from),
+            net::opt::PRIORITY => socket.priority().map(u64::from),
+            net::opt::TOS => match socket.domain().map_err(|e| status_of(&e))? {
+                Domain::IPV6 => socket.tclass_v6().map(u64::from),
+                _ => socket.tos_v4().map(u64::from),
+            },
+            net::opt::ERROR => socket
+                .take_error()
+                .map(|e| e.map_or(0, |e| status_of(&e) as u64)),
+            net::opt::READABLE => readable_bytes(&socket),
+            _ => return Err(Status::BadArgument),
+        };
+        Ok([value.map_err(|e| status_of(&e))?, 0, 0, 0])
+    }
+
     /// `NetClose`. A vCPU still waiting on the socket is woken (shutdown)
     /// rather than keeping an uncounted socket alive until data comes.
     pub fn close(&self, handle: u64) -> std::result::Result<[u64; 4], Status> {
@@ -498,6 +557,9 @@ impl VmService for NetService {
             }
             Call::NetSetsockopt => self.setsockopt(a[0], a[1], a[2]),
             Call::NetClose => self.close(a[0]),
+            Call::NetShutdown => self.shutdown(a[0], a[1]),
+            Call::NetAddress => self.address(a[0], a[1]),
+            Call::NetGetsockopt => self.getsockopt(a[0], a[1]),
             _ => Err(Status::UnsupportedCall),
         }
     }
