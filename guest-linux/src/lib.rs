@@ -44,7 +44,9 @@ pub use header::{
     guest_clock_ns, rdtsc, ClockPair, GuestDeadline, Header, HeaderMemory, HostClock, OwnedHeader,
     SEQLOCK_RETRIES,
 };
-pub use portio::{current_cpu, exit_vm, out32, parse_region_address, PortIo, COPIED_BYTES};
+pub use portio::{
+    current_cpu, exit_vm, out32, parse_region_address, PortIo, SlotCalls, COPIED_BYTES,
+};
 
 /// A call page image.
 pub type Page = [u8; CALL_PAGE_SIZE];

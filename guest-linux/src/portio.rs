@@ -19,7 +19,7 @@ use rtvm_abi::vmrpc::{Status, DOORBELL_ERROR, PAYLOAD_OFFSET};
 use rtvm_abi::{cmdline_arg, port, ABI_VERSION, MAX_VCPUS};
 
 use crate::header::{Header, HeaderMemory};
-use crate::slots::SlotTransport;
+use crate::slots::{self, LinuxThreads, SlotTransport};
 use crate::{Error, Page, Transport};
 
 const PAGE_SIZE: usize = 4096;
@@ -385,6 +385,32 @@ impl SlotTransport for PortIo {
         // SAFETY: the slot's call page lies inside our mapping; the caller
         // owns the slot; the thread holds the port (granted above).
         unsafe { ring_at(self.map.base.add(at).cast::<u64>(), pfn, page) }
+    }
+}
+
+/// Calls as the vCPU the caller runs on, each through a call slot taken for
+/// its duration rather than that vCPU's call page: two processes pinned to
+/// one vCPU would otherwise share the page mid-call (one writes its request,
+/// is preempted, the other writes and rings). With every slot held by a
+/// live thread a call answers `NoResources`.
+pub struct SlotCalls<'a>(pub &'a PortIo);
+
+impl Transport for SlotCalls<'_> {
+    fn call(&mut self, vcpu: u32, page: &mut Page) -> Result<(), Status> {
+        if vcpu >= self.0.vcpu_count || current_cpu().ok() != Some(vcpu) {
+            return Err(Status::BadArgument);
+        }
+        let table = self.0.slot_table();
+        let slot = slots::take(table, &LinuxThreads).ok_or(Status::NoResources)?;
+        let rung = self.0.ring_slot(slot, page);
+        slots::give_back(table, slot, &LinuxThreads);
+        rung
+    }
+    fn current_vcpu(&self) -> Result<u32, Error> {
+        self.0.current_vcpu()
+    }
+    fn header(&self) -> Option<Header> {
+        Some(self.0.header.clone())
     }
 }
 

@@ -106,10 +106,9 @@ impl Scenario {
             rtvm_args: rtvm_args.iter().map(|a| a.to_string()).collect(),
             outer_run: None,
             outer_programs: Vec::new(),
-            // Long enough to outlast the inner guest's rare ~300 s stall (a
-            // wrap of the outer VM's 32-bit HPET: README), should one come
-            // back now that the outer VM has no HPET.
-            command_limit: Duration::from_secs(540),
+            // Long enough to outlast two of the inner guest's rare ~300 s
+            // stalls in a scenario (README "Stalls inside the harness").
+            command_limit: Duration::from_secs(840),
             tcg: Tcg::MultiThreaded,
         }
     }
@@ -580,19 +579,7 @@ fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError
         .args(["-smp", "2", "-m", "2G"])
         // EPYC: an SVM-capable model whose nested guests keep both vCPUs
         // (EPYC-Rome hangs the inner guest's second vCPU).
-        // hpet=off: with the HPET, the outer kernel's timers sometimes
-        // fired only when its 32-bit counter came round again (299.97 s,
-        // README "Stalls inside the harness"), and a scenario's command
-        // overran; without it the outer kernel keeps time and timers with
-        // the ACPI PM timer and the local APIC.
-        .args([
-            "-cpu",
-            "EPYC",
-            "-M",
-            "q35,hpet=off",
-            "-nodefaults",
-            "-no-reboot",
-        ])
+        .args(["-cpu", "EPYC", "-M", "q35", "-nodefaults", "-no-reboot"])
         .args(["-display", "none", "-serial", "stdio", "-serial"])
         .arg(format!("file:{}", heartbeat.display()))
         .arg("-monitor")

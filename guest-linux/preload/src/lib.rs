@@ -50,12 +50,14 @@ use std::sync::{Mutex, OnceLock};
 
 use decision::{plan_real_sleep, route, timespec_ns, PollClock, Route, LONG_POLL_MAX_NS};
 use libc::{c_int, c_uint, clockid_t, timespec};
-use rtvm_guest_linux::{guest_clock_ns, Client, GuestDeadline, PortIo};
+use rtvm_guest_linux::{guest_clock_ns, Client, GuestDeadline, PortIo, SlotCalls};
 
-/// The process-wide VMRPC state: one client per vCPU over one mapping.
+/// The process-wide VMRPC state: one client per vCPU over one mapping,
+/// each call through a call slot of its own (other processes sleep on the
+/// same vCPUs).
 struct State {
     port: &'static PortIo,
-    clients: Vec<Mutex<Client<&'static PortIo>>>,
+    clients: Vec<Mutex<Client<SlotCalls<'static>>>>,
 }
 
 static STATE: OnceLock<Option<State>> = OnceLock::new();
@@ -66,7 +68,7 @@ fn init() -> Result<State, String> {
     }
     let port: &'static PortIo = Box::leak(Box::new(PortIo::open().map_err(|e| e.to_string())?));
     let clients = (0..port.vcpu_count())
-        .map(|_| Mutex::new(Client::new(port)))
+        .map(|_| Mutex::new(Client::new(SlotCalls(port))))
         .collect();
     Ok(State { port, clients })
 }
