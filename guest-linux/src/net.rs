@@ -9,7 +9,9 @@
 //! program sees instead (errno) is the preload library's business.
 
 use rtvm_abi::linux::SLOT_DATA_SIZE;
-use rtvm_abi::vmrpc::{Call, Request, ARGS, CALL_PAGE_SIZE, REQUEST_SIZE, RESULTS, STATUS_OFFSET};
+use rtvm_abi::vmrpc::{
+    Call, Request, Status, ARGS, CALL_PAGE_SIZE, REQUEST_SIZE, RESULTS, STATUS_OFFSET,
+};
 
 pub use rtvm_abi::addr::{Addr, Ready};
 pub use rtvm_abi::vmrpc::net::{opt, INET, INET6, NO_DEADLINE, POLL_MAX, TCP, UDP};
@@ -211,5 +213,166 @@ impl<T: SlotTransport, O: Owners> Sockets<T, O> {
     pub fn close(&self, handle: u64) -> Result<(), Error> {
         self.simple(Call::NetClose, [handle, 0, 0, 0, 0, 0])
             .map(drop)
+    }
+}
+
+/// The errno an unmodified program expects where the host answered a
+/// socket call `call` with `status` (what the preload library sets).
+///
+/// A bind the VM's policy refuses is `EACCES`, as for a port a process may
+/// not bind; a connect or send it refuses is `EPERM`, as when a firewall
+/// drops the packet. A wait that reached its deadline is `EAGAIN`: the
+/// caller set that deadline (a non-blocking socket, `SO_RCVTIMEO`).
+pub fn errno(call: Call, status: Status) -> i32 {
+    match status {
+        Status::NotPermitted if call == Call::NetBind => libc::EACCES,
+        Status::NotPermitted => libc::EPERM,
+        Status::BadHandle => libc::EBADF,
+        Status::BadAddress => libc::EFAULT,
+        Status::TimedOut => libc::EAGAIN,
+        Status::Interrupted => libc::EINTR,
+        Status::BadArgument | Status::BadFlags => libc::EINVAL,
+        Status::NotConfigured => libc::ENOTCONN,
+        Status::NoResources if call == Call::NetSocket || call == Call::NetAccept => libc::EMFILE,
+        Status::NoResources => libc::ENOBUFS,
+        Status::ConnectionRefused => libc::ECONNREFUSED,
+        Status::ConnectionReset if call == Call::NetSend => libc::EPIPE,
+        Status::ConnectionReset => libc::ECONNRESET,
+        Status::AddressInUse => libc::EADDRINUSE,
+        Status::TooLarge => libc::EMSGSIZE,
+        Status::UnsupportedCall | Status::BadAbiVersion => libc::ENOSYS,
+        _ => libc::EIO,
+    }
+}
+
+/// The address a C `sockaddr` of `len` bytes at `sa` holds, if it is an
+/// IPv4 or IPv6 one of a sufficient length.
+///
+/// # Safety
+/// `sa` is null or points to at least `len` readable bytes.
+pub unsafe fn addr_from_sockaddr(sa: *const libc::sockaddr, len: libc::socklen_t) -> Option<Addr> {
+    if sa.is_null() || (len as usize) < std::mem::size_of::<libc::sa_family_t>() {
+        return None;
+    }
+    // SAFETY: at least the family field is readable (checked above).
+    match i32::from(unsafe { std::ptr::read_unaligned(sa.cast::<libc::sa_family_t>()) }) {
+        libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: long enough for a sockaddr_in (checked).
+            let sin = unsafe { std::ptr::read_unaligned(sa.cast::<libc::sockaddr_in>()) };
+            Some(Addr::v4(
+                sin.sin_addr.s_addr.to_ne_bytes(),
+                u16::from_be(sin.sin_port),
+            ))
+        }
+        libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: long enough for a sockaddr_in6 (checked).
+            let sin6 = unsafe { std::ptr::read_unaligned(sa.cast::<libc::sockaddr_in6>()) };
+            Some(Addr::v6(
+                sin6.sin6_addr.s6_addr,
+                u16::from_be(sin6.sin6_port),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// `addr` as a C socket address, and its length (0: a family this
+/// library does not know).
+pub fn addr_to_sockaddr(addr: &Addr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all zeroes is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr.family {
+        INET => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: addr.port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(addr.octets4()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: a sockaddr_in fits in a sockaddr_storage.
+            unsafe {
+                std::ptr::write_unaligned((&mut storage as *mut libc::sockaddr_storage).cast(), sin)
+            };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        INET6 => {
+            // SAFETY: plain data; all zeroes is valid.
+            let mut sin6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = addr.port.to_be();
+            sin6.sin6_addr.s6_addr = addr.bytes;
+            // SAFETY: a sockaddr_in6 fits in a sockaddr_storage.
+            unsafe {
+                std::ptr::write_unaligned(
+                    (&mut storage as *mut libc::sockaddr_storage).cast(),
+                    sin6,
+                )
+            };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+        _ => 0,
+    };
+    (storage, len as libc::socklen_t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn c_socket_addresses_round_trip() {
+        for text in [
+            "127.0.0.1:7",
+            "10.1.2.3:65535",
+            "[::1]:9",
+            "[2001:db8::1]:80",
+        ] {
+            let addr = Addr::parse(text).unwrap();
+            let (storage, len) = addr_to_sockaddr(&addr);
+            let sa = (&storage as *const libc::sockaddr_storage).cast();
+            // SAFETY: `storage` holds `len` bytes.
+            assert_eq!(unsafe { addr_from_sockaddr(sa, len) }, Some(addr), "{text}");
+            // One byte short is no address.
+            // SAFETY: as above, fewer bytes.
+            assert_eq!(unsafe { addr_from_sockaddr(sa, len - 1) }, None, "{text}");
+        }
+        // The C layout itself: port and address in network order.
+        let (storage, _) = addr_to_sockaddr(&Addr::parse("1.2.3.4:258").unwrap());
+        // SAFETY: a sockaddr_in was written there.
+        let sin: libc::sockaddr_in =
+            unsafe { std::ptr::read((&storage as *const libc::sockaddr_storage).cast()) };
+        assert_eq!(sin.sin_port.to_ne_bytes(), [1, 2]);
+        assert_eq!(sin.sin_addr.s_addr.to_ne_bytes(), [1, 2, 3, 4]);
+        assert_eq!(addr_to_sockaddr(&Addr::NONE).1, 0);
+        // SAFETY: null is refused before any read.
+        assert_eq!(unsafe { addr_from_sockaddr(std::ptr::null(), 16) }, None);
+    }
+
+    #[test]
+    fn statuses_become_the_errno_a_program_expects() {
+        assert_eq!(errno(Call::NetBind, Status::NotPermitted), libc::EACCES);
+        assert_eq!(errno(Call::NetConnect, Status::NotPermitted), libc::EPERM);
+        assert_eq!(errno(Call::NetSend, Status::NotPermitted), libc::EPERM);
+        assert_eq!(errno(Call::NetRecv, Status::TimedOut), libc::EAGAIN);
+        assert_eq!(errno(Call::NetSocket, Status::NoResources), libc::EMFILE);
+        assert_eq!(errno(Call::NetSend, Status::ConnectionReset), libc::EPIPE);
+        assert_eq!(
+            errno(Call::NetRecv, Status::ConnectionReset),
+            libc::ECONNRESET
+        );
+        assert_eq!(errno(Call::NetClose, Status::BadHandle), libc::EBADF);
+        assert_eq!(
+            errno(Call::NetConnect, Status::ConnectionRefused),
+            libc::ECONNREFUSED
+        );
+        assert_eq!(errno(Call::NetBind, Status::AddressInUse), libc::EADDRINUSE);
+        assert_eq!(
+            errno(Call::NetAddress, Status::NotConfigured),
+            libc::ENOTCONN
+        );
+        assert_eq!(errno(Call::NetSend, Status::TooLarge), libc::EMSGSIZE);
+        assert_eq!(errno(Call::NetSend, Status::IoError), libc::EIO);
     }
 }
