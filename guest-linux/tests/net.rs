@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpStream, UdpSocket};
 use std::sync::atomic::Ordering;
 
 use rtvm_abi::vmrpc::Status;
@@ -28,6 +28,14 @@ fn loopback() -> Sockets<InProcessSlots> {
         &["127.0.0.1:*"],
         &["127.0.0.1:*"],
     )))
+}
+
+/// A guest TCP listener on a port of the host's choosing, and that port.
+fn guest_listener(s: &Sockets<InProcessSlots>) -> (u64, u16) {
+    let l = s.socket(INET, TCP).unwrap();
+    s.bind(l, &Addr::v4([127, 0, 0, 1], 0)).unwrap();
+    s.listen(l, 4).unwrap();
+    (l, s.local_address(l).unwrap().port)
 }
 
 fn addr(a: std::net::SocketAddr) -> Addr {
@@ -103,15 +111,7 @@ fn a_whole_64_kib_buffer_crosses_a_slot_and_more_is_cut_to_it() {
 fn tcp_accepts_a_host_client_and_both_directions_flow() {
     let _serial = serial();
     let s = loopback();
-    // A free port (the client has no getsockname yet to ask for one).
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let l = s.socket(INET, TCP).unwrap();
-    s.bind(l, &Addr::v4([127, 0, 0, 1], port)).unwrap();
-    s.listen(l, 4).unwrap();
+    let (l, port) = guest_listener(&s);
     let client = std::thread::spawn(move || {
         use std::io::{Read, Write};
         let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -247,14 +247,7 @@ fn names_options_pending_bytes_and_shutdown_answer_as_the_host_sees_them() {
     s.close(h).unwrap();
 
     // Shutting down a TCP connection's writing side ends the peer's stream.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let l = s.socket(INET, TCP).unwrap();
-    s.bind(l, &Addr::v4([127, 0, 0, 1], port)).unwrap();
-    s.listen(l, 1).unwrap();
+    let (l, port) = guest_listener(&s);
     let client = std::thread::spawn(move || {
         use std::io::Read;
         let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();

@@ -510,8 +510,9 @@ pub fn apply_to_current_thread(
     items
 }
 
-/// Takes `cpus` out of the calling thread's affinity.
-fn keep_off(cpus: &[usize]) -> Result<(), String> {
+/// Takes `cpus` out of the calling thread's affinity (an error, and the
+/// affinity unchanged, if no CPU would be left).
+pub fn keep_off(cpus: &[usize]) -> Result<(), String> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     let size = std::mem::size_of::<libc::cpu_set_t>();

@@ -555,10 +555,10 @@ pub fn measure(args: &TimerArgs) -> Result<TimerReport, String> {
                         name, workload, advance, backing, policy, period, count, work, busy, &rt,
                     )?;
                     if let Some(stages) = stages {
-                        merge_breakdowns(&mut breakdowns, name, stages);
+                        merge_rounds(&mut breakdowns, name, stages, |b| &mut b.cycle);
                     }
                     if !irq.is_empty() {
-                        merge_irq_wakes(&mut irq_wakes, name, irq);
+                        merge_rounds(&mut irq_wakes, name, irq, |w| &mut w.cycle);
                     }
                     Ok::<_, String>(path)
                 };
@@ -679,32 +679,18 @@ fn merge_path(paths: &mut Vec<PathResult>, round: PathResult) {
     earlier.stats = Stats::from_ns(&earlier.late_ns).expect("samples from both rounds");
 }
 
-/// Adds one round's wake-up breakdowns for a path, cycles numbered on.
-fn merge_breakdowns(
-    all: &mut Vec<(&'static str, Vec<stages::Breakdown>)>,
+/// Adds one round's wake-ups of a path (long-poll breakdowns or
+/// interrupt-path wake-ups) to the earlier rounds', cycles numbered on.
+fn merge_rounds<T>(
+    all: &mut Vec<(&'static str, Vec<T>)>,
     name: &'static str,
-    mut round: Vec<stages::Breakdown>,
+    mut round: Vec<T>,
+    cycle: fn(&mut T) -> &mut usize,
 ) {
     match all.iter_mut().find(|(n, _)| *n == name) {
         Some((_, earlier)) => {
             let offset = earlier.len();
-            round.iter_mut().for_each(|b| b.cycle += offset);
-            earlier.extend(round);
-        }
-        None => all.push((name, round)),
-    }
-}
-
-/// Adds one round's interrupt-path wake-ups, cycles numbered on.
-fn merge_irq_wakes(
-    all: &mut Vec<(&'static str, Vec<stages::IrqWake>)>,
-    name: &'static str,
-    mut round: Vec<stages::IrqWake>,
-) {
-    match all.iter_mut().find(|(n, _)| *n == name) {
-        Some((_, earlier)) => {
-            let offset = earlier.len();
-            round.iter_mut().for_each(|w| w.cycle += offset);
+            round.iter_mut().for_each(|w| *cycle(w) += offset);
             earlier.extend(round);
         }
         None => all.push((name, round)),

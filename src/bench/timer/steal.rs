@@ -52,7 +52,8 @@ impl StealSampler {
         let thread = {
             let stop = stop.clone();
             std::thread::spawn(move || {
-                keep_off(cpu);
+                // The sampler must not take the CPU it watches.
+                let _ = rtvm_vmm::realtime::keep_off(&[cpu]);
                 let mut samples: Vec<(u64, u64)> = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     if let Some(steal) = steal_ns(cpu) {
@@ -76,25 +77,6 @@ impl StealSampler {
     pub fn finish(self) -> Vec<(u64, u64)> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or_default()
-    }
-}
-
-/// The sampler must not take the CPU it watches.
-fn keep_off(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data, filled by sched_getaffinity.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let size = std::mem::size_of::<libc::cpu_set_t>();
-    // SAFETY: the calling thread's affinity into a set of the size passed.
-    if unsafe { libc::sched_getaffinity(0, size, &mut set) } == 0
-        && cpu < libc::CPU_SETSIZE as usize
-    {
-        // SAFETY: an index below CPU_SETSIZE.
-        unsafe { libc::CPU_CLR(cpu, &mut set) };
-        // SAFETY: reads the set just written.
-        if unsafe { libc::CPU_COUNT(&set) } > 0 {
-            // SAFETY: a live set of the size passed, for the calling thread.
-            unsafe { libc::sched_setaffinity(0, size, &set) };
-        }
     }
 }
 
