@@ -279,7 +279,9 @@ fn stats_json(run: &VmRun) -> serde_json::Value {
                 .collect::<serde_json::Map<_, _>>(),
             "refused": run.calls.refused,
             "long_polls": run.calls.long_polls,
+            "io_parks": run.calls.io_parks,
         },
+        "open_sockets": run.open_sockets,
     })
 }
 

@@ -251,8 +251,9 @@ pub enum Call {
     /// long as [`net::SEND_WAIT_NS`]. `results[0]` = bytes sent.
     NetSend = 45,
     /// Long poll: receive up to `args[2]` bytes into guest address `args[1]`
-    /// from handle `args[0]`, until deadline `args[3]`. `results[0]` = bytes
-    /// (0 for TCP: the peer closed), `results[1..4]` = the sender's address.
+    /// from handle `args[0]`, until deadline `args[3]`, with flags `args[4]`
+    /// ([`net::recv`]; 0 for none). `results[0]` = bytes (0 for TCP: the
+    /// peer closed), `results[1..4]` = the sender's address.
     NetRecv = 46,
     /// Long poll: until deadline `args[2]`, wait for any of the `args[1]`
     /// (≤ [`net::POLL_MAX`]) handles in the u64 array at guest address
@@ -273,6 +274,10 @@ pub enum Call {
     /// Option `args[1]` ([`net::opt`]) of handle `args[0]`: `results[0]` =
     /// its value (buffer sizes as the host's kernel reports them).
     NetGetsockopt = 52,
+    /// A second handle to the socket of handle `args[0]` (for a guest
+    /// process that forks): the socket stays open until its last handle is
+    /// closed. Counts against the socket limit. `results[0]` = the handle.
+    NetDup = 53,
 }
 }
 
@@ -373,6 +378,14 @@ pub mod net {
     pub const SEND_WAIT_NS: u64 = 1_000_000_000;
     /// Most handles one `NetPoll` may wait on.
     pub const POLL_MAX: u64 = 64;
+    /// `NetRecv` flags.
+    pub mod recv {
+        /// Leave what is received queued (MSG_PEEK): the next receive
+        /// returns it again.
+        pub const PEEK: u64 = 1;
+        /// Every flag this ABI version knows; others are `BadFlags`.
+        pub const ALL: u64 = PEEK;
+    }
     /// `NetSetsockopt` options.
     pub mod opt {
         /// SO_REUSEADDR (0 or 1).

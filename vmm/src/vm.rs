@@ -78,6 +78,8 @@ pub struct VmRun {
     pub wakes: Vec<WakeStages>,
     /// What the VMRPC servers served.
     pub calls: CallStats,
+    /// Sockets the guest still held open when the VM ended.
+    pub open_sockets: usize,
     /// What real-time setup was tried and how it went.
     pub rt_report: RtReport,
     /// vCPUs whose threads had not ended when the stop's grace period
@@ -524,6 +526,7 @@ impl RunningVm {
             guest_time,
             streams,
             calls: self.services.counters.snapshot(),
+            open_sockets: self.services.sockets.open_sockets(),
             rt_report: self.rt_report,
             stuck,
             vcpu_cpu,

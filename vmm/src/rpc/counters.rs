@@ -133,6 +133,7 @@ pub struct CallCounters {
     by_number: [AtomicU64; COUNTED_CALLS],
     refused: AtomicU64,
     long_polls: AtomicU64,
+    io_parks: [AtomicU64; rtvm_abi::MAX_VCPUS],
 }
 
 /// A snapshot of [`CallCounters`].
@@ -145,6 +146,10 @@ pub struct CallStats {
     /// Timer waits (`Sleep`, `SleepUntil`, `WaitNext`) served as long polls:
     /// the calling vCPU parked in the host until its deadline.
     pub long_polls: u64,
+    /// By vCPU (up to the last that parked): how often socket calls parked
+    /// it in the host waiting for I/O (a receive, accept or poll long
+    /// poll; a send or connect waiting for the network).
+    pub io_parks: Vec<u64>,
 }
 
 impl Default for CallCounters {
@@ -153,6 +158,7 @@ impl Default for CallCounters {
             by_number: std::array::from_fn(|_| AtomicU64::new(0)),
             refused: AtomicU64::new(0),
             long_polls: AtomicU64::new(0),
+            io_parks: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
@@ -171,7 +177,22 @@ impl CallCounters {
         }
     }
 
+    /// Counts `parks` waits for I/O by one socket call of `vcpu`.
+    pub fn io_parked(&self, vcpu: usize, parks: u64) {
+        if let Some(count) = self.io_parks.get(vcpu).filter(|_| parks > 0) {
+            count.fetch_add(parks, Ordering::Relaxed);
+        }
+    }
+
     pub fn snapshot(&self) -> CallStats {
+        let mut io_parks: Vec<u64> = self
+            .io_parks
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        while io_parks.last() == Some(&0) {
+            io_parks.pop();
+        }
         CallStats {
             calls: (0..COUNTED_CALLS as u32)
                 .filter_map(|n| {
@@ -181,6 +202,7 @@ impl CallCounters {
                 .collect(),
             refused: self.refused.load(Ordering::Relaxed),
             long_polls: self.long_polls.load(Ordering::Relaxed),
+            io_parks,
         }
     }
 }

@@ -166,11 +166,17 @@ impl<T> HandleTable<T> {
 impl<T> Reserved<'_, T> {
     /// Puts `entry` in the reserved slot; returns its handle.
     pub fn fill(self, entry: T) -> u64 {
+        self.fill_shared(Arc::new(entry))
+    }
+
+    /// Puts an entry another handle may name too in the reserved slot;
+    /// returns its handle.
+    pub fn fill_shared(self, entry: Arc<T>) -> u64 {
         let mut slots = self.table.lock();
         let s = &mut slots[self.slot];
         s.reserved = false;
         s.generation += 1;
-        s.entry = Some(Arc::new(entry));
+        s.entry = Some(entry);
         let handle = self.table.handle_of(self.slot, s.generation);
         drop(slots);
         std::mem::forget(self);

@@ -44,7 +44,7 @@ use crate::clock::now_ns;
 use crate::config::{AdvanceMode, VmConfig};
 use crate::error::Result;
 use crate::memory::GuestRam;
-use park::Park;
+use park::{CountedPark, Park};
 
 /// A service the vCPUs of one VM share (one instance per VM), serving the
 /// calls of its number range.
@@ -138,10 +138,14 @@ impl RpcServer {
             Ok(()) => Request::decode(&request),
             Err(_) => Err(Status::BadAddress),
         };
+        let mut counted = CountedPark::new(park);
         let outcome = decoded.and_then(|req| {
-            let mut cx = CallContext::new(vcpu, &self.ram, park);
+            let mut cx = CallContext::new(vcpu, &self.ram, &mut counted);
             Self::route(&mut self.own, &self.services, &req, &mut cx)
         });
+        if decoded.is_ok_and(|r| r.call.service() == Service::Net) {
+            self.services.counters.io_parked(vcpu, counted.parks);
+        }
         let number = u32::from_le_bytes(request[4..8].try_into().expect("4 bytes"));
         self.services
             .counters

@@ -98,6 +98,8 @@ struct GuestSocket {
     /// an ephemeral port on every interface at its first send, so it only
     /// hears from peers the `connect` rules allow (see `recv`).
     bound: std::sync::atomic::AtomicBool,
+    /// How many handles name it (`NetDup`): the last one's close shuts it.
+    handles: std::sync::atomic::AtomicUsize,
 }
 
 impl std::ops::Deref for GuestSocket {
@@ -167,6 +169,7 @@ impl NetService {
         Ok(slot.fill(GuestSocket {
             socket,
             bound: bound.into(),
+            handles: 1.into(),
         }))
     }
 
@@ -361,22 +364,32 @@ impl NetService {
         Ok([sent as u64, 0, 0, 0])
     }
 
-    /// `NetRecv` into a host buffer of `len` bytes; returns the bytes and the results.
+    /// `NetRecv` into a host buffer of `len` bytes with `flags`
+    /// ([`net::recv`]); returns the bytes and the results.
     pub fn recv(
         &self,
         handle: u64,
         len: u64,
         deadline: u64,
+        flags: u64,
         park: &mut dyn Park,
     ) -> std::result::Result<(Vec<u8>, [u64; 4]), Status> {
         self.socket(handle)?;
         if len > MAX_TRANSFER {
             return Err(Status::TooLarge);
         }
+        if flags & !net::recv::ALL != 0 {
+            return Err(Status::BadFlags);
+        }
+        let peek = flags & net::recv::PEEK != 0;
         let mut buf: Vec<MaybeUninit<u8>> = vec![MaybeUninit::uninit(); len as usize];
         let connect = &self.policy.connect;
         let (n, from) = self.retry(handle, libc::POLLIN, deadline, park, |socket| loop {
-            let (n, from) = socket.recv_from(&mut buf)?;
+            let (n, from) = if peek {
+                socket.peek_from(&mut buf)?
+            } else {
+                socket.recv_from(&mut buf)?
+            };
             let from = from
                 .as_socket()
                 .or_else(|| socket.peer_addr().ok().and_then(|a| a.as_socket()));
@@ -385,6 +398,10 @@ impl NetService {
             let unbound = !socket.bound.load(std::sync::atomic::Ordering::Acquire);
             if unbound && !from.is_some_and(|a| connect.iter().any(|r| r.allows(&a))) {
                 tracing::debug!("a datagram from {from:?} to an unbound socket dropped");
+                if peek {
+                    // Taken off the queue, or the next peek finds it again.
+                    socket.recv_from(&mut buf)?;
+                }
                 continue;
             }
             return Ok((n, from));
@@ -512,12 +529,29 @@ impl NetService {
         Ok([value.map_err(|e| status_of(&e))?, 0, 0, 0])
     }
 
-    /// `NetClose`. A vCPU still waiting on the socket is woken (shutdown)
-    /// rather than keeping an uncounted socket alive until data comes.
+    /// `NetDup`: another handle to the same socket, within the limit.
+    pub fn dup(&self, handle: u64) -> std::result::Result<[u64; 4], Status> {
+        let socket = self.socket(handle)?;
+        let slot = self.sockets.reserve()?;
+        socket
+            .handles
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Ok([slot.fill_shared(socket), 0, 0, 0])
+    }
+
+    /// `NetClose`. Closing the last handle to a socket wakes a vCPU still
+    /// waiting on it (shutdown) rather than keeping an uncounted socket
+    /// alive until data comes; with other handles left, it stays open.
     pub fn close(&self, handle: u64) -> std::result::Result<[u64; 4], Status> {
         let socket = self.sockets.remove(handle)?;
-        // ENOTCONN for a socket that never connected is fine.
-        let _ = socket.shutdown(std::net::Shutdown::Both);
+        if socket
+            .handles
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            // ENOTCONN for a socket that never connected is fine.
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
         Ok([0; 4])
     }
 }
@@ -544,7 +578,7 @@ impl VmService for NetService {
             }
             Call::NetRecv => {
                 cx.check_buffer(a[1], a[2])?;
-                let (data, results) = self.recv(a[0], a[2], a[3], cx.park)?;
+                let (data, results) = self.recv(a[0], a[2], a[3], a[4], cx.park)?;
                 cx.write(a[1], &data)?;
                 Ok(results)
             }
@@ -560,6 +594,7 @@ impl VmService for NetService {
             Call::NetShutdown => self.shutdown(a[0], a[1]),
             Call::NetAddress => self.address(a[0], a[1]),
             Call::NetGetsockopt => self.getsockopt(a[0], a[1]),
+            Call::NetDup => self.dup(a[0]),
             _ => Err(Status::UnsupportedCall),
         }
     }
@@ -668,20 +703,20 @@ mod tests {
         svc.send(b, b"ping", net::v4([127, 0, 0, 1], 47_311), &mut Now)
             .unwrap();
         let deadline = now_ns() + 1_000_000_000;
-        let (data, r) = svc.recv(a, 100, deadline, &mut Now).unwrap();
+        let (data, r) = svc.recv(a, 100, deadline, 0, &mut Now).unwrap();
         assert_eq!(data, b"ping");
         assert_eq!(
             decode_addr([r[1], r[2], r[3]]),
             Ok("127.0.0.1:47312".parse().unwrap())
         );
         assert_eq!(
-            svc.recv(a, 100, now_ns() + 1_000_000, &mut Now),
+            svc.recv(a, 100, now_ns() + 1_000_000, 0, &mut Now),
             Err(Status::TimedOut)
         );
         svc.close(a).unwrap();
         assert_eq!(svc.close(a), Err(Status::BadHandle));
         assert_eq!(
-            svc.recv(1, 10, 0, &mut Now),
+            svc.recv(1, 10, 0, 0, &mut Now),
             Err(Status::BadHandle),
             "untagged (file-range) handle"
         );
@@ -697,6 +732,50 @@ mod tests {
     /// with `BadHandle` (the close shuts the socket down, which wakes it)
     /// instead of spinning on a readable socket that has nothing to read.
     #[test]
+    fn a_peek_leaves_the_datagram_queued_and_unknown_flags_are_refused() {
+        let svc = NetService::new(loopback_policy()).unwrap();
+        let a = svc.open(net::INET, net::UDP).unwrap()[0];
+        let b = svc.open(net::INET, net::UDP).unwrap()[0];
+        svc.bind(a, net::v4([127, 0, 0, 1], 47_321)).unwrap();
+        svc.bind(b, net::v4([127, 0, 0, 1], 47_322)).unwrap();
+        svc.send(b, b"once", net::v4([127, 0, 0, 1], 47_321), &mut Now)
+            .unwrap();
+        let deadline = now_ns() + 1_000_000_000;
+        let (data, r) = svc.recv(a, 1, deadline, net::recv::PEEK, &mut Now).unwrap();
+        assert_eq!((data.as_slice(), r[0]), (&b"o"[..], 1));
+        assert_eq!(
+            decode_addr([r[1], r[2], r[3]]),
+            Ok("127.0.0.1:47322".parse().unwrap())
+        );
+        let (data, _) = svc.recv(a, 100, deadline, 0, &mut Now).unwrap();
+        assert_eq!(data, b"once", "still queued after the peek");
+        assert_eq!(
+            svc.recv(a, 100, deadline, 2, &mut Now),
+            Err(Status::BadFlags)
+        );
+    }
+
+    #[test]
+    fn a_duplicated_handle_keeps_the_socket_open_until_the_last_close() {
+        let svc = NetService::new(loopback_policy()).unwrap();
+        let a = svc.open(net::INET, net::UDP).unwrap()[0];
+        let b = svc.open(net::INET, net::UDP).unwrap()[0];
+        svc.bind(a, net::v4([127, 0, 0, 1], 47_331)).unwrap();
+        let second = svc.dup(a).unwrap()[0];
+        assert_ne!(second, a);
+        assert_eq!(svc.open_sockets(), 3, "a handle counts against the limit");
+        svc.close(a).unwrap();
+        svc.send(b, b"still", net::v4([127, 0, 0, 1], 47_331), &mut Now)
+            .unwrap();
+        let deadline = now_ns() + 1_000_000_000;
+        let (data, _) = svc.recv(second, 100, deadline, 0, &mut Now).unwrap();
+        assert_eq!(data, b"still", "open through the other handle");
+        svc.close(second).unwrap();
+        assert_eq!(svc.dup(second), Err(Status::BadHandle));
+        assert_eq!(svc.open_sockets(), 1);
+    }
+
+    #[test]
     fn a_receive_on_a_socket_another_vcpu_closes_answers_bad_handle() {
         let svc = Arc::new(NetService::new(loopback_policy()).unwrap());
         let h = svc.open(net::INET, net::UDP).unwrap()[0];
@@ -704,7 +783,7 @@ mod tests {
         let (done, result) = std::sync::mpsc::channel();
         let waiter = svc.clone();
         std::thread::spawn(move || {
-            let _ = done.send(waiter.recv(h, 100, NO_DEADLINE, &mut Now).map(|_| ()));
+            let _ = done.send(waiter.recv(h, 100, NO_DEADLINE, 0, &mut Now).map(|_| ()));
         });
         // The receive is parked (or about to be): the close reaches it either way.
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -752,7 +831,9 @@ mod tests {
         });
         let mut received = 0;
         while received < total {
-            let (data, _) = svc.recv(server, 256 << 10, NO_DEADLINE, &mut Now).unwrap();
+            let (data, _) = svc
+                .recv(server, 256 << 10, NO_DEADLINE, 0, &mut Now)
+                .unwrap();
             received += data.len();
         }
         sent.join().unwrap();
@@ -782,7 +863,7 @@ mod tests {
         svc.send(client, b"hello", net::v4([127, 0, 0, 1], 47_317), &mut Now)
             .unwrap();
         let deadline = now_ns() + 5_000_000_000;
-        let (_, from) = svc.recv(server, 64, deadline, &mut Now).unwrap();
+        let (_, from) = svc.recv(server, 64, deadline, 0, &mut Now).unwrap();
         let client_addr = decode_addr([from[1], from[2], from[3]]).unwrap();
         // A stranger (another loopback address) writes to the client's
         // implicit port first...
@@ -791,14 +872,14 @@ mod tests {
         // ...then the server answers.
         svc.send(server, b"answer", [from[1], from[2], from[3]], &mut Now)
             .unwrap();
-        let (data, _) = svc.recv(client, 64, deadline, &mut Now).unwrap();
+        let (data, _) = svc.recv(client, 64, deadline, 0, &mut Now).unwrap();
         assert_eq!(data, b"answer");
         // The server, bound on purpose, hears from anyone (it answers only
         // where the connect rules allow).
         stranger
             .send_to(b"ask", "127.0.0.1:47317".parse::<SocketAddr>().unwrap())
             .unwrap();
-        let (data, _) = svc.recv(server, 64, deadline, &mut Now).unwrap();
+        let (data, _) = svc.recv(server, 64, deadline, 0, &mut Now).unwrap();
         assert_eq!(data, b"ask");
     }
 

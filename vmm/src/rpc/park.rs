@@ -59,6 +59,25 @@ pub trait Park {
     }
 }
 
+/// A park that counts how often the call it serves parked.
+pub struct CountedPark<'a> {
+    inner: &'a mut dyn Park,
+    pub parks: u64,
+}
+
+impl<'a> CountedPark<'a> {
+    pub fn new(inner: &'a mut dyn Park) -> Self {
+        CountedPark { inner, parks: 0 }
+    }
+}
+
+impl Park for CountedPark<'_> {
+    fn park(&mut self, fds: &mut [libc::pollfd], deadline: u64) -> Result<Parked, Interrupted> {
+        self.parks += 1;
+        self.inner.park(fds, deadline)
+    }
+}
+
 /// What a parked vCPU answers to: the VMM's requests (see `vcpu`).
 pub trait Requests {
     /// Written by the VMM with every request.
