@@ -24,6 +24,7 @@
 //! that vCPU's call page, which a thread migrating mid-call could share with
 //! another.
 
+pub mod descriptors;
 mod header;
 pub mod net;
 mod portio;

@@ -14,7 +14,7 @@ use rtvm_abi::vmrpc::{
 };
 
 pub use rtvm_abi::addr::{Addr, Ready};
-pub use rtvm_abi::vmrpc::net::{opt, INET, INET6, NO_DEADLINE, POLL_MAX, TCP, UDP};
+pub use rtvm_abi::vmrpc::net::{opt, recv, INET, INET6, NO_DEADLINE, POLL_MAX, TCP, UDP};
 
 use crate::slots::{self, LinuxThreads, Owners, SlotTransport};
 use crate::{decode_answer, Error, UNANSWERED};
@@ -156,12 +156,25 @@ impl<T: SlotTransport, O: Owners> Sockets<T, O> {
     /// `deadline`: the bytes received (0 for TCP: the peer closed) and the
     /// sender.
     pub fn recv(&self, handle: u64, buf: &mut [u8], deadline: u64) -> Result<(usize, Addr), Error> {
+        self.recv_flags(handle, buf, deadline, false)
+    }
+
+    /// [`Sockets::recv`], leaving what it receives queued when `peek`
+    /// (MSG_PEEK).
+    pub fn recv_flags(
+        &self,
+        handle: u64,
+        buf: &mut [u8],
+        deadline: u64,
+        peek: bool,
+    ) -> Result<(usize, Addr), Error> {
         let len = buf.len().min(MAX_IO);
         let buf = &mut buf[..len];
+        let flags = if peek { recv::PEEK } else { 0 };
         let r = self.call(
             Call::NetRecv,
             &[],
-            |at| [handle, at, len as u64, deadline, 0, 0],
+            |at| [handle, at, len as u64, deadline, flags, 0],
             Some((buf, |r| r[0])),
         )?;
         Ok((r[0] as usize, Addr::from_words([r[1], r[2], r[3]])))
@@ -208,6 +221,12 @@ impl<T: SlotTransport, O: Owners> Sockets<T, O> {
     /// Option `option` ([`opt`]) of the socket.
     pub fn getsockopt(&self, handle: u64, option: u64) -> Result<u64, Error> {
         Ok(self.simple(Call::NetGetsockopt, [handle, option, 0, 0, 0, 0])?[0])
+    }
+
+    /// A second handle to the same socket (for a process that forks): the
+    /// socket stays open until both are closed.
+    pub fn dup(&self, handle: u64) -> Result<u64, Error> {
+        Ok(self.simple(Call::NetDup, [handle, 0, 0, 0, 0, 0])?[0])
     }
 
     pub fn close(&self, handle: u64) -> Result<(), Error> {

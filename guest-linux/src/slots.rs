@@ -31,6 +31,24 @@ pub trait SlotTransport {
     fn ring_slot(&self, slot: usize, page: &mut Page) -> Result<(), Status>;
 }
 
+impl<T: SlotTransport + ?Sized> SlotTransport for &T {
+    fn slot_table(&self) -> &[AtomicU64] {
+        (**self).slot_table()
+    }
+    fn data_address(&self, slot: usize) -> u64 {
+        (**self).data_address(slot)
+    }
+    fn write_data(&self, slot: usize, bytes: &[u8]) {
+        (**self).write_data(slot, bytes)
+    }
+    fn read_data(&self, slot: usize, out: &mut [u8]) {
+        (**self).read_data(slot, out)
+    }
+    fn ring_slot(&self, slot: usize, page: &mut Page) -> Result<(), Status> {
+        (**self).ring_slot(slot, page)
+    }
+}
+
 /// Who owns slots: the calling thread's id, and whether an id still lives.
 pub trait Owners {
     fn me(&self) -> u64;

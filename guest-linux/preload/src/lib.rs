@@ -44,6 +44,7 @@
 //!   it took went the ordinary way.
 
 pub mod decision;
+mod net;
 
 use std::ffi::CStr;
 use std::sync::{Mutex, OnceLock};
@@ -62,11 +63,21 @@ struct State {
 
 static STATE: OnceLock<Option<State>> = OnceLock::new();
 
+/// The region, mapped once per process for sleeps and sockets alike.
+fn port() -> Result<&'static PortIo, String> {
+    static PORT: OnceLock<Result<&'static PortIo, String>> = OnceLock::new();
+    PORT.get_or_init(|| {
+        if std::env::var_os("RTVM_PRELOAD").is_some_and(|v| v == "off" || v == "0") {
+            return Err("disabled by RTVM_PRELOAD".into());
+        }
+        let port = PortIo::open().map_err(|e| e.to_string())?;
+        Ok(&*Box::leak(Box::new(port)))
+    })
+    .clone()
+}
+
 fn init() -> Result<State, String> {
-    if std::env::var_os("RTVM_PRELOAD").is_some_and(|v| v == "off" || v == "0") {
-        return Err("disabled by RTVM_PRELOAD".into());
-    }
-    let port: &'static PortIo = Box::leak(Box::new(PortIo::open().map_err(|e| e.to_string())?));
+    let port = port()?;
     let clients = (0..port.vcpu_count())
         .map(|_| Mutex::new(Client::new(SlotCalls(port))))
         .collect();

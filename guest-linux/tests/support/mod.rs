@@ -180,6 +180,7 @@ pub const REGION: u64 = 0x40_0000;
 /// its guest RAM.
 pub struct InProcessSlots {
     ram: Arc<GuestRam>,
+    services: Arc<Services>,
     server: std::sync::Mutex<RpcServer>,
     vcpus: u32,
 }
@@ -196,14 +197,31 @@ impl InProcessSlots {
         };
         let mut config = VmConfig::new(GuestSpec::Builtin("in-process".into()));
         config.net = net;
-        let services = Services::new(&config).unwrap();
-        let server = RpcServer::new(facts, ram.clone(), Arc::new(services), AdvanceMode::Off);
+        let services = Arc::new(Services::new(&config).unwrap());
+        let server = RpcServer::new(facts, ram.clone(), services.clone(), AdvanceMode::Off);
         assert!(REGION + rtvm_abi::linux::region_size(1) <= RAM);
         InProcessSlots {
             ram,
+            services,
             server: std::sync::Mutex::new(server),
             vcpus: 1,
         }
+    }
+
+    /// Sockets the guest holds open in the host, as the VMM counts them.
+    pub fn open_sockets(&self) -> usize {
+        self.services.sockets.open_sockets()
+    }
+
+    /// How often socket calls parked the (one) vCPU in the host.
+    pub fn io_parks(&self) -> u64 {
+        self.services
+            .counters
+            .snapshot()
+            .io_parks
+            .first()
+            .copied()
+            .unwrap_or(0)
     }
 
     fn host(&self, guest_addr: u64) -> *mut u8 {
