@@ -233,14 +233,17 @@ pub enum Call {
     // none) and park only the calling vCPU; a wait that reaches its deadline
     // answers `TimedOut`.
     /// `args[0]` = [`net::INET`] or [`net::INET6`], `args[1]` =
-    /// [`net::UDP`] or [`net::TCP`]. `results[0]` = handle.
+    /// [`net::UDP`] or [`net::TCP`], `args[2]` = its owner (a guest
+    /// process id, for [`Call::NetReap`]; 0: none). `results[0]` = handle.
     NetSocket = 40,
     /// Bind handle `args[0]` to address `args[1..4]` (policy: `bind`).
     NetBind = 41,
     /// Listen on TCP handle `args[0]` with backlog `args[1]` (≤ 1024).
     NetListen = 42,
     /// Long poll: accept on listening handle `args[0]` until deadline
-    /// `args[1]`. `results[0]` = new handle, `results[1..4]` = peer address.
+    /// `args[1]`; the new handle's owner is `args[2]` (as for
+    /// [`Call::NetSocket`]). `results[0]` = new handle, `results[1..4]` =
+    /// peer address.
     NetAccept = 43,
     /// Connect handle `args[0]` to address `args[1..4]` (policy: `connect`),
     /// waiting until deadline `args[4]` for TCP.
@@ -274,10 +277,19 @@ pub enum Call {
     /// Option `args[1]` ([`net::opt`]) of handle `args[0]`: `results[0]` =
     /// its value (buffer sizes as the host's kernel reports them).
     NetGetsockopt = 52,
-    /// A second handle to the socket of handle `args[0]` (for a guest
-    /// process that forks): the socket stays open until its last handle is
-    /// closed. Counts against the socket limit. `results[0]` = the handle.
+    /// A second handle to the socket of handle `args[0]`, owned by
+    /// `args[1]` (for a guest process that forks): the socket stays open
+    /// until its last handle is closed. Counts against the socket limit.
+    /// `results[0]` = the handle.
     NetDup = 53,
+    /// Close every handle owned by `args[0]` (≠ 0): what a guest does for a
+    /// process that ended without closing its sockets. `results[0]` = how
+    /// many were closed.
+    NetReap = 54,
+    /// The distinct owners of open handles: up to `args[1]` of them as u64s
+    /// at guest address `args[0]`. `results[0]` = how many were written,
+    /// `results[1]` = how many there are.
+    NetOwners = 55,
 }
 }
 

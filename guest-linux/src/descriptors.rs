@@ -433,6 +433,19 @@ impl<T: SlotTransport, H: Host, O: Owners> SocketDescriptors<T, H, O> {
         }
     }
 
+    /// `op`, once more after closing what ended processes left open if the
+    /// VM's socket limit refused it.
+    fn reaping<R>(&self, mut op: impl FnMut() -> Result<R, Error>) -> Result<R, Error> {
+        match op() {
+            Err(Error::Status(Status::NoResources))
+                if self.sockets.reap_ended().is_ok_and(|n| n > 0) =>
+            {
+                op()
+            }
+            r => r,
+        }
+    }
+
     /// `socket(2)`: `None` when the socket is not one to outsource (not
     /// IPv4/IPv6, not UDP/TCP): the caller makes it locally.
     pub fn socket(&self, domain: i32, ty: i32, protocol: i32) -> Option<Result<Fd, Errno>> {
@@ -467,8 +480,7 @@ impl<T: SlotTransport, H: Host, O: Owners> SocketDescriptors<T, H, O> {
         let handle = match handle {
             Some(h) => h,
             None => self
-                .sockets
-                .socket(family, kind)
+                .reaping(|| self.sockets.socket(family, kind))
                 .map_err(|e| errno_of(Call::NetSocket, &e))?,
         };
         let fd = match sys::placeholder(cloexec) {
@@ -545,7 +557,7 @@ impl<T: SlotTransport, H: Host, O: Owners> SocketDescriptors<T, H, O> {
             socket.nonblocking.load(Ordering::Relaxed),
         );
         let (handle, peer) = self.waiting(Call::NetAccept, deadline, |until| {
-            self.sockets.accept(socket.handle(), until)
+            self.reaping(|| self.sockets.accept(socket.handle(), until))
         })?;
         let fd = self.open(
             socket.family,
@@ -1170,21 +1182,33 @@ impl<T: SlotTransport, H: Host, O: Owners> SocketDescriptors<T, H, O> {
                 distinct.push(socket.clone());
             }
         }
+        // Owned by this process until the child adopts them: a child that
+        // never does leaves nothing once this process ends.
+        let me = self.sockets.owners_policy().process();
         let twins: Vec<Option<u64>> = distinct
             .iter()
-            .map(|s| self.sockets.dup(s.handle()).ok())
+            .map(|s| self.sockets.dup(s.handle(), me).ok())
             .collect();
         let pid = fork();
         match pid {
             0 => {
+                let child = self.sockets.owners_policy().process();
                 for (socket, twin) in distinct.iter().zip(&twins) {
-                    match twin {
-                        Some(h) => socket.handle.store(*h, Ordering::Release),
+                    let handle = match twin {
+                        // Adopted: a handle the child owns, the twin gone.
+                        Some(twin) => match self.sockets.dup(*twin, child) {
+                            Ok(own) => {
+                                let _ = self.sockets.close(*twin);
+                                own
+                            }
+                            Err(_) => *twin,
+                        },
                         // No second handle (the VM's socket limit): the
                         // child's socket answers EBADF rather than closing
                         // the parent's.
-                        None => socket.handle.store(0, Ordering::Release),
-                    }
+                        None => 0,
+                    };
+                    socket.handle.store(handle, Ordering::Release);
                 }
             }
             _ if pid < 0 => {

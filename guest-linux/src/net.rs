@@ -114,8 +114,10 @@ impl<T: SlotTransport, O: Owners> Sockets<T, O> {
     }
 
     /// A new socket: `domain` [`INET`] or [`INET6`], `kind` [`UDP`] or [`TCP`].
+    /// Owned by the calling process (see [`Sockets::reap_ended`]).
     pub fn socket(&self, domain: u64, kind: u64) -> Result<u64, Error> {
-        Ok(self.simple(Call::NetSocket, [domain, kind, 0, 0, 0, 0])?[0])
+        let owner = self.owners.process();
+        Ok(self.simple(Call::NetSocket, [domain, kind, owner, 0, 0, 0])?[0])
     }
 
     pub fn bind(&self, handle: u64, addr: &Addr) -> Result<(), Error> {
@@ -132,7 +134,8 @@ impl<T: SlotTransport, O: Owners> Sockets<T, O> {
     /// Waits until `deadline` (host ns, [`NO_DEADLINE`]: none) for a
     /// connection: its handle and the peer.
     pub fn accept(&self, handle: u64, deadline: u64) -> Result<(u64, Addr), Error> {
-        let r = self.simple(Call::NetAccept, [handle, deadline, 0, 0, 0, 0])?;
+        let owner = self.owners.process();
+        let r = self.simple(Call::NetAccept, [handle, deadline, owner, 0, 0, 0])?;
         Ok((r[0], Addr::from_words([r[1], r[2], r[3]])))
     }
 
@@ -223,10 +226,49 @@ impl<T: SlotTransport, O: Owners> Sockets<T, O> {
         Ok(self.simple(Call::NetGetsockopt, [handle, option, 0, 0, 0, 0])?[0])
     }
 
-    /// A second handle to the same socket (for a process that forks): the
-    /// socket stays open until both are closed.
-    pub fn dup(&self, handle: u64) -> Result<u64, Error> {
-        Ok(self.simple(Call::NetDup, [handle, 0, 0, 0, 0, 0])?[0])
+    /// A second handle to the same socket, owned by process `owner` (for
+    /// a process that forks): the socket stays open until both are closed.
+    pub fn dup(&self, handle: u64, owner: u64) -> Result<u64, Error> {
+        Ok(self.simple(Call::NetDup, [handle, owner, 0, 0, 0, 0])?[0])
+    }
+
+    /// Closes every socket process `owner` holds; how many.
+    pub fn reap(&self, owner: u64) -> Result<u64, Error> {
+        Ok(self.simple(Call::NetReap, [owner, 0, 0, 0, 0, 0])?[0])
+    }
+
+    /// The processes that own open sockets.
+    pub fn owners(&self) -> Result<Vec<u64>, Error> {
+        let mut bytes = vec![0u8; MAX_IO];
+        let max = (MAX_IO / 8) as u64;
+        let r = self.call(
+            Call::NetOwners,
+            &[],
+            |at| [at, max, 0, 0, 0, 0],
+            Some((&mut bytes, |r| r[0] * 8)),
+        )?;
+        Ok(bytes[..r[0] as usize * 8]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect())
+    }
+
+    /// Closes the sockets of processes that ended without closing them
+    /// (killed, or exited: the kernel closes a process's descriptors, not
+    /// the host's handles); how many. Any process may do it for all.
+    pub fn reap_ended(&self) -> Result<u64, Error> {
+        let mut closed = 0;
+        for owner in self.owners()? {
+            if !self.owners.alive(owner) {
+                closed += self.reap(owner)?;
+            }
+        }
+        Ok(closed)
+    }
+
+    /// The process-owner policy in force (tests substitute their own).
+    pub fn owners_policy(&self) -> &O {
+        &self.owners
     }
 
     pub fn close(&self, handle: u64) -> Result<(), Error> {

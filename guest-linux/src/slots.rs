@@ -50,9 +50,15 @@ impl<T: SlotTransport + ?Sized> SlotTransport for &T {
 }
 
 /// Who owns slots: the calling thread's id, and whether an id still lives.
+/// Sockets are owned by processes, by the same ids (a process's id is its
+/// main thread's).
 pub trait Owners {
     fn me(&self) -> u64;
     fn alive(&self, id: u64) -> bool;
+    /// The calling process's id.
+    fn process(&self) -> u64 {
+        u64::from(std::process::id())
+    }
 }
 
 /// Linux threads of this guest, by thread id (`/proc/TID` exists for a

@@ -511,3 +511,28 @@ fn many_opens_and_closes_leak_no_descriptor_on_either_side() {
     assert_eq!(l.sockets().transport().open_sockets(), 0, "host sockets");
     assert!(l.is_empty());
 }
+
+#[test]
+fn the_socket_limit_is_emfile_and_a_closed_socket_makes_room() {
+    let _serial = serial();
+    let policy = NetPolicy {
+        max_sockets: 2,
+        ..NetPolicy::default()
+    };
+    let l = SocketDescriptors::new(
+        InProcessSlots::new(policy),
+        TestHost {
+            rt: AtomicBool::new(false),
+        },
+    );
+    let a = udp(&l);
+    let b = tcp(&l);
+    assert_eq!(
+        l.socket(libc::AF_INET, libc::SOCK_DGRAM, 0),
+        Some(Err(libc::EMFILE))
+    );
+    l.close(a).unwrap().unwrap();
+    let c = udp(&l);
+    l.close(b).unwrap().unwrap();
+    l.close(c).unwrap().unwrap();
+}

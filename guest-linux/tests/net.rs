@@ -266,3 +266,45 @@ fn names_options_pending_bytes_and_shutdown_answer_as_the_host_sees_them() {
     s.close(conn).unwrap();
     s.close(l).unwrap();
 }
+
+/// A process that ended: its id, and the slot ownership of this thread.
+struct Ended(u64);
+
+impl rtvm_guest_linux::slots::Owners for Ended {
+    fn me(&self) -> u64 {
+        rtvm_guest_linux::slots::LinuxThreads.me()
+    }
+    fn alive(&self, id: u64) -> bool {
+        rtvm_guest_linux::slots::LinuxThreads.alive(id)
+    }
+    fn process(&self) -> u64 {
+        self.0
+    }
+}
+
+#[test]
+fn sockets_a_process_left_open_when_it_ended_are_reaped_by_another() {
+    let _serial = serial();
+    let slots = InProcessSlots::new(policy(&["127.0.0.1:*"], &["127.0.0.1:*"]));
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = u64::from(child.id());
+    child.wait().unwrap();
+    let ended = Sockets::with_owners(&slots, Ended(dead));
+    for _ in 0..3 {
+        ended.socket(INET, UDP).unwrap();
+    }
+    let live = Sockets::new(&slots);
+    let mine = live.socket(INET, TCP).unwrap();
+    let me = u64::from(std::process::id());
+    let mut owners = live.owners().unwrap();
+    owners.sort_unstable();
+    let mut expected = vec![dead, me];
+    expected.sort_unstable();
+    assert_eq!(owners, expected);
+    assert_eq!(live.reap_ended().unwrap(), 3);
+    assert_eq!(slots.open_sockets(), 1, "the live process's socket stays");
+    assert_eq!(live.owners().unwrap(), vec![me]);
+    assert_eq!(live.reap_ended().unwrap(), 0);
+    live.close(mine).unwrap();
+    assert_eq!(slots.open_sockets(), 0);
+}

@@ -60,7 +60,17 @@ fn net_init() -> Option<&'static Net> {
             return None;
         }
         match port() {
-            Ok(port) => Some(SocketDescriptors::new(port, Guest { port })),
+            Ok(port) => {
+                let net = SocketDescriptors::new(port, Guest { port });
+                // What processes that ended left open in the host (the
+                // kernel closed their descriptors, not the host's handles)
+                // goes now: a process's start is a cheap moment to look.
+                let reaped = guarded(|| net.sockets().reap_ended().map_err(|_| libc::EIO));
+                if let Ok(n @ 1..) = reaped {
+                    debug(&format!("closed {n} host sockets of ended processes"));
+                }
+                Some(net)
+            }
             Err(why) => {
                 debug(&format!("sockets stay the guest's own: {why}"));
                 None

@@ -124,6 +124,9 @@ fn readable_bytes(socket: &Socket) -> io::Result<u64> {
 pub struct NetService {
     policy: NetPolicy,
     sockets: HandleTable<GuestSocket>,
+    /// Who owns each handle that has an owner (a guest process id), so a
+    /// guest can close what a process that ended left open.
+    owners: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
 }
 
 impl NetService {
@@ -131,6 +134,7 @@ impl NetService {
         policy.validate()?;
         Ok(NetService {
             sockets: HandleTable::new(net::HANDLE_TAG, policy.max_sockets, Status::NoResources),
+            owners: Default::default(),
             policy,
         })
     }
@@ -146,6 +150,18 @@ impl NetService {
 
     fn socket(&self, handle: u64) -> std::result::Result<Arc<GuestSocket>, Status> {
         self.sockets.get(handle)
+    }
+
+    fn owners(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, u64>> {
+        self.owners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records `handle`'s owner (0: none); returns the handle.
+    fn owned(&self, handle: u64, owner: u64) -> u64 {
+        if owner != 0 {
+            self.owners().insert(handle, owner);
+        }
+        handle
     }
 
     /// Registers a socket under a new handle, within the socket limit.
@@ -189,7 +205,12 @@ impl NetService {
     }
 
     /// `NetSocket`.
-    pub fn open(&self, domain: u64, kind: u64) -> std::result::Result<[u64; 4], Status> {
+    pub fn open(
+        &self,
+        domain: u64,
+        kind: u64,
+        owner: u64,
+    ) -> std::result::Result<[u64; 4], Status> {
         let domain = match domain {
             net::INET => Domain::IPV4,
             net::INET6 => Domain::IPV6,
@@ -207,7 +228,7 @@ impl NetService {
             // the policy's IPv4 rules never saw.
             socket.set_only_v6(true).map_err(|e| status_of(&e))?;
         }
-        Ok([self.register(socket, false)?, 0, 0, 0])
+        Ok([self.owned(self.register(socket, false)?, owner), 0, 0, 0])
     }
 
     /// `NetBind`.
@@ -299,6 +320,7 @@ impl NetService {
         &self,
         handle: u64,
         deadline: u64,
+        owner: u64,
         park: &mut dyn Park,
     ) -> std::result::Result<[u64; 4], Status> {
         let (conn, peer) = self.retry(handle, libc::POLLIN, deadline, park, |s| s.accept())?;
@@ -307,7 +329,8 @@ impl NetService {
             .as_socket()
             .map(|a| encode_addr(&a))
             .unwrap_or_default();
-        Ok([self.register(conn, true)?, peer[0], peer[1], peer[2]])
+        let conn = self.owned(self.register(conn, true)?, owner);
+        Ok([conn, peer[0], peer[1], peer[2]])
     }
 
     /// `NetConnect`.
@@ -530,13 +553,40 @@ impl NetService {
     }
 
     /// `NetDup`: another handle to the same socket, within the limit.
-    pub fn dup(&self, handle: u64) -> std::result::Result<[u64; 4], Status> {
+    pub fn dup(&self, handle: u64, owner: u64) -> std::result::Result<[u64; 4], Status> {
         let socket = self.socket(handle)?;
         let slot = self.sockets.reserve()?;
         socket
             .handles
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Ok([slot.fill_shared(socket), 0, 0, 0])
+        Ok([self.owned(slot.fill_shared(socket), owner), 0, 0, 0])
+    }
+
+    /// `NetReap`: closes every handle `owner` holds.
+    pub fn reap(&self, owner: u64) -> std::result::Result<[u64; 4], Status> {
+        if owner == 0 {
+            return Err(Status::BadArgument);
+        }
+        let handles: Vec<u64> = self
+            .owners()
+            .iter()
+            .filter(|(_, o)| **o == owner)
+            .map(|(h, _)| *h)
+            .collect();
+        // A handle its owner closed meanwhile is just not counted.
+        let closed = handles.iter().filter(|&&h| self.close(h).is_ok()).count();
+        if closed > 0 {
+            tracing::debug!("closed {closed} sockets guest process {owner} left open");
+        }
+        Ok([closed as u64, 0, 0, 0])
+    }
+
+    /// `NetOwners`: the distinct owners of open handles, sorted.
+    pub fn owner_list(&self) -> Vec<u64> {
+        let mut owners: Vec<u64> = self.owners().values().copied().collect();
+        owners.sort_unstable();
+        owners.dedup();
+        owners
     }
 
     /// `NetClose`. Closing the last handle to a socket wakes a vCPU still
@@ -544,6 +594,7 @@ impl NetService {
     /// alive until data comes; with other handles left, it stays open.
     pub fn close(&self, handle: u64) -> std::result::Result<[u64; 4], Status> {
         let socket = self.sockets.remove(handle)?;
+        self.owners().remove(&handle);
         if socket
             .handles
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
@@ -564,10 +615,10 @@ impl VmService for NetService {
     ) -> std::result::Result<[u64; 4], Status> {
         let a = req.args;
         match req.call {
-            Call::NetSocket => self.open(a[0], a[1]),
+            Call::NetSocket => self.open(a[0], a[1], a[2]),
             Call::NetBind => self.bind(a[0], [a[1], a[2], a[3]]),
             Call::NetListen => self.listen(a[0], a[1]),
-            Call::NetAccept => self.accept(a[0], a[1], cx.park),
+            Call::NetAccept => self.accept(a[0], a[1], a[2], cx.park),
             Call::NetConnect => self.connect(a[0], [a[1], a[2], a[3]], a[4], cx.park),
             Call::NetSend => {
                 if a[2] > MAX_TRANSFER {
@@ -594,7 +645,17 @@ impl VmService for NetService {
             Call::NetShutdown => self.shutdown(a[0], a[1]),
             Call::NetAddress => self.address(a[0], a[1]),
             Call::NetGetsockopt => self.getsockopt(a[0], a[1]),
-            Call::NetDup => self.dup(a[0]),
+            Call::NetDup => self.dup(a[0], a[1]),
+            Call::NetReap => self.reap(a[0]),
+            Call::NetOwners => {
+                // At most one owner per open handle is written, whatever
+                // room the guest claims.
+                let owners = self.owner_list();
+                let n = owners.len().min(a[1] as usize);
+                let bytes: Vec<u8> = owners[..n].iter().flat_map(|o| o.to_le_bytes()).collect();
+                cx.write(a[0], &bytes)?;
+                Ok([n as u64, owners.len() as u64, 0, 0])
+            }
             _ => Err(Status::UnsupportedCall),
         }
     }
@@ -678,7 +739,7 @@ mod tests {
     #[test]
     fn nothing_is_permitted_by_default() {
         let svc = NetService::new(NetPolicy::default()).unwrap();
-        let h = svc.open(net::INET, net::UDP).unwrap()[0];
+        let h = svc.open(net::INET, net::UDP, 0).unwrap()[0];
         assert_eq!(
             svc.bind(h, net::v4([127, 0, 0, 1], 0)),
             Err(Status::NotPermitted)
@@ -696,8 +757,8 @@ mod tests {
     #[test]
     fn udp_round_trip_and_handle_checks() {
         let svc = NetService::new(loopback_policy()).unwrap();
-        let a = svc.open(net::INET, net::UDP).unwrap()[0];
-        let b = svc.open(net::INET, net::UDP).unwrap()[0];
+        let a = svc.open(net::INET, net::UDP, 0).unwrap()[0];
+        let b = svc.open(net::INET, net::UDP, 0).unwrap()[0];
         svc.bind(a, net::v4([127, 0, 0, 1], 47_311)).unwrap();
         svc.bind(b, net::v4([127, 0, 0, 1], 47_312)).unwrap();
         svc.send(b, b"ping", net::v4([127, 0, 0, 1], 47_311), &mut Now)
@@ -734,8 +795,8 @@ mod tests {
     #[test]
     fn a_peek_leaves_the_datagram_queued_and_unknown_flags_are_refused() {
         let svc = NetService::new(loopback_policy()).unwrap();
-        let a = svc.open(net::INET, net::UDP).unwrap()[0];
-        let b = svc.open(net::INET, net::UDP).unwrap()[0];
+        let a = svc.open(net::INET, net::UDP, 0).unwrap()[0];
+        let b = svc.open(net::INET, net::UDP, 0).unwrap()[0];
         svc.bind(a, net::v4([127, 0, 0, 1], 47_321)).unwrap();
         svc.bind(b, net::v4([127, 0, 0, 1], 47_322)).unwrap();
         svc.send(b, b"once", net::v4([127, 0, 0, 1], 47_321), &mut Now)
@@ -758,10 +819,10 @@ mod tests {
     #[test]
     fn a_duplicated_handle_keeps_the_socket_open_until_the_last_close() {
         let svc = NetService::new(loopback_policy()).unwrap();
-        let a = svc.open(net::INET, net::UDP).unwrap()[0];
-        let b = svc.open(net::INET, net::UDP).unwrap()[0];
+        let a = svc.open(net::INET, net::UDP, 0).unwrap()[0];
+        let b = svc.open(net::INET, net::UDP, 0).unwrap()[0];
         svc.bind(a, net::v4([127, 0, 0, 1], 47_331)).unwrap();
-        let second = svc.dup(a).unwrap()[0];
+        let second = svc.dup(a, 0).unwrap()[0];
         assert_ne!(second, a);
         assert_eq!(svc.open_sockets(), 3, "a handle counts against the limit");
         svc.close(a).unwrap();
@@ -771,14 +832,39 @@ mod tests {
         let (data, _) = svc.recv(second, 100, deadline, 0, &mut Now).unwrap();
         assert_eq!(data, b"still", "open through the other handle");
         svc.close(second).unwrap();
-        assert_eq!(svc.dup(second), Err(Status::BadHandle));
+        assert_eq!(svc.dup(second, 0), Err(Status::BadHandle));
         assert_eq!(svc.open_sockets(), 1);
+    }
+
+    #[test]
+    fn what_an_ended_process_left_open_is_reaped_and_nothing_else() {
+        let svc = NetService::new(loopback_policy()).unwrap();
+        let a = svc.open(net::INET, net::UDP, 41).unwrap()[0];
+        let b = svc.open(net::INET, net::TCP, 41).unwrap()[0];
+        let other = svc.open(net::INET, net::UDP, 42).unwrap()[0];
+        let unowned = svc.open(net::INET, net::UDP, 0).unwrap()[0];
+        // A child's handle to a's socket, owned by the child.
+        let child = svc.dup(a, 43).unwrap()[0];
+        assert_eq!(svc.owner_list(), vec![41, 42, 43]);
+        assert_eq!(svc.reap(41), Ok([2, 0, 0, 0]));
+        assert_eq!(svc.close(b), Err(Status::BadHandle), "reaped");
+        assert_eq!(svc.owner_list(), vec![42, 43]);
+        // The child's handle still names the socket.
+        svc.bind(child, net::v4([127, 0, 0, 1], 47_341)).unwrap();
+        assert_eq!(svc.reap(41), Ok([0; 4]), "nothing left");
+        assert_eq!(svc.reap(0), Err(Status::BadArgument));
+        svc.close(other).unwrap();
+        assert_eq!(svc.owner_list(), vec![43]);
+        svc.close(unowned).unwrap();
+        svc.reap(43).unwrap();
+        assert_eq!(svc.open_sockets(), 0);
+        assert!(svc.owner_list().is_empty());
     }
 
     #[test]
     fn a_receive_on_a_socket_another_vcpu_closes_answers_bad_handle() {
         let svc = Arc::new(NetService::new(loopback_policy()).unwrap());
-        let h = svc.open(net::INET, net::UDP).unwrap()[0];
+        let h = svc.open(net::INET, net::UDP, 0).unwrap()[0];
         svc.bind(h, net::v4([127, 0, 0, 1], 47_314)).unwrap();
         let (done, result) = std::sync::mpsc::channel();
         let waiter = svc.clone();
@@ -808,10 +894,10 @@ mod tests {
             })
             .unwrap(),
         );
-        let listener = svc.open(net::INET, net::TCP).unwrap()[0];
+        let listener = svc.open(net::INET, net::TCP, 0).unwrap()[0];
         svc.bind(listener, net::v4([127, 0, 0, 1], 47_315)).unwrap();
         svc.listen(listener, 1).unwrap();
-        let client = svc.open(net::INET, net::TCP).unwrap()[0];
+        let client = svc.open(net::INET, net::TCP, 0).unwrap()[0];
         svc.connect(
             client,
             net::v4([127, 0, 0, 1], 47_315),
@@ -819,7 +905,7 @@ mod tests {
             &mut Now,
         )
         .unwrap();
-        let server = svc.accept(listener, NO_DEADLINE, &mut Now).unwrap()[0];
+        let server = svc.accept(listener, NO_DEADLINE, 0, &mut Now).unwrap()[0];
         let total = 16 << 20;
         let sender = svc.clone();
         let sent = std::thread::spawn(move || {
@@ -857,9 +943,9 @@ mod tests {
             ..NetPolicy::default()
         })
         .unwrap();
-        let server = svc.open(net::INET, net::UDP).unwrap()[0];
+        let server = svc.open(net::INET, net::UDP, 0).unwrap()[0];
         svc.bind(server, net::v4([127, 0, 0, 1], 47_317)).unwrap();
-        let client = svc.open(net::INET, net::UDP).unwrap()[0];
+        let client = svc.open(net::INET, net::UDP, 0).unwrap()[0];
         svc.send(client, b"hello", net::v4([127, 0, 0, 1], 47_317), &mut Now)
             .unwrap();
         let deadline = now_ns() + 5_000_000_000;
@@ -886,7 +972,7 @@ mod tests {
     #[test]
     fn listening_needs_an_explicit_bind() {
         let svc = NetService::new(loopback_policy()).unwrap();
-        let h = svc.open(net::INET, net::TCP).unwrap()[0];
+        let h = svc.open(net::INET, net::TCP, 0).unwrap()[0];
         assert_eq!(svc.listen(h, 4), Err(Status::NotPermitted));
         svc.bind(h, net::v4([127, 0, 0, 1], 47_313)).unwrap();
         svc.listen(h, 4).unwrap();
@@ -900,9 +986,9 @@ mod tests {
         };
         let svc = NetService::new(policy).unwrap();
         for _ in 0..3 {
-            svc.open(net::INET6, net::TCP).unwrap();
+            svc.open(net::INET6, net::TCP, 0).unwrap();
         }
-        assert_eq!(svc.open(net::INET, net::UDP), Err(Status::NoResources));
+        assert_eq!(svc.open(net::INET, net::UDP, 0), Err(Status::NoResources));
         assert_eq!(svc.open_sockets(), 3);
     }
 }
