@@ -209,6 +209,72 @@ fn table_output_and_closed_loop_with_a_count() {
     assert_eq!(leftovers(pid, [198, 18, 0, 12]), Vec::<String>::new());
 }
 
+#[test]
+fn a_tcp_echo_server_is_probed_over_one_connection() {
+    let Some(_turn) = net_turn() else { return };
+    // A TCP echo server in the root namespace, on every address: the
+    // probe's veth end comes and goes with the probe.
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let mut echoed = 0u64;
+        loop {
+            match std::io::Read::read(&mut conn, &mut buf) {
+                Ok(0) | Err(_) => return echoed,
+                Ok(n) => {
+                    std::io::Write::write_all(&mut conn, &buf[..n]).unwrap();
+                    echoed += n as u64;
+                }
+            }
+        }
+    });
+    let target = format!("198.18.0.25:{port}");
+    let mut cmd = rtvm();
+    cmd.args([
+        "probe",
+        "--tcp",
+        "--subnet",
+        "198.18.0.24/30",
+        "--target",
+        &target,
+        "--rate",
+        "0",
+        "--count",
+        "200",
+        "--json",
+    ]);
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = wait_output_within(child, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["settings"]["protocol"], "tcp", "{v}");
+    assert_eq!(
+        (v["sent"].as_u64(), v["received"].as_u64()),
+        (Some(200), Some(200)),
+        "{v}"
+    );
+    assert_eq!(v["lost"], 0, "{v}");
+    assert_eq!(v["rtt"]["samples"], 200, "{v}");
+    assert_eq!(v["timestamps"], "user", "{v}");
+    // The warm-up and 200 requests of 64 bytes, each echoed whole.
+    assert_eq!(server.join().unwrap(), 201 * 64);
+    assert_eq!(leftovers(pid, [198, 18, 0, 24]), Vec::<String>::new());
+
+    let out = output_within(
+        rtvm().args(["probe", "--tcp", "--echo-server", "--count", "1"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(2), "usage error");
+    assert!(text(&out.stderr).contains("--echo-server serves UDP only"));
+}
+
 /// Starts a 30 s probe, waits until it is measuring, sends `signal`, and
 /// checks it ends promptly with 128 + signal, removing everything.
 fn stops_cleanly_on(signal: i32, subnet: [u8; 4]) {

@@ -34,7 +34,7 @@ pub const MAX_SIZE: usize = 1472;
 
 const MAGIC: &[u8; 4] = b"RTVP";
 /// Sequence number of the uncounted warm-up requests.
-const WARMUP_SEQ: u64 = u64::MAX;
+pub(crate) const WARMUP_SEQ: u64 = u64::MAX;
 /// Most warm-up requests before measuring.
 const WARMUPS: u32 = 5;
 /// Longest the probe goes without checking for a stop request.
@@ -68,6 +68,20 @@ pub struct ProbeOptions {
     /// Set to stop early; the probe also stops on SIGINT/SIGTERM once
     /// `rtvm_vmm::signals::install_termination_handlers` has run.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Over one TCP connection to an echo server instead of UDP
+    /// (`super::tcp`).
+    pub tcp: bool,
+}
+
+/// A request of `size` bytes with the magic and this run's token; the
+/// sequence number (bytes 8..16) is the caller's to fill in.
+pub(crate) fn request_header(size: usize) -> Vec<u8> {
+    static TOKEN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let token = *TOKEN.get_or_init(|| std::process::id() ^ (realtime_ns() as u32).rotate_left(13));
+    let mut request = vec![0x5a_u8; size];
+    request[..4].copy_from_slice(MAGIC);
+    request[4..8].copy_from_slice(&token.to_le_bytes());
+    request
 }
 
 impl ProbeOptions {
@@ -82,6 +96,7 @@ impl ProbeOptions {
             limit: Limit::Seconds(5.0),
             layout: NetLayout::default(),
             stop: None,
+            tcp: false,
         }
     }
 
@@ -113,7 +128,7 @@ impl ProbeOptions {
         Ok(())
     }
 
-    fn stopped(&self) -> bool {
+    pub(crate) fn stopped(&self) -> bool {
         self.stop
             .as_ref()
             .is_some_and(|s| s.load(Ordering::Relaxed))
@@ -221,6 +236,9 @@ pub fn measure_in(net: &ProbeNet, opts: &ProbeOptions) -> Result<ProbeResult, St
             net.layout().subnet()
         ));
     }
+    if opts.tcp {
+        return net.run_inside(|| super::tcp::run(opts));
+    }
     let probe_addr = net.probe_addr();
     net.run_inside(|| {
         let prober = Prober::new(opts, probe_addr)?;
@@ -290,7 +308,8 @@ impl<'a> Prober<'a> {
         // Send on time: the default 50 µs timer slack would skew the rate.
         // SAFETY: prctl(2) with plain integer arguments, this thread only.
         unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
-        let token = std::process::id() ^ (realtime_ns() as u32).rotate_left(13);
+        let request = request_header(MIN_SIZE);
+        let token = u32::from_le_bytes(request[4..8].try_into().expect("4 bytes"));
         Ok(Prober {
             opts,
             socket,
@@ -309,9 +328,7 @@ impl<'a> Prober<'a> {
 
     fn run(mut self) -> Result<ProbeResult, String> {
         let opts = self.opts;
-        let mut request = vec![0x5a_u8; opts.size];
-        request[..4].copy_from_slice(MAGIC);
-        request[4..8].copy_from_slice(&self.token.to_le_bytes());
+        let mut request = request_header(opts.size);
         self.warm_up(&mut request)?;
         let start = Instant::now();
         let send_until = match opts.limit {

@@ -7,7 +7,8 @@
 //! requests from there to a target on the root-namespace side: a host echo
 //! server, or a guest's UDP echo served through rtvm's outsourced sockets.
 //! Round trips come from kernel timestamps (see [`measure`]), and nothing is
-//! added inside the target.
+//! added inside the target. `--tcp` probes a TCP echo server over one
+//! connection instead (see [`tcp`]: user-space clock readings).
 //!
 //! Library use (`rtvm bench net`): [`measure`] sets the network up and
 //! probes; or make a [`ProbeNet`] first, have the target bind
@@ -22,6 +23,7 @@
 mod echo;
 mod measure;
 mod net;
+mod tcp;
 mod timestamps;
 
 use std::fs;
@@ -72,6 +74,10 @@ pub struct ProbeArgs {
     /// A reply not back within this many ms counts as lost.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub timeout_ms: u64,
+    /// Probe a TCP echo server over one connection instead of UDP (round
+    /// trips by user-space clock readings)
+    #[arg(long)]
+    pub tcp: bool,
     /// Also run a UDP echo server on the host end (the target's address) in
     /// this process, to measure the host path end to end.
     #[arg(long)]
@@ -117,9 +123,13 @@ impl ProbeArgs {
                 None => Limit::Seconds(self.seconds),
             },
             layout: self.subnet,
+            tcp: self.tcp,
             ..ProbeOptions::new(target)
         };
         opts.validate()?;
+        if self.tcp && self.echo_server {
+            return Err("--echo-server serves UDP only; leave it out with --tcp".into());
+        }
         let (host, probe) = (self.subnet.host_addr(), self.subnet.probe_addr());
         if *target.ip() != host {
             return Err(if *target.ip() == probe {
@@ -208,9 +218,14 @@ fn probe(args: &ProbeArgs, opts: &ProbeOptions) -> Result<ProbeResult, String> {
 
 fn report(args: &ProbeArgs, opts: &ProbeOptions, result: &ProbeResult) -> Result<(), String> {
     let host = HostInfo::probe();
+    let (proto, path) = if opts.tcp {
+        ("TCP", "tcp_rtt")
+    } else {
+        ("UDP", "udp_rtt")
+    };
     if let Some(file) = &args.histogram {
         let title = format!(
-            "rtvm probe: UDP round trip to {}, {} bytes, in µs",
+            "rtvm probe: {proto} round trip to {}, {} bytes, in µs",
             opts.target, opts.size
         );
         create_parent(file)?;
@@ -222,8 +237,11 @@ fn report(args: &ProbeArgs, opts: &ProbeOptions, result: &ProbeResult) -> Result
     }
     if let Some(file) = &args.plot {
         create_parent(file)?;
-        let title = format!("UDP round trip to {} ({})", opts.target, host.kvm_module);
-        latency_svg(file, &title, "round trip", &[("udp_rtt", &result.rtt_ns)])?;
+        let title = format!(
+            "{proto} round trip to {} ({})",
+            opts.target, host.kvm_module
+        );
+        latency_svg(file, &title, "round trip", &[(path, &result.rtt_ns)])?;
     }
     if args.json {
         let mut out = result.to_json();
@@ -235,6 +253,7 @@ fn report(args: &ProbeArgs, opts: &ProbeOptions, result: &ProbeResult) -> Result
             "count": args.count,
             "subnet": format!("{}/30", opts.layout.subnet()),
             "echo_server": args.echo_server,
+            "protocol": proto.to_ascii_lowercase(),
         });
         out["machine"] = machine_json(&host);
         println!("{out}");
@@ -249,7 +268,7 @@ fn report(args: &ProbeArgs, opts: &ProbeOptions, result: &ProbeResult) -> Result
         Limit::Count(n) => format!("{n} requests"),
     };
     println!(
-        "rtvm probe: UDP round trip to {} from {} in its own namespace, {} bytes, {pace}, {limit}, timeout {} ms \
+        "rtvm probe: {proto} round trip to {} from {} in its own namespace, {} bytes, {pace}, {limit}, timeout {} ms \
          ({} on {}, preemption {})",
         opts.target,
         opts.layout.probe_addr(),
@@ -261,13 +280,13 @@ fn report(args: &ProbeArgs, opts: &ProbeOptions, result: &ProbeResult) -> Result
     );
     println!("{}", Stats::TABLE_HEADER);
     match &result.rtt {
-        Some(s) => println!("{}", s.table_row("udp_rtt")),
-        None => println!("{:<18} {:>9}", "udp_rtt", 0),
+        Some(s) => println!("{}", s.table_row(path)),
+        None => println!("{:<18} {:>9}", path, 0),
     }
-    if let Some(s) = &result.rtt_user {
+    if let Some(s) = result.rtt_user.as_ref().filter(|_| !opts.tcp) {
         println!(
             "{}   (user-space clocks, for comparison)",
-            s.table_row("  udp_rtt, user")
+            s.table_row(&format!("  {path}, user"))
         );
     }
     let pct = |n: u64| {
