@@ -162,7 +162,17 @@ impl RpcServer {
                     | Status::AlreadyExists
                     | Status::NotADirectory
                     | Status::IsADirectory
-                    | Status::NotEmpty => {
+                    | Status::NotEmpty
+                    | Status::ConnectionRefused
+                    | Status::ConnectionReset
+                    | Status::AddressInUse => {
+                        tracing::debug!("vCPU {vcpu}: VMRPC call {number}: {}", status.name())
+                    }
+                    // A socket not connected (ENOTCONN): a shutdown at a
+                    // program's end, say.
+                    Status::NotConfigured
+                        if decoded.is_ok_and(|r| r.call.service() == Service::Net) =>
+                    {
                         tracing::debug!("vCPU {vcpu}: VMRPC call {number}: {}", status.name())
                     }
                     _ => self.warn(format_args!(
