@@ -232,9 +232,15 @@ impl ProbeNet {
         self.layout.contains(addr)
     }
 
-    /// The namespace file `ip netns` keeps (`/var/run/netns/<name>`).
+    /// The namespace file `ip netns` keeps: `/var/run/netns/<name>`, or
+    /// `/run/netns/<name>` where `/var/run` is not `/run` (as in a bare
+    /// initramfs) and `ip` was built for the latter.
     pub fn netns_path(&self) -> PathBuf {
-        PathBuf::from("/var/run/netns").join(&self.netns)
+        NETNS_DIRS
+            .iter()
+            .map(|dir| PathBuf::from(dir).join(&self.netns))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from(NETNS_DIRS[0]).join(&self.netns))
     }
 
     /// Runs `f` on a new thread that has entered the namespace (sockets it
@@ -278,16 +284,16 @@ impl Drop for ProbeNet {
                 eprintln!("rtvm: warning: removing {}: {e}", self.host_if);
             }
         }
-        if std::path::Path::new("/var/run/netns")
-            .join(&self.netns)
-            .exists()
-        {
+        if self.netns_path().exists() {
             if let Err(e) = ip(&["netns", "del", &self.netns]) {
                 eprintln!("rtvm: warning: removing namespace {}: {e}", self.netns);
             }
         }
     }
 }
+
+/// Where `ip netns` may keep its namespace files.
+const NETNS_DIRS: [&str; 2] = ["/var/run/netns", "/run/netns"];
 
 fn link_exists(name: &str) -> bool {
     std::path::Path::new("/sys/class/net").join(name).exists()
