@@ -21,9 +21,10 @@
 //! `poll`/`select`/`epoll` over outsourced descriptors wait in the host for
 //! readability; an outsourced socket is always writable (a send waits in
 //! the host for buffer space, at most `SEND_WAIT_NS`) unless it listens.
-//! A set mixing outsourced and guest-local descriptors is served in slices
-//! of [`MIXED_SLICE_NS`]: local readiness is checked (without waiting) at
-//! every slice.
+//! A set mixing outsourced and guest-local descriptors is served in
+//! slices: local readiness is checked (without waiting) after
+//! [`MIXED_SLICE_NS`], then at doubling intervals up to the park bound
+//! while nothing happens.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -54,7 +55,8 @@ pub const RT_PARK_NS: u64 = 10_000_000;
 /// Longest single park on other vCPUs, where the guest's other threads
 /// wait for the CPU meanwhile.
 pub const PARK_NS: u64 = 1_000_000;
-/// How often a poll set with guest-local descriptors checks them.
+/// How soon a poll set with guest-local descriptors first checks them
+/// again (then at doubling intervals, up to the park bound).
 pub const MIXED_SLICE_NS: u64 = 1_000_000;
 /// How long a connect waits for its answer without `SO_SNDTIMEO`.
 pub const CONNECT_WAIT_NS: u64 = 10_000_000_000;
@@ -863,6 +865,11 @@ impl<T: SlotTransport, H: Host, O: Owners> SocketDescriptors<T, H, O> {
             Some(ns) => self.host.now().saturating_add(ns),
             None => NO_DEADLINE,
         };
+        // Local descriptors are checked after the first slice, then at
+        // doubling intervals while nothing happens, up to the park bound:
+        // an idle mixed set (socat's socket and pipe) parks as long as a
+        // pure one soon.
+        let mut mixed_slice = MIXED_SLICE_NS;
         loop {
             let mut revents: Vec<i16> = ours
                 .iter()
@@ -878,13 +885,9 @@ impl<T: SlotTransport, H: Host, O: Owners> SocketDescriptors<T, H, O> {
             let local_ready = if has_local { local()? } else { 0 };
             let ready_now = local_ready > 0 || revents.iter().any(|&r| r != 0);
             let rt = self.host.on_rt_vcpu();
-            let slice = if has_local {
-                MIXED_SLICE_NS
-            } else if rt {
-                RT_PARK_NS
-            } else {
-                PARK_NS
-            };
+            let bound = if rt { RT_PARK_NS } else { PARK_NS };
+            let slice = if has_local { mixed_slice } else { bound };
+            mixed_slice = (mixed_slice * 2).min(bound.max(MIXED_SLICE_NS));
             let until = if ready_now || deadline == 0 {
                 0
             } else {

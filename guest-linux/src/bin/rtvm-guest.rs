@@ -11,6 +11,9 @@
 //!                           UDP and TCP between two of them on <port> and
 //!                           <port>+1, and a bind to <port>-1, which the
 //!                           policy must refuse
+//! rtvm-guest net-reap       close the host sockets of guest processes
+//!                           that ended without closing them; prints how
+//!                           many
 //! ```
 //!
 //! Calls go through the call page of the CPU the tool runs on: pin it
@@ -25,7 +28,7 @@ use rtvm_guest_linux::net::{opt, Addr, Sockets, INET, TCP, UDP};
 use rtvm_guest_linux::{exit_vm, Client, Error, PortIo};
 
 const USAGE: &str =
-    "usage: rtvm-guest ping [value] | clock | info | sleep <ns> | exit <status> | net-selftest <port>";
+    "usage: rtvm-guest ping [value] | clock | info | sleep <ns> | exit <status> | net-selftest <port> | net-reap";
 
 enum Command {
     Ping(u64),
@@ -34,6 +37,7 @@ enum Command {
     Sleep(u64),
     Exit(u32),
     NetSelftest(u16),
+    NetReap,
 }
 
 fn parse(args: &[String]) -> Option<Command> {
@@ -48,6 +52,7 @@ fn parse(args: &[String]) -> Option<Command> {
         [c, v] if c == "ping" => Command::Ping(number(v)?),
         [c] if c == "clock" => Command::Clock,
         [c] if c == "info" => Command::Info,
+        [c] if c == "net-reap" => Command::NetReap,
         [c, ns] if c == "sleep" => Command::Sleep(number(ns)?),
         // A negative status is taken as its 32-bit two's complement.
         [c, s] if c == "exit" => Command::Exit(
@@ -70,6 +75,11 @@ fn run(command: Command) -> Result<(), Error> {
     }
     if let Command::NetSelftest(port) = command {
         return net_selftest(&Sockets::new(PortIo::open()?), port);
+    }
+    if let Command::NetReap = command {
+        let closed = Sockets::new(PortIo::open()?).reap_ended()?;
+        println!("net-reap: closed {closed}");
+        return Ok(());
     }
     let mut client = Client::new(PortIo::open()?);
     match command {
@@ -97,7 +107,9 @@ fn run(command: Command) -> Result<(), Error> {
                 woke.advance_ns
             );
         }
-        Command::Exit(_) | Command::NetSelftest(_) => unreachable!("handled above"),
+        Command::Exit(_) | Command::NetSelftest(_) | Command::NetReap => {
+            unreachable!("handled above")
+        }
     }
     Ok(())
 }
