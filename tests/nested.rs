@@ -174,6 +174,163 @@ fn check_two_vcpu_run(out: &Outcome) {
     );
 }
 
+/// What the guest runs in the socket scenario: unmodified socat under the
+/// preload, for the policy's refusals, a client of the outer VM, open and
+/// close cycles, UDP and TCP echo servers on the RT vCPU (until the outer
+/// VM has probed them), and a program killed mid-wait.
+const SOCKETS_SCRIPT: &str = "set -e
+P='env LD_PRELOAD=/lib/librtvm_preload.so RTVM_PRELOAD_DEBUG=1'
+echo '== refused bind'
+taskset -c 0 $P socat -u UDP4-RECV:40100,bind=127.0.0.1 - 2>&1 || true
+echo '== refused connect'
+taskset -c 0 $P socat -u - TCP4:127.0.0.1:40101 </dev/null 2>&1 || true
+echo '== client of the outer VM'
+taskset -c 0 $P socat -u TCP4:127.0.0.1:40003 -
+echo '== open and close'
+for i in $(seq 1 30); do echo $i | taskset -c 0 $P socat -u - UDP4-SENDTO:127.0.0.1:40002; done
+echo '== echo servers'
+taskset -c 1 $P socat UDP4-LISTEN:7000,fork,reuseaddr PIPE &
+taskset -c 1 $P socat TCP4-LISTEN:7001,fork,reuseaddr PIPE &
+until echo up | taskset -c 0 $P socat -t 5 - UDP4:127.0.0.1:7000,bind=127.0.0.1:40007 | grep -q up; do sleep 1; done
+until echo up | taskset -c 0 $P socat -t 5 - TCP4:127.0.0.1:7001,bind=127.0.0.1:40008 | grep -q up; do sleep 1; done
+echo '== servers up'
+taskset -c 0 $P socat -u TCP4-LISTEN:40005,bind=127.0.0.1,reuseaddr -
+echo '== killed mid-wait'
+taskset -c 1 $P socat -u UDP4-RECV:40006,bind=127.0.0.1 - &
+waiter=$!
+sleep 3
+kill -9 $waiter
+wait $waiter || true
+killall -9 socat || true
+sleep 1
+taskset -c 1 rtvm-guest ping 0x5ca7
+echo '== reap'
+rtvm-guest net-reap
+echo '== done'
+";
+
+/// The outer VM's side: a server for the guest's client, rtvm in the
+/// background, `rtvm probe` (UDP, then TCP) from a namespace of its own once
+/// the guest's servers are up, then the guest told to go on.
+fn sockets_outer(rtvm: &str, args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    format!(
+        "/usr/sbin/ip -V
+echo hello-from-the-outer-vm | socat -u - TCP4-LISTEN:40003,bind=127.0.0.1,reuseaddr &
+{rtvm} run --kernel /guest/vmlinuz --initramfs /guest/initramfs.cpio.gz \
+    --stats-json /tmp/stats.json {args} >/tmp/console 2>&1 &
+vm=$!
+tail -f /tmp/console &
+tailer=$!
+waited=0
+until grep -q '== servers up' /tmp/console || ! kill -0 $vm 2>/dev/null || [ $waited -gt 600 ]; do
+    sleep 1; waited=$((waited + 1))
+done
+echo '== probe udp'
+{rtvm} probe --target 198.18.0.1:7000 --rate 0 --count 100 --timeout-ms 10000 --json
+echo '== probe tcp'
+{rtvm} probe --tcp --target 198.18.0.1:7001 --rate 0 --count 100 --timeout-ms 10000 --json
+echo '== probes done'
+echo done | socat -u - TCP4:127.0.0.1:40005
+wait $vm
+status=$?
+sleep 2
+kill $tailer
+(exit $status)
+",
+        args = args.join(" ")
+    )
+}
+
+const SOCKETS_RTVM: &[&str] = &[
+    "--vcpus",
+    "2",
+    "--memory",
+    "512M",
+    "--rt-vcpu",
+    "1:prio=80,cpu=1",
+    "--rt-allow-uncapped",
+    // The echo servers on every address (the probe's veth end comes with
+    // the probe), the guest's own ports on loopback; 40100 stays outside.
+    "--net-bind",
+    "0.0.0.0:7000-7001",
+    "--net-bind",
+    "127.0.0.1:40001-40008",
+    // The probe's end, the guest's own servers, the outer VM's server,
+    // the guest's own clients (40007-40008, to be echoed to); 40101 stays
+    // outside.
+    "--net-connect",
+    "198.18.0.0/30:*",
+    "--net-connect",
+    "127.0.0.1:7000-7001",
+    "--net-connect",
+    "127.0.0.1:40001-40008",
+    "--cmdline",
+    "console=ttyS0 isolcpus=1 nohz_full=1 rcu_nocbs=1",
+];
+
+/// The probe's JSON between two console markers.
+fn probe_json(console: &str, from: &str, to: &str) -> serde_json::Value {
+    let part = section(console, from, to);
+    part.lines()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
+        .unwrap_or_else(|| panic!("no probe JSON after {from:?}:\n{part}"))
+}
+
+#[test]
+fn unmodified_socat_serves_the_probe_through_outsourced_sockets_on_the_rt_vcpu() {
+    let rtvm = env!("CARGO_BIN_EXE_rtvm");
+    let mut scenario = Scenario::new("cloud-sockets", Kernel::Cloud, SOCKETS_SCRIPT, &[]);
+    scenario.outer_run = Some(sockets_outer(rtvm, SOCKETS_RTVM));
+    scenario.outer_programs = vec!["/usr/sbin/ip".into(), "/usr/bin/socat".into()];
+    let Some(out) = run(scenario) else {
+        return;
+    };
+    let console = &out.console;
+    // The policy's refusals, as the program sees them (issue #13).
+    let refused = section(console, "== refused bind", "== refused connect");
+    assert!(refused.contains("Permission denied"), "EACCES:\n{refused}");
+    let refused = section(console, "== refused connect", "== client");
+    assert!(
+        refused.contains("Operation not permitted"),
+        "EPERM:\n{refused}"
+    );
+    let client = section(console, "== client of the outer VM", "== open");
+    assert!(client.contains("hello-from-the-outer-vm"), "{client}");
+    for (from, to, proto) in [
+        ("== probe udp", "== probe tcp", "udp"),
+        ("== probe tcp", "== probes done", "tcp"),
+    ] {
+        let probe = probe_json(console, from, to);
+        assert_eq!(probe["settings"]["protocol"], proto, "{probe}");
+        assert_eq!(probe["sent"], 100, "{probe}");
+        assert_eq!(probe["lost"], 0, "{proto} echo through the guest:\n{probe}");
+    }
+    let killed = section(console, "== killed mid-wait", "== reap");
+    assert!(
+        killed.contains("0x5ca7"),
+        "vCPU 1 answers after the kill:\n{killed}"
+    );
+    assert!(
+        !console.contains("sockets stay the guest's own"),
+        "the preload did not outsource:\n{}",
+        out.tail()
+    );
+    out.expect_console("== done");
+    out.expect_rtvm_status(0);
+    assert_eq!(out.guest_status, Some(0), "{}", out.tail());
+    // Host-side: the servers' waits parked the RT vCPU in the host, and
+    // nothing the guest opened is left open: closed by its programs, or
+    // reaped after they ended (killed, or exited without closing).
+    let stats = out.stats.as_ref().expect("rtvm's statistics");
+    let io_parks = &stats["vmrpc"]["io_parks"];
+    assert!(
+        io_parks[1].as_u64().is_some_and(|n| n > 0),
+        "no I/O wait parked the RT vCPU: {stats}"
+    );
+    assert_eq!(stats["open_sockets"], 0, "{stats}");
+}
+
 #[test]
 fn cloud_kernel_on_one_vcpu_reaches_user_space_and_its_status_ends_rtvm() {
     let Some(out) = run(Scenario::new(

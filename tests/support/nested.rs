@@ -24,7 +24,7 @@
 //! `target/nested/SCENARIO/`.
 //!
 //! Needs: `qemu-system-x86_64` (Debian `qemu-system-x86`), busybox-static,
-//! rt-tests, apt-get (for the Debian kernels) and cargo. Nothing needs the
+//! rt-tests, socat, apt-get (for the Debian kernels) and cargo. Nothing needs the
 //! host's /dev/kvm.
 
 use std::io::{BufRead, BufReader, Write};
@@ -343,6 +343,9 @@ fn prepare() -> Result<Assets, String> {
     if !Path::new("/usr/bin/cyclictest").is_file() {
         return Err("no /usr/bin/cyclictest (Debian: apt-get install rt-tests)".into());
     }
+    if !Path::new("/usr/bin/socat").is_file() {
+        return Err("no /usr/bin/socat (Debian: apt-get install socat)".into());
+    }
     let outer_kernel = debian_kernel(Kernel::Cloud)?;
     let outer_modules = modules_of(&outer_kernel)?;
     // The guest tools, built in a target directory of their own: the
@@ -414,8 +417,10 @@ mount -t tmpfs cgroup /sys/fs/cgroup && mkdir -p /sys/fs/cgroup/cpu \
     && mount -t cgroup -o cpu,cpuacct cgroup /sys/fs/cgroup/cpu \
     || echo "nested: no cgroup v1 cpu controller"
 echo "nested: clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
-# Guests' outsourced sockets talk over the outer VM's loopback.
+# Guests' outsourced sockets talk over the outer VM's loopback, and
+# `rtvm probe` reaches them over a veth pair.
 ifconfig lo 127.0.0.1 up 2>/dev/null || ip link set lo up || echo "nested: no loopback"
+insmod /nested/veth.ko 2>/dev/null || echo "nested: no veth module"
 echo "nested-stage: command"
 {command}
 status=$?
@@ -478,6 +483,8 @@ fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError
         "/usr/bin/cyclictest".into(),
         "--program".into(),
         "/usr/bin/sleep".into(),
+        "--program".into(),
+        "/usr/bin/socat".into(),
         "--run".into(),
         scenario.guest_run.clone(),
     ];
@@ -523,6 +530,8 @@ fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError
         ("irqbypass", "virt/lib/irqbypass.ko"),
         ("kvm", "arch/x86/kvm/kvm.ko"),
         ("kvm-amd", "arch/x86/kvm/kvm-amd.ko"),
+        // For `rtvm probe`'s veth pair.
+        ("veth", "drivers/net/veth.ko"),
     ] {
         outer.push("--add".into());
         outer.push(format!(
