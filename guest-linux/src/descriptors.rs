@@ -572,8 +572,8 @@ impl<T: SlotTransport, H: Host, O: Owners> SocketDescriptors<T, H, O> {
     }
 
     /// `connect(2)`: waits for the answer (at most `SO_SNDTIMEO`, else
-    /// [`CONNECT_WAIT_NS`]), non-blocking sockets too: a connect never
-    /// answers `EINPROGRESS`.
+    /// [`CONNECT_WAIT_NS`]) in bounded parks, non-blocking sockets too: a
+    /// connect never answers `EINPROGRESS`.
     pub fn connect(&self, fd: Fd, addr: Option<Addr>) -> Result<(), Errno> {
         let socket = self.socket_of(fd)?;
         let addr = self.address(&socket, addr)?;
@@ -582,12 +582,18 @@ impl<T: SlotTransport, H: Host, O: Owners> SocketDescriptors<T, H, O> {
             t => t,
         };
         let deadline = self.host.now().saturating_add(timeout);
-        self.sockets
-            .connect(socket.handle(), &addr, deadline)
-            .map_err(|e| match e {
-                Error::Status(Status::TimedOut) => libc::ETIMEDOUT,
-                e => errno_of(Call::NetConnect, &e),
-            })
+        // In bounded parks like any wait: a connect still under way when a
+        // park ends is waited for by the next call.
+        self.waiting(Call::NetConnect, deadline, |until| {
+            self.sockets.connect(socket.handle(), &addr, until)
+        })
+        .map_err(|e| {
+            if e == libc::EAGAIN {
+                libc::ETIMEDOUT
+            } else {
+                e
+            }
+        })
     }
 
     /// `sendto(2)` and its kin: the bytes sent. A reset stream raises

@@ -536,3 +536,64 @@ fn the_socket_limit_is_emfile_and_a_closed_socket_makes_room() {
     l.close(b).unwrap().unwrap();
     l.close(c).unwrap().unwrap();
 }
+
+#[test]
+fn a_connect_nobody_answers_waits_in_bounded_parks_and_times_out() {
+    let _serial = serial();
+    // A listener whose queue is full drops further SYNs: a connect to it
+    // stays under way.
+    // SAFETY: plain socket calls on a socket this test owns.
+    let listener = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    let any = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let mut bound = any;
+    let mut bound_len = len;
+    // SAFETY: valid addresses of the given lengths.
+    unsafe {
+        assert_eq!(
+            libc::bind(listener, (&any as *const libc::sockaddr_in).cast(), len),
+            0
+        );
+        assert_eq!(libc::listen(listener, 0), 0);
+        libc::getsockname(
+            listener,
+            (&mut bound as *mut libc::sockaddr_in).cast(),
+            &mut bound_len,
+        );
+    }
+    let port = u16::from_be(bound.sin_port);
+    let at: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let fillers: Vec<_> = (0..4)
+        .filter_map(|_| TcpStream::connect_timeout(&at, Duration::from_millis(100)).ok())
+        .collect();
+    assert!(!fillers.is_empty(), "the queue took none");
+
+    let l = layer();
+    l.host().rt.store(false, Ordering::Relaxed);
+    let t = tcp(&l);
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 50_000,
+    };
+    // SAFETY: a timeval is plain data.
+    let bytes =
+        unsafe { std::slice::from_raw_parts((&tv as *const libc::timeval).cast::<u8>(), 16) };
+    l.setsockopt(t, libc::SOL_SOCKET, libc::SO_SNDTIMEO, bytes)
+        .unwrap();
+    let parks = l.sockets().transport().io_parks();
+    assert_eq!(l.connect(t, local(port)), Err(libc::ETIMEDOUT));
+    assert!(
+        l.sockets().transport().io_parks() > parks + 1,
+        "in several parks of at most 1 ms"
+    );
+    l.close(t).unwrap().unwrap();
+    // SAFETY: the test's own socket.
+    unsafe { libc::close(listener) };
+}

@@ -346,7 +346,13 @@ impl NetService {
         self.permitted(&self.policy.connect, &addr, "connection to")?;
         match socket.connect(&SockAddr::from(addr)) {
             Ok(()) => return Ok([0; 4]),
-            Err(e) if would_block(&e) => {}
+            // EALREADY: an earlier call's connect is still under way (that
+            // call's deadline came first), so this one waits for it too.
+            Err(e) if would_block(&e) || e.raw_os_error() == Some(libc::EALREADY) => {}
+            // Connected meanwhile, by an earlier call's connect.
+            Err(e) if e.raw_os_error() == Some(libc::EISCONN) && socket.peer_addr().is_ok() => {
+                return Ok([0; 4])
+            }
             Err(e) => return Err(status_of(&e)),
         }
         Self::wait(&socket, libc::POLLOUT, deadline, park)?;
