@@ -210,7 +210,7 @@ fn missing() -> i64 {
 ///
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int {
     if matches!(domain, libc::AF_INET | libc::AF_INET6) {
         if let Some(net) = net_init() {
@@ -227,7 +227,7 @@ pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     if let Some(net) = ours(fd) {
         return c_ret(guarded(|| {
@@ -242,7 +242,7 @@ pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) 
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     if let Some(net) = ours(fd) {
         return c_ret(guarded(|| {
@@ -257,7 +257,7 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     if let Some(net) = ours(fd) {
         return c_ret(guarded(|| net.listen(fd, backlog).map(|()| 0))) as c_int;
@@ -270,7 +270,7 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn accept4(
     fd: c_int,
     addr: *mut sockaddr,
@@ -292,7 +292,7 @@ pub unsafe extern "C" fn accept4(
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     accept4(fd, addr, len, 0)
 }
@@ -350,7 +350,7 @@ unsafe fn recv_ours(
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn sendto(
     fd: c_int,
     buf: *const c_void,
@@ -370,14 +370,14 @@ pub unsafe extern "C" fn sendto(
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t {
     sendto(fd, buf, n, flags, std::ptr::null(), 0)
 }
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn recvfrom(
     fd: c_int,
     buf: *mut c_void,
@@ -397,7 +397,7 @@ pub unsafe extern "C" fn recvfrom(
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
     recvfrom(
         fd,
@@ -411,7 +411,7 @@ pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_i
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
     if let Some(net) = ours(fd) {
         return recv_ours(
@@ -432,7 +432,7 @@ pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
     if let Some(net) = ours(fd) {
         return send_ours(net, fd, buf, n, 0, std::ptr::null(), 0);
@@ -526,7 +526,7 @@ unsafe fn recvmsg_ours(net: &Net, fd: c_int, msg: *mut libc::msghdr, flags: c_in
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_int) -> ssize_t {
     if let Some(net) = ours(fd) {
         return sendmsg_ours(net, fd, msg, flags);
@@ -539,7 +539,7 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_i
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int) -> ssize_t {
     if let Some(net) = ours(fd) {
         return recvmsg_ours(net, fd, msg, flags);
@@ -552,7 +552,7 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn writev(fd: c_int, iov: *const libc::iovec, count: c_int) -> ssize_t {
     if let Some(net) = ours(fd) {
         let msg = libc::msghdr {
@@ -574,7 +574,7 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const libc::iovec, count: c_int
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, count: c_int) -> ssize_t {
     if let Some(net) = ours(fd) {
         let mut msg = libc::msghdr {
@@ -596,7 +596,7 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, count: c_int)
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     if let Some(net) = net() {
         if let Some(r) = net.close(fd) {
@@ -611,7 +611,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
     if let Some(net) = ours(fd) {
         return c_ret(guarded(|| net.shutdown(fd, how).map(|()| 0))) as c_int;
@@ -635,7 +635,7 @@ unsafe fn name(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, peer: bool) 
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     if let Some(r) = name(fd, addr, len, false) {
         return r;
@@ -648,7 +648,7 @@ pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut s
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     if let Some(r) = name(fd, addr, len, true) {
         return r;
@@ -661,7 +661,7 @@ pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut s
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn setsockopt(
     fd: c_int,
     level: c_int,
@@ -692,7 +692,7 @@ pub unsafe extern "C" fn setsockopt(
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn getsockopt(
     fd: c_int,
     level: c_int,
@@ -737,7 +737,7 @@ fn fcntl_ours(net: &Net, fd: c_int, cmd: c_int, arg: usize) -> Option<i64> {
 /// # Safety
 /// As for the C function. Declared with one word of argument, which is how
 /// x86-64 passes fcntl's one optional argument.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: usize) -> c_int {
     fcntl_any(c"fcntl", fd, cmd, arg)
 }
@@ -746,7 +746,7 @@ pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: usize) -> c_int {
 ///
 /// # Safety
 /// As for [`fcntl`].
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
     fcntl_any(c"fcntl64", fd, cmd, arg)
 }
@@ -776,7 +776,7 @@ unsafe fn fcntl_any(which: &CStr, fd: c_int, cmd: c_int, arg: usize) -> c_int {
 ///
 /// # Safety
 /// As for the C function; one word of argument, as for [`fcntl`].
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: usize) -> c_int {
     if let Some(net) = ours(fd) {
         let out = arg as *mut c_int;
@@ -832,7 +832,7 @@ unsafe fn poll_ours(
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, n: libc::nfds_t, timeout: c_int) -> c_int {
     if let Some(r) = poll_ours(fds, n, ms_timeout(timeout)) {
         return r;
@@ -848,7 +848,7 @@ pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, n: libc::nfds_t, timeout: 
 ///
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn ppoll(
     fds: *mut libc::pollfd,
     n: libc::nfds_t,
@@ -873,7 +873,7 @@ pub unsafe extern "C" fn ppoll(
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn __poll_chk(
     fds: *mut libc::pollfd,
     n: libc::nfds_t,
@@ -900,7 +900,7 @@ unsafe fn select_ours(
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn select(
     nfds: c_int,
     r: *mut libc::fd_set,
@@ -946,7 +946,7 @@ pub unsafe extern "C" fn select(
 ///
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn pselect(
     nfds: c_int,
     r: *mut libc::fd_set,
@@ -973,7 +973,7 @@ pub unsafe extern "C" fn pselect(
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn epoll_ctl(
     epfd: c_int,
     op: c_int,
@@ -1008,7 +1008,7 @@ unsafe fn epoll_wait_ours(
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn epoll_wait(
     epfd: c_int,
     events: *mut libc::epoll_event,
@@ -1029,7 +1029,7 @@ pub unsafe extern "C" fn epoll_wait(
 ///
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn epoll_pwait(
     epfd: c_int,
     events: *mut libc::epoll_event,
@@ -1048,7 +1048,7 @@ pub unsafe extern "C" fn epoll_pwait(
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
     let rc = match libc_fn!(c"dup", DupFn) {
         Some(f) => f(fd),
@@ -1064,7 +1064,7 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     let rc = match libc_fn!(c"dup2", Dup2Fn) {
         Some(f) => f(old, new),
@@ -1080,7 +1080,7 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     let rc = match libc_fn!(c"dup3", Dup3Fn) {
         Some(f) => f(old, new, flags),
@@ -1099,7 +1099,7 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
 ///
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn fork() -> libc::pid_t {
     let real_fork = || match libc_fn!(c"fork", ForkFn) {
         Some(f) => f(),
@@ -1113,7 +1113,7 @@ pub unsafe extern "C" fn fork() -> libc::pid_t {
 
 /// # Safety
 /// As for the C function (`__read_chk`, what fortified programs call).
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn __read_chk(
     fd: c_int,
     buf: *mut c_void,
@@ -1128,7 +1128,7 @@ pub unsafe extern "C" fn __read_chk(
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn __recv_chk(
     fd: c_int,
     buf: *mut c_void,
@@ -1144,7 +1144,7 @@ pub unsafe extern "C" fn __recv_chk(
 
 /// # Safety
 /// As for the C function.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn __recvfrom_chk(
     fd: c_int,
     buf: *mut c_void,
@@ -1158,4 +1158,46 @@ pub unsafe extern "C" fn __recvfrom_chk(
         libc::abort();
     }
     recvfrom(fd, buf, n, flags, from, from_len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iov(buf: &mut [u8]) -> libc::iovec {
+        libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }
+    }
+
+    #[test]
+    fn iovecs_gather_and_scatter_in_order_within_their_limits() {
+        let (mut a, mut b, mut empty) = (*b"abc", *b"defg", [0u8; 0]);
+        let v = [iov(&mut a), iov(&mut empty), iov(&mut b)];
+        // SAFETY: three live iovecs.
+        unsafe {
+            assert_eq!(gather(v.as_ptr(), 3, 100).unwrap(), b"abcdefg");
+            assert_eq!(gather(v.as_ptr(), 3, 6), Err(libc::EMSGSIZE));
+            assert_eq!(gather(v.as_ptr(), -1, 100), Err(libc::EINVAL));
+            assert_eq!(capacity(v.as_ptr(), 3), Ok(7));
+            scatter(v.as_ptr(), 3, b"12345");
+        }
+        assert_eq!((&a, &b), (b"123", b"45fg"), "only what came is written");
+    }
+
+    #[test]
+    fn an_address_is_truncated_to_the_callers_room_and_its_length_told() {
+        let addr = Addr::parse("10.1.2.3:258").unwrap();
+        // SAFETY: plain data.
+        let mut out: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        let mut len = 4 as socklen_t;
+        // SAFETY: `out` has room for `len` bytes.
+        unsafe { put_addr(&addr, (&mut out as *mut libc::sockaddr_in).cast(), &mut len) };
+        assert_eq!(len as usize, std::mem::size_of::<libc::sockaddr_in>());
+        assert_eq!(out.sin_port.to_ne_bytes(), [1, 2], "the port came");
+        assert_eq!(out.sin_addr.s_addr, 0, "the address did not: no room");
+        // SAFETY: null is refused before any write.
+        unsafe { put_addr(&addr, std::ptr::null_mut(), &mut len) };
+    }
 }
