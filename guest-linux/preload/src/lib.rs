@@ -44,7 +44,7 @@
 //!   it took went the ordinary way.
 
 pub mod decision;
-mod net;
+pub mod net;
 
 use std::ffi::CStr;
 use std::sync::{Mutex, OnceLock};
