@@ -14,7 +14,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use flags::{RtVcpuArg, ShareArg};
 use rtvm_vmm::config::{
-    parse_byte_size, parse_size, AddrRule, AdvanceMode, HugePages, RtBandwidth, SeccompMode,
+    parse_byte_size, parse_size, AddrRule, AdvanceMode, HugePages, IoPollerConfig, RtBandwidth,
+    SeccompMode,
 };
 use rtvm_vmm::seccomp::{self, ThreadKind};
 use rtvm_vmm::{Console, Error, GuestSpec, Vm, VmConfig, VmRun};
@@ -128,6 +129,12 @@ pub struct RunArgs {
     /// Most entries the guest may make one directory hold [default: 10000].
     #[arg(long, value_name = "N", requires = "share")]
     share_max_dir_entries: Option<usize>,
+    /// The I/O poller serving the guest's I/O rings: off, on, or
+    /// spin=US[,prio=P][,cpu=C] (its polling window after work, and
+    /// SCHED_FIFO priority P pinned to host CPU C) [default: on, spin=50,
+    /// SCHED_OTHER off the RT vCPUs' CPUs].
+    #[arg(long, value_name = "SPEC")]
+    io_poller: Option<IoPollerConfig>,
     /// Let the guest bind local ADDRESS:PORT (PORT may be LO-HI or *; repeatable).
     #[arg(long = "net-bind", value_name = "ADDR:PORT")]
     net_bind: Vec<AddrRule>,
@@ -206,6 +213,9 @@ impl RunArgs {
         if let Some(mode) = self.seccomp {
             config.seccomp = mode;
         }
+        if let Some(poller) = &self.io_poller {
+            config.io_poller = poller.clone();
+        }
         if let Some(ShareArg(share)) = &self.share {
             config.share = Some(share.clone());
         }
@@ -282,6 +292,15 @@ fn stats_json(run: &VmRun) -> serde_json::Value {
             "io_parks": run.calls.io_parks,
         },
         "open_sockets": run.open_sockets,
+        "io_rings": {
+            "rings": run.rings.rings,
+            "submissions": run.rings.submissions,
+            "completions": run.rings.completions,
+            "kicks": run.rings.kicks,
+            "poller_sleeps": run.rings.sleeps,
+            "poller_spin_ms": run.rings.spin_ns as f64 / 1e6,
+            "poller_cpu_ms": run.poller_cpu.map(|d| d.as_secs_f64() * 1e3),
+        },
     })
 }
 

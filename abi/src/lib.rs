@@ -34,6 +34,7 @@
 pub mod addr;
 pub mod client;
 pub mod linux;
+pub mod ring;
 pub mod vmrpc;
 
 /// Version of this ABI. The VMM refuses a guest whose header names another.

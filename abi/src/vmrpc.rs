@@ -290,6 +290,17 @@ pub enum Call {
     /// at guest address `args[0]`. `results[0]` = how many were written,
     /// `results[1]` = how many there are.
     NetOwners = 55,
+    /// Register the I/O ring area at guest address `args[0]` (page
+    /// aligned, its header filled in: see `crate::ring`) with `args[1]`
+    /// submission and `args[2]` completion entries. `results[0]` = the
+    /// ring's id. `NotConfigured` when the VMM serves no rings.
+    RingSetup = 56,
+    /// Wake the VM's I/O poller for ring `args[0]` (when its header says
+    /// the poller sleeps).
+    RingKick = 57,
+    /// Long poll: until deadline `args[1]`, wait for a completion in ring
+    /// `args[0]` (at once if one is there).
+    RingWait = 58,
 }
 }
 
@@ -325,7 +336,12 @@ impl Call {
     pub const fn waits_for_io(self) -> bool {
         matches!(
             self,
-            Call::NetAccept | Call::NetConnect | Call::NetSend | Call::NetRecv | Call::NetPoll
+            Call::NetAccept
+                | Call::NetConnect
+                | Call::NetSend
+                | Call::NetRecv
+                | Call::NetPoll
+                | Call::RingWait
         )
     }
 }

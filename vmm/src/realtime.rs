@@ -102,6 +102,13 @@ impl RtCgroups {
         &self.rt
     }
 
+    /// Moves the calling thread into the RT group (a thread that ends
+    /// leaves it by itself).
+    pub fn join_rt(&self) -> Result<(), String> {
+        // SAFETY: gettid has no preconditions.
+        write_file(&self.rt_tasks(), unsafe { libc::gettid() })
+    }
+
     /// The way back to the root group for the calling vCPU thread, opened
     /// now, while the thread may still open cgroup files (before it takes on
     /// the share owner's file identity and confines itself).

@@ -47,6 +47,9 @@ pub enum ThreadKind {
     /// The network probe's measuring thread and the host UDP echo it
     /// (or `rtvm bench net`) measures against: their socket, nothing else.
     Probe,
+    /// The VM's I/O poller: the guest's I/O rings in guest RAM (no system
+    /// call), its sockets, its eventfds.
+    IoPoller,
 }
 
 impl ThreadKind {
@@ -56,6 +59,7 @@ impl ThreadKind {
             ThreadKind::Control => "control",
             ThreadKind::Terminal => "console",
             ThreadKind::Probe => "probe",
+            ThreadKind::IoPoller => "I/O poller",
         }
     }
 }
@@ -100,7 +104,7 @@ fn compile(kind: ThreadKind, mismatch: SeccompAction) -> seccompiler::Result<Bpf
             allow(TEARDOWN);
         }
         ThreadKind::Terminal => {}
-        ThreadKind::Probe => {
+        ThreadKind::Probe | ThreadKind::IoPoller => {
             allow(WAITS);
             allow(SOCKETS);
         }

@@ -22,9 +22,11 @@ use crate::devices::{Bus, Console, ResetController, SerialDevice};
 use crate::error::{Error, Result};
 use crate::exit::{ExitSignal, VmExitReason};
 use crate::memory::{self, GuestRam};
-use crate::realtime::{RtHost, RtHostSettings, RtReport};
+use crate::realtime::{self, RtHost, RtHostSettings, RtItem, RtReport};
 use crate::rpc::counters::WakeStages;
+use crate::rpc::ring::{IoPoller, RingCounts};
 use crate::rpc::{CallStats, Services};
+use crate::seccomp::{self, ThreadKind};
 use crate::signals;
 use crate::vcpu::{VcpuContext, VcpuHandle, VcpuState};
 
@@ -80,6 +82,10 @@ pub struct VmRun {
     pub calls: CallStats,
     /// Sockets the guest still held open when the VM ended.
     pub open_sockets: usize,
+    /// What the guest's I/O rings served.
+    pub rings: RingCounts,
+    /// CPU time of the I/O poller (none: the VM had none).
+    pub poller_cpu: Option<Duration>,
     /// What real-time setup was tried and how it went.
     pub rt_report: RtReport,
     /// vCPUs whose threads had not ended when the stop's grace period
@@ -290,6 +296,15 @@ impl Vm {
         let rt_cpus: Arc<[usize]> = (0..count)
             .filter_map(|i| self.config.rt_policy(i).and_then(|p| p.cpu))
             .collect();
+        // Before the vCPUs: the guest may set rings up at once.
+        let poller = if self.config.io_poller.enabled {
+            let (poller, items) =
+                spawn_poller(&self.config, &self.services, &self.ram, &rt_host, &rt_cpus)?;
+            rt_report.items.extend(items);
+            Some(poller)
+        } else {
+            None
+        };
         let live = Arc::new(AtomicUsize::new(count));
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let started = Instant::now();
@@ -347,6 +362,7 @@ impl Vm {
         }
         let running = RunningVm {
             vcpus,
+            poller,
             exit: self.exit,
             console: self.console,
             ram: self.ram,
@@ -386,6 +402,8 @@ pub struct RunningVm {
     // (which also ends KVM's worker threads), then guest RAM is unmapped,
     // and last the RT cgroups, by then empty, are removed.
     vcpus: Vec<VcpuHandle>,
+    /// Stops touching guest RAM before it is unmapped.
+    poller: Option<IoPoller>,
     exit: Arc<ExitSignal>,
     console: Console,
     services: Arc<Services>,
@@ -411,14 +429,23 @@ impl RunningVm {
     /// Pauses every vCPU and waits until all are parked (or gone).
     pub fn pause(&self, timeout: Duration) -> bool {
         self.vcpus.iter().for_each(VcpuHandle::pause);
+        // The poller too: a paused VM's memory changes no more.
+        let poller = self.poller.is_none() || self.services.sockets.rings().pause(timeout);
         self.vcpus
             .iter()
             .all(|v| v.wait_for(VcpuState::Paused, timeout) || v.state() == VcpuState::Exited)
+            && poller
     }
 
-    /// Lets every paused vCPU run again.
+    /// Lets every paused vCPU (and the I/O poller) run again.
     pub fn resume(&self) {
+        self.services.sockets.rings().resume();
         self.vcpus.iter().for_each(VcpuHandle::resume);
+    }
+
+    /// CPU time the I/O poller used so far (none: no poller).
+    pub fn poller_cpu(&self) -> Option<Duration> {
+        self.poller.as_ref().and_then(IoPoller::cpu_time)
     }
 
     /// Waits up to `timeout` for the VM to end on its own or for a
@@ -499,6 +526,7 @@ impl RunningVm {
                 stuck.push(index);
             }
         }
+        let poller_cpu = self.poller.and_then(IoPoller::stop);
         self.console.finish();
         let wakes = self
             .services
@@ -527,11 +555,63 @@ impl RunningVm {
             streams,
             calls: self.services.counters.snapshot(),
             open_sockets: self.services.sockets.open_sockets(),
+            rings: self.services.sockets.rings().counts(),
+            poller_cpu,
             rt_report: self.rt_report,
             stuck,
             vcpu_cpu,
         }
     }
+}
+
+/// Starts the I/O poller with its real-time settings (the RT report's
+/// items) and its seccomp filter. The guest may set rings up from its
+/// first instruction: the poller serves them from the start.
+fn spawn_poller(
+    config: &VmConfig,
+    services: &Arc<Services>,
+    ram: &Arc<GuestRam>,
+    rt_host: &RtHost,
+    rt_cpus: &Arc<[usize]>,
+) -> Result<(IoPoller, Vec<RtItem>)> {
+    let seccomp = config.seccomp;
+    let config = config.io_poller.clone();
+    let cgroups = rt_host.cgroups.clone();
+    let rt_cpus = rt_cpus.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    services.sockets.serve_rings();
+    let poller = IoPoller::spawn(services.clone(), ram.clone(), config.spin(), move || {
+        let mut items = Vec::new();
+        let item = |what: String, result| RtItem {
+            vcpu: None,
+            what,
+            result,
+        };
+        match &config.rt {
+            Some(policy) => {
+                if let Some(groups) = &cgroups {
+                    items.push(item(
+                        format!("I/O poller: in cgroup {}", groups.rt_group().display()),
+                        groups.join_rt(),
+                    ));
+                }
+                items.extend(realtime::apply_thread_policy("I/O poller", policy));
+            }
+            None if !rt_cpus.is_empty() => items.push(item(
+                format!("I/O poller: kept off the RT vCPUs' CPUs {rt_cpus:?}"),
+                realtime::keep_off(&rt_cpus),
+            )),
+            None => {}
+        }
+        let confined = seccomp::confine_current_thread(ThreadKind::IoPoller, seccomp);
+        let _ = tx.send((items, confined));
+    })?;
+    let (items, confined) = rx.recv().map_err(|_| Error::Host {
+        what: "starting the I/O poller thread".into(),
+        source: std::io::Error::other("it ended before it was set up"),
+    })?;
+    confined?;
+    Ok((poller, items))
 }
 
 fn build_io_bus(fd: &VmFd, exit: &Arc<ExitSignal>, console: Console) -> Result<Bus> {

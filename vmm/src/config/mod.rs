@@ -16,7 +16,7 @@ mod realtime;
 mod share;
 mod timer;
 
-pub use net::{AddrRule, NetPolicy, DEFAULT_MAX_BUFFER, DEFAULT_MAX_SOCKETS};
+pub use net::{AddrRule, IoPollerConfig, NetPolicy, DEFAULT_MAX_BUFFER, DEFAULT_MAX_SOCKETS};
 pub use realtime::{RtBandwidth, RtPolicy};
 pub use share::{
     ShareConfig, DEFAULT_MAX_BYTES_PER_CALL, DEFAULT_MAX_BYTES_WRITTEN, DEFAULT_MAX_OPEN_FILES,
@@ -229,6 +229,9 @@ pub struct VmConfig {
     /// The seccomp filters of the VM's threads: `on` (default), `log`, `off`.
     #[serde(default, deserialize_with = "from_str")]
     pub seccomp: SeccompMode,
+    /// The I/O poller that serves the guest's I/O rings.
+    #[serde(default)]
+    pub io_poller: IoPollerConfig,
 }
 
 /// Which pages back guest RAM (see `GuestRam::with_backing`).
@@ -347,6 +350,7 @@ impl VmConfig {
             seccomp: SeccompMode::Enforce,
             huge_pages: HugePages::default(),
             prefault: false,
+            io_poller: IoPollerConfig::default(),
         }
     }
 
@@ -435,6 +439,9 @@ impl VmConfig {
             share.validate()?;
         }
         self.net.validate()?;
+        self.io_poller
+            .validate()
+            .map_err(|e| Error::Config(format!("io_poller: {e}")))?;
         let mut seen = std::collections::BTreeSet::new();
         for (pos, v) in self.vcpu.iter().enumerate() {
             let id = v.id.unwrap_or(pos);

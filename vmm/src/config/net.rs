@@ -7,7 +7,115 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
+use super::RtPolicy;
 use crate::error::{Error, Result};
+
+/// The VM's I/O poller, the host thread that serves the guest's I/O rings
+/// (`rpc::ring`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IoPollerConfig {
+    /// Serve rings at all; off, `RingSetup` answers `NotConfigured` (the
+    /// guest uses the calls) and there is no poller thread.
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+    /// How long the poller keeps polling after its last work before it
+    /// sleeps, in µs (at most [`MAX_SPIN_US`]).
+    #[serde(default = "default_spin_us")]
+    pub spin_us: u64,
+    /// SCHED_FIFO priority and CPU of the poller (none: SCHED_OTHER, kept
+    /// off the RT vCPUs' CPUs).
+    #[serde(default)]
+    pub rt: Option<RtPolicy>,
+}
+
+/// Longest polling window.
+pub const MAX_SPIN_US: u64 = 10_000;
+
+fn enabled() -> bool {
+    true
+}
+
+fn default_spin_us() -> u64 {
+    50
+}
+
+impl Default for IoPollerConfig {
+    fn default() -> Self {
+        IoPollerConfig {
+            enabled: true,
+            spin_us: default_spin_us(),
+            rt: None,
+        }
+    }
+}
+
+impl IoPollerConfig {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.spin_us > MAX_SPIN_US {
+            return Err(format!(
+                "I/O poller spin {} µs is above {MAX_SPIN_US} µs",
+                self.spin_us
+            ));
+        }
+        self.rt.as_ref().map_or(Ok(()), RtPolicy::validate)
+    }
+
+    /// The polling window.
+    pub fn spin(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.spin_us)
+    }
+}
+
+/// `off`, `on`, or `spin=US[,prio=P[,cpu=C]]` (any of them).
+impl FromStr for IoPollerConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "off" => {
+                return Ok(IoPollerConfig {
+                    enabled: false,
+                    ..IoPollerConfig::default()
+                })
+            }
+            "on" => return Ok(IoPollerConfig::default()),
+            _ => {}
+        }
+        let usage = || format!("'{s}' is not off, on, or spin=US[,prio=P][,cpu=C]");
+        let mut config = IoPollerConfig::default();
+        let (mut priority, mut cpu) = (None, None);
+        for part in s.split(',') {
+            let (k, v) = part.split_once('=').ok_or_else(usage)?;
+            let v: u64 = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("'{part}': not a number"))?;
+            match k.trim() {
+                "spin" => config.spin_us = v,
+                "prio" | "priority" => {
+                    priority = Some(
+                        u8::try_from(v)
+                            .map_err(|_| format!("RT priority {v} is out of range 1..=99"))?,
+                    )
+                }
+                "cpu" => cpu = Some(v as usize),
+                other => {
+                    return Err(format!(
+                        "unknown I/O poller setting '{other}' (use spin, prio, cpu)"
+                    ))
+                }
+            }
+        }
+        config.rt = match (priority, cpu) {
+            (Some(priority), cpu) => Some(RtPolicy { priority, cpu }),
+            (None, Some(_)) => return Err("the I/O poller's cpu= needs a prio= too".into()),
+            (None, None) => None,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
 
 /// One rule of the policy: an address, a subnet or any, and a port range.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,5 +270,43 @@ impl NetPolicy {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod poller_tests {
+    use super::*;
+
+    #[test]
+    fn io_poller_specs_parse_and_validate() {
+        assert!(!"off".parse::<IoPollerConfig>().unwrap().enabled);
+        assert_eq!(
+            "on".parse::<IoPollerConfig>().unwrap(),
+            IoPollerConfig::default()
+        );
+        let c: IoPollerConfig = "spin=200,prio=70,cpu=0".parse().unwrap();
+        assert_eq!(
+            (c.enabled, c.spin_us, c.rt),
+            (
+                true,
+                200,
+                Some(RtPolicy {
+                    priority: 70,
+                    cpu: Some(0)
+                })
+            )
+        );
+        assert_eq!("spin=0".parse::<IoPollerConfig>().unwrap().rt, None);
+        for (bad, why) in [
+            ("spin=20000", "above"),
+            ("cpu=0", "needs a prio"),
+            ("prio=0", "out of range"),
+            ("hz=5", "unknown I/O poller setting"),
+            ("spin", "is not off, on"),
+            ("spin=x", "not a number"),
+        ] {
+            let e = bad.parse::<IoPollerConfig>().unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 }

@@ -23,6 +23,11 @@ impl<'a> CallContext<'a> {
         CallContext { vcpu, park, ram }
     }
 
+    /// Guest RAM, for services that keep state in it (I/O rings).
+    pub fn ram(&self) -> &'a GuestRam {
+        self.ram
+    }
+
     /// `BadAddress` unless `[addr, addr + len)` lies in guest RAM.
     pub fn check_buffer(&self, addr: u64, len: u64) -> Result<(), Status> {
         if buffer_in_ram(addr, len, self.ram.size()) {

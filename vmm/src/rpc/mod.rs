@@ -26,6 +26,7 @@ pub mod fs;
 pub mod handles;
 pub mod net;
 pub mod park;
+pub mod ring;
 pub mod timer;
 pub mod vcpu;
 

@@ -110,6 +110,20 @@ impl std::ops::Deref for GuestSocket {
     }
 }
 
+/// What one receive got: the bytes and the sender's address words.
+pub type Received = (Vec<u8>, [u64; 3]);
+
+/// A guest socket kept open while the I/O poller works on it (a handle
+/// closed meanwhile leaves it open until dropped).
+pub struct HeldSocket(Arc<GuestSocket>);
+
+impl HeldSocket {
+    /// Its host descriptor, for polling while held.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
 /// Bytes queued for receiving on `socket` (FIONREAD).
 fn readable_bytes(socket: &Socket) -> io::Result<u64> {
     let mut n: libc::c_int = 0;
@@ -127,6 +141,11 @@ pub struct NetService {
     /// Who owns each handle that has an owner (a guest process id), so a
     /// guest can close what a process that ended left open.
     owners: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+    /// The guest's I/O rings (served by the VM's I/O poller, if it has one).
+    rings: super::ring::Rings,
+    /// Whether an I/O poller serves rings: without, `RingSetup` is
+    /// `NotConfigured` and the guest uses the calls.
+    rings_served: std::sync::atomic::AtomicBool,
 }
 
 impl NetService {
@@ -135,12 +154,25 @@ impl NetService {
         Ok(NetService {
             sockets: HandleTable::new(net::HANDLE_TAG, policy.max_sockets, Status::NoResources),
             owners: Default::default(),
+            rings: Default::default(),
+            rings_served: Default::default(),
             policy,
         })
     }
 
     pub fn policy(&self) -> &NetPolicy {
         &self.policy
+    }
+
+    /// The guest's I/O rings.
+    pub fn rings(&self) -> &super::ring::Rings {
+        &self.rings
+    }
+
+    /// Says an I/O poller serves the rings (before the guest runs).
+    pub fn serve_rings(&self) {
+        self.rings_served
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Sockets the VM holds open.
@@ -362,6 +394,58 @@ impl NetService {
         }
     }
 
+    /// Where a send goes: `None` for the connected peer (family 0), else a
+    /// destination the policy allows.
+    fn destination(&self, to: [u64; 3]) -> std::result::Result<Option<SockAddr>, Status> {
+        if (to[0] >> 16) & 0xffff == 0 {
+            return Ok(None);
+        }
+        let addr = decode_addr(to)?;
+        self.permitted(&self.policy.connect, &addr, "datagram to")?;
+        Ok(Some(SockAddr::from(addr)))
+    }
+
+    /// One send attempt; `WouldBlock` when the socket's buffer is full.
+    fn send_once(socket: &Socket, data: &[u8], dest: Option<&SockAddr>) -> io::Result<usize> {
+        // MSG_NOSIGNAL: a peer's reset must not raise SIGPIPE in the VMM.
+        match dest {
+            Some(dest) => socket.send_to_with_flags(data, dest, libc::MSG_NOSIGNAL),
+            None => socket.send_with_flags(data, libc::MSG_NOSIGNAL),
+        }
+    }
+
+    /// One receive attempt into `buf`: the bytes and the sender, what the
+    /// policy lets an unbound socket hear (the rest is dropped).
+    fn recv_once(
+        &self,
+        socket: &GuestSocket,
+        buf: &mut [MaybeUninit<u8>],
+        peek: bool,
+    ) -> io::Result<(usize, Option<SocketAddr>)> {
+        loop {
+            let (n, from) = if peek {
+                socket.peek_from(buf)?
+            } else {
+                socket.recv_from(buf)?
+            };
+            let from = from
+                .as_socket()
+                .or_else(|| socket.peer_addr().ok().and_then(|a| a.as_socket()));
+            // An unbound socket's implicit port is open on every interface:
+            // what comes from a peer the guest may not talk to is dropped.
+            let unbound = !socket.bound.load(std::sync::atomic::Ordering::Acquire);
+            if unbound && !from.is_some_and(|a| self.policy.connect.iter().any(|r| r.allows(&a))) {
+                tracing::debug!("a datagram from {from:?} to an unbound socket dropped");
+                if peek {
+                    // Taken off the queue, or the next peek finds it again.
+                    socket.recv_from(buf)?;
+                }
+                continue;
+            }
+            return Ok((n, from));
+        }
+    }
+
     /// `NetSend` (to the connected peer when `to` has family 0).
     pub fn send(
         &self,
@@ -371,25 +455,11 @@ impl NetService {
         park: &mut dyn Park,
     ) -> std::result::Result<[u64; 4], Status> {
         self.socket(handle)?;
-        let dest = if (to[0] >> 16) & 0xffff == 0 {
-            None
-        } else {
-            let addr = decode_addr(to)?;
-            self.permitted(&self.policy.connect, &addr, "datagram to")?;
-            Some(SockAddr::from(addr))
-        };
+        let dest = self.destination(to)?;
         let deadline = now_ns().saturating_add(net::SEND_WAIT_NS);
-        // MSG_NOSIGNAL: a peer's reset must not raise SIGPIPE in the VMM.
-        let sent = self.retry(
-            handle,
-            libc::POLLOUT,
-            deadline,
-            park,
-            |socket| match &dest {
-                Some(dest) => socket.send_to_with_flags(data, dest, libc::MSG_NOSIGNAL),
-                None => socket.send_with_flags(data, libc::MSG_NOSIGNAL),
-            },
-        )?;
+        let sent = self.retry(handle, libc::POLLOUT, deadline, park, |socket| {
+            Self::send_once(socket, data, dest.as_ref())
+        })?;
         Ok([sent as u64, 0, 0, 0])
     }
 
@@ -412,28 +482,8 @@ impl NetService {
         }
         let peek = flags & net::recv::PEEK != 0;
         let mut buf: Vec<MaybeUninit<u8>> = vec![MaybeUninit::uninit(); len as usize];
-        let connect = &self.policy.connect;
-        let (n, from) = self.retry(handle, libc::POLLIN, deadline, park, |socket| loop {
-            let (n, from) = if peek {
-                socket.peek_from(&mut buf)?
-            } else {
-                socket.recv_from(&mut buf)?
-            };
-            let from = from
-                .as_socket()
-                .or_else(|| socket.peer_addr().ok().and_then(|a| a.as_socket()));
-            // An unbound socket's implicit port is open on every interface:
-            // what comes from a peer the guest may not talk to is dropped.
-            let unbound = !socket.bound.load(std::sync::atomic::Ordering::Acquire);
-            if unbound && !from.is_some_and(|a| connect.iter().any(|r| r.allows(&a))) {
-                tracing::debug!("a datagram from {from:?} to an unbound socket dropped");
-                if peek {
-                    // Taken off the queue, or the next peek finds it again.
-                    socket.recv_from(&mut buf)?;
-                }
-                continue;
-            }
-            return Ok((n, from));
+        let (n, from) = self.retry(handle, libc::POLLIN, deadline, park, |socket| {
+            self.recv_once(socket, &mut buf, peek)
         })?;
         // SAFETY: recv_from initialised the first n bytes.
         let data: Vec<u8> = buf[..n]
@@ -442,6 +492,56 @@ impl NetService {
             .collect();
         let [a, b, c] = from.map(|a| encode_addr(&a)).unwrap_or_default();
         Ok((data, [n as u64, a, b, c]))
+    }
+
+    /// A socket the I/O poller holds while it works on it.
+    pub fn held(&self, handle: u64) -> std::result::Result<HeldSocket, Status> {
+        self.socket(handle).map(HeldSocket)
+    }
+
+    /// One send without waiting (the I/O poller's): `Ok(None)` when the
+    /// socket's buffer is full.
+    pub fn try_send(
+        &self,
+        socket: &HeldSocket,
+        data: &[u8],
+        to: [u64; 3],
+    ) -> std::result::Result<Option<usize>, Status> {
+        let dest = self.destination(to)?;
+        match Self::send_once(&socket.0, data, dest.as_ref()) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if would_block(&e) => Ok(None),
+            Err(e) => Err(status_of(&e)),
+        }
+    }
+
+    /// One receive of up to `len` bytes without waiting (the I/O
+    /// poller's): the bytes and the sender's address words, `Ok(None)`
+    /// when nothing is queued.
+    pub fn try_recv(
+        &self,
+        socket: &HeldSocket,
+        len: u64,
+    ) -> std::result::Result<Option<Received>, Status> {
+        if len > MAX_TRANSFER {
+            return Err(Status::TooLarge);
+        }
+        let mut buf: Vec<MaybeUninit<u8>> = vec![MaybeUninit::uninit(); len as usize];
+        match self.recv_once(&socket.0, &mut buf, false) {
+            Ok((n, from)) => {
+                // SAFETY: recv_from initialised the first n bytes.
+                let data = buf[..n]
+                    .iter()
+                    .map(|b| unsafe { b.assume_init() })
+                    .collect();
+                Ok(Some((
+                    data,
+                    from.map(|a| encode_addr(&a)).unwrap_or_default(),
+                )))
+            }
+            Err(e) if would_block(&e) => Ok(None),
+            Err(e) => Err(status_of(&e)),
+        }
     }
 
     /// `NetPoll` over `handles` (already read from the guest).
@@ -653,6 +753,14 @@ impl VmService for NetService {
             Call::NetGetsockopt => self.getsockopt(a[0], a[1]),
             Call::NetDup => self.dup(a[0], a[1]),
             Call::NetReap => self.reap(a[0]),
+            Call::RingSetup | Call::RingKick | Call::RingWait
+                if !self.rings_served.load(std::sync::atomic::Ordering::Acquire) =>
+            {
+                Err(Status::NotConfigured)
+            }
+            Call::RingSetup => self.rings.setup(cx.ram(), a[0], a[1], a[2]),
+            Call::RingKick => self.rings.kick(a[0]),
+            Call::RingWait => self.rings.wait(cx.ram(), a[0], a[1], cx.park),
             Call::NetOwners => {
                 // At most one owner per open handle is written, whatever
                 // room the guest claims.
