@@ -299,6 +299,7 @@ fn stats_json(run: &VmRun) -> serde_json::Value {
             "kicks": run.rings.kicks,
             "poller_sleeps": run.rings.sleeps,
             "poller_spin_ms": run.rings.spin_ns as f64 / 1e6,
+            "poller_window_us": run.rings.window_ns as f64 / 1e3,
             "poller_cpu_ms": run.poller_cpu.map(|d| d.as_secs_f64() * 1e3),
         },
     })

@@ -20,6 +20,7 @@ mod fs;
 mod header;
 mod mem;
 mod net;
+mod ring;
 mod static_buf;
 mod syscall;
 mod vectors;

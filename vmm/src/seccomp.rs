@@ -97,6 +97,8 @@ fn compile(kind: ThreadKind, mismatch: SeccompAction) -> seccompiler::Result<Bpf
             allow(WAITS);
             allow(FILES);
             allow(SOCKETS);
+            // An I/O ring's completion eventfd, made by `RingSetup`.
+            allow(&[libc::SYS_eventfd2]);
         }
         ThreadKind::Control => {
             allow(WAITS);

@@ -62,6 +62,69 @@ fn udp_echo_round_trips_byte_exact_including_a_max_size_datagram() {
 }
 
 #[test]
+fn udp_echo_through_the_io_rings_parked_or_spinning_and_by_calls_without_a_poller() {
+    let _serial = one_at_a_time(&SERIAL);
+    need_kvm!();
+    for (mode, poller) in [("park", true), ("spin", true), ("park", false)] {
+        let mut c = config(
+            "udp-echo",
+            1,
+            &format!("addr=127.0.0.1:47104 count=50 ring={mode}"),
+        );
+        c.memory = 64 << 20;
+        c.net = policy(&["127.0.0.1:47104"], &["127.0.0.1:*"]);
+        c.io_poller.enabled = poller;
+        let (running, out) = support::start(&c);
+        out.wait_for("udp-echo: serving", Duration::from_secs(20));
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = vec![0u8; 9000];
+        for i in 0..50usize {
+            let size = [1, 64, 1472, 8192][i % 4];
+            let payload: Vec<u8> = (0..size).map(|b| (b * 7 + i) as u8).collect();
+            sock.send_to(&payload, "127.0.0.1:47104").unwrap();
+            let (n, from) = sock.recv_from(&mut buf).expect("echo");
+            assert_eq!(from.to_string(), "127.0.0.1:47104");
+            assert_eq!(
+                &buf[..n],
+                &payload[..],
+                "{mode}: datagram {i} ({size} bytes)"
+            );
+        }
+        let (run, out) = finish(running, &out);
+        assert_exit_0(&run, &out);
+        assert!(out.contains("udp-echo: 50 datagrams echoed"), "{out}");
+        let calls = |name: &str| {
+            run.calls
+                .calls
+                .iter()
+                .find(|(c, _)| format!("{c:?}") == name)
+                .map_or(0, |(_, n)| *n)
+        };
+        if poller {
+            assert!(out.contains("udp-echo: through rings"), "{out}");
+            // 7 receives posted first, then per datagram its echo and the
+            // receive posted again: no socket call on the path.
+            assert_eq!(run.rings.submissions, 7 + 2 * 50, "{mode}");
+            // Receives still posted when the guest closed its socket may
+            // complete too (BadHandle).
+            assert!(run.rings.completions >= 2 * 50, "{mode}");
+            assert_eq!((calls("NetRecv"), calls("NetSend")), (0, 0), "{mode}");
+            assert!(run.poller_cpu.is_some());
+        } else {
+            assert!(
+                out.contains("the VMM serves no rings: using calls"),
+                "{out}"
+            );
+            assert_eq!(run.rings.submissions, 0);
+            assert_eq!(calls("NetRecv"), 50);
+            assert_eq!(run.poller_cpu, None);
+        }
+    }
+}
+
+#[test]
 fn tcp_echo_carries_a_multi_megabyte_stream() {
     let _serial = one_at_a_time(&SERIAL);
     need_kvm!();

@@ -43,6 +43,8 @@ pub struct RingStats {
     pub sleeps: AtomicU64,
     /// Time the poller spent polling without work, ns.
     pub spin_ns: AtomicU64,
+    /// Its polling window now, ns (it adapts: see `poll_loop`).
+    pub window_ns: AtomicU64,
 }
 
 /// A snapshot of [`RingStats`].
@@ -54,6 +56,7 @@ pub struct RingCounts {
     pub kicks: u64,
     pub sleeps: u64,
     pub spin_ns: u64,
+    pub window_ns: u64,
 }
 
 /// The rings of one VM and what its poller and vCPUs share about them.
@@ -98,6 +101,10 @@ struct RingState {
 #[derive(Default)]
 struct Pass {
     worked: bool,
+    /// It took new submissions.
+    took: bool,
+    /// It published completions.
+    published: bool,
     /// Its completion ring was full: look again soon.
     stalled: bool,
     /// Descriptors whose readiness would give it work.
@@ -141,6 +148,7 @@ impl Rings {
             kicks: s.kicks.load(Ordering::Relaxed),
             sleeps: s.sleeps.load(Ordering::Relaxed),
             spin_ns: s.spin_ns.load(Ordering::Relaxed),
+            window_ns: s.window_ns.load(Ordering::Relaxed),
         }
     }
 
@@ -339,9 +347,11 @@ impl Ring {
             return pass;
         }
         let mut st = self.lock();
-        let published = st.cq_tail;
+        let (published, taken) = (st.cq_tail, st.sq_head);
         self.serve_locked(net, ram, stats, &mut st, &mut pass);
         let wake = st.cq_tail != published;
+        pass.published = wake;
+        pass.took = st.sq_head != taken;
         drop(st);
         if wake {
             fence(Ordering::SeqCst);
@@ -466,7 +476,11 @@ impl Ring {
                 i += 1;
                 continue;
             }
-            let result = net.try_recv(socket, u64::from(sqe.len));
+            // A handle closed meanwhile cancels what was posted on it.
+            let result = match net.held(sqe.handle) {
+                Ok(_) => net.try_recv(socket, u64::from(sqe.len)),
+                Err(status) => Err(status),
+            };
             let sqe = *sqe;
             let cqe = match result {
                 Ok(None) => {
@@ -617,11 +631,34 @@ impl Drop for IoPoller {
     }
 }
 
+/// Longest polling window the adaptation may reach.
+const MAX_WINDOW: Duration = Duration::from_millis(1);
+
+/// The poller's window: `spin` at least, and four times the usual gap
+/// between a completion it published and the next submission (a guest
+/// answering a request: its VM entry, its work, its post), up to
+/// [`MAX_WINDOW`], so a guest that answers within the window never has to
+/// kick. `spin` 0: never poll.
+fn window(spin: Duration, gap: Option<Duration>) -> Duration {
+    if spin.is_zero() {
+        return spin;
+    }
+    gap.map_or(spin, |g| spin.max((g * 4).min(MAX_WINDOW)))
+}
+
 fn poll_loop(services: &super::Services, ram: &GuestRam, spin: Duration) {
     let net = &services.sockets;
     let rings = net.rings();
     let mut last_work = Instant::now();
     let mut spinning_since: Option<Instant> = None;
+    // The gap from a completion to the submission that followed it (an
+    // average over the last few), and when the last completions went out.
+    let mut gap: Option<Duration> = None;
+    let mut published_at: Option<Instant> = None;
+    rings
+        .stats
+        .window_ns
+        .store(window(spin, gap).as_nanos() as u64, Ordering::Relaxed);
     loop {
         if rings.stopping.load(Ordering::SeqCst) {
             return;
@@ -641,16 +678,32 @@ fn poll_loop(services: &super::Services, ram: &GuestRam, spin: Duration) {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let mut worked = false;
-        let mut stalled = false;
+        let (mut worked, mut stalled, mut took, mut published) = (false, false, false, false);
         let mut fds = Vec::new();
         for ring in &snapshot {
             let pass = ring.serve(net, ram, &rings.stats);
             worked |= pass.worked;
             stalled |= pass.stalled;
+            took |= pass.took;
+            published |= pass.published;
             fds.extend(pass.fds);
         }
         let now = Instant::now();
+        if took {
+            if let Some(at) = published_at.take() {
+                let sample = now.duration_since(at);
+                if sample <= MAX_WINDOW {
+                    gap = Some(gap.map_or(sample, |g| (g * 7 + sample) / 8));
+                    rings
+                        .stats
+                        .window_ns
+                        .store(window(spin, gap).as_nanos() as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        if published {
+            published_at = Some(now);
+        }
         if worked {
             last_work = now;
             if let Some(since) = spinning_since.take() {
@@ -661,7 +714,7 @@ fn poll_loop(services: &super::Services, ram: &GuestRam, spin: Duration) {
             }
             continue;
         }
-        if !snapshot.is_empty() && now.duration_since(last_work) < spin {
+        if !snapshot.is_empty() && now.duration_since(last_work) < window(spin, gap) {
             spinning_since.get_or_insert(now);
             std::hint::spin_loop();
             continue;
@@ -709,4 +762,27 @@ fn sleep_on(kick: &EventFd, fds: &mut Vec<libc::pollfd>, timeout: Option<Duratio
     };
     let _ = kick.read();
     fds.pop();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_follows_the_guests_answers_within_its_bounds() {
+        let us = Duration::from_micros;
+        assert_eq!(window(us(50), None), us(50));
+        assert_eq!(
+            window(us(50), Some(us(5))),
+            us(50),
+            "never below the setting"
+        );
+        assert_eq!(window(us(50), Some(us(60))), us(240));
+        assert_eq!(window(us(50), Some(us(900))), MAX_WINDOW);
+        assert_eq!(
+            window(Duration::ZERO, Some(us(60))),
+            Duration::ZERO,
+            "0: never poll"
+        );
+    }
 }

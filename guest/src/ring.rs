@@ -1,0 +1,197 @@
+//! The guest's side of the exitless I/O rings (`rtvm_abi::ring`): a ring
+//! area in `.bss`, registered with `RingSetup` when the VMM offers rings,
+//! socket sends and receives posted there with no exit, and completions
+//! found by spinning at CPL3 for a window (`Wait::Spin`) or by the
+//! `RingWait` long poll (`Wait::Park`, and after a spin that found
+//! nothing).
+//!
+//! One area per vCPU that uses rings, taken once ([`IoRing::setup`]).
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use rtvm_abi::ring::{self, op, Cqe, GuestRing, Sqe};
+use rtvm_abi::vmrpc::{Call, Status};
+
+use crate::net::Addr;
+use crate::vmrpc::{Error, Rpc};
+
+/// Entries of each ring of an area.
+pub const ENTRIES: u32 = 32;
+const AREA: usize = ring::area_size(ENTRIES, ENTRIES) as usize;
+
+#[repr(C, align(4096))]
+struct Area(UnsafeCell<[u8; AREA]>);
+
+/// The areas, one per vCPU that may use rings (the built-in guest's RT
+/// workloads use one vCPU).
+struct Areas {
+    areas: [Area; 2],
+    taken: [AtomicBool; 2],
+}
+
+// SAFETY: each area is handed out once (its flag), so no two references to
+// one exist.
+unsafe impl Sync for Areas {}
+
+static AREAS: Areas = Areas {
+    areas: [
+        Area(UnsafeCell::new([0; AREA])),
+        Area(UnsafeCell::new([0; AREA])),
+    ],
+    taken: [AtomicBool::new(false), AtomicBool::new(false)],
+};
+
+/// How to wait for a completion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// `RingWait` at once: the vCPU parks in the host until one comes.
+    Park,
+    /// Spin on the completion ring for this many host ns, then park.
+    Spin(u64),
+}
+
+/// A registered ring.
+pub struct IoRing {
+    id: u64,
+    ring: GuestRing,
+    /// Submissions posted whose completion has not been taken.
+    in_flight: u32,
+    /// `RingKick` calls made (the poller was asleep).
+    pub kicks: u64,
+    /// Completions found by spinning, and by parking.
+    pub spun: u64,
+    pub parked: u64,
+}
+
+impl IoRing {
+    /// Registers a ring area with the VMM. `Ok(None)`: it serves no rings
+    /// (the guest uses the calls); `Err`: any other refusal.
+    pub fn setup(rpc: &mut Rpc) -> Result<Option<IoRing>, Error> {
+        let Some(slot) = AREAS
+            .taken
+            .iter()
+            .position(|t| !t.swap(true, Ordering::AcqRel))
+        else {
+            return Err(Status::NoResources.into());
+        };
+        let base = AREAS.areas[slot].0.get().cast::<u8>();
+        // SAFETY: the area is page-aligned, AREA bytes, and this ring's
+        // alone from here (its flag).
+        let ring = unsafe { GuestRing::init(base, ENTRIES, ENTRIES) };
+        let args = [base as u64, u64::from(ENTRIES), u64::from(ENTRIES), 0, 0, 0];
+        match rpc.call(Call::RingSetup, 0, args) {
+            Ok(r) => Ok(Some(IoRing {
+                id: r[0],
+                ring,
+                in_flight: 0,
+                kicks: 0,
+                spun: 0,
+                parked: 0,
+            })),
+            Err(e)
+                if e == Error::from(Status::NotConfigured)
+                    || e == Error::from(Status::UnsupportedCall) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Room for another submission whose completion has room too.
+    pub fn can_post(&self) -> bool {
+        self.in_flight < ENTRIES && self.ring.sq_free() > 0
+    }
+
+    /// Posts `sqe` (which must fit: [`IoRing::can_post`]), kicking the
+    /// poller if it sleeps.
+    pub fn post(&mut self, rpc: &mut Rpc, sqe: &Sqe) -> Result<(), Error> {
+        if !self.can_post() {
+            return Err(Status::NoResources.into());
+        }
+        let kick = self.ring.post(sqe).ok_or(Error::from(Status::NoResources))?;
+        self.in_flight += 1;
+        if kick {
+            self.kicks += 1;
+            rpc.call(Call::RingKick, 0, [self.id, 0, 0, 0, 0, 0])?;
+        }
+        Ok(())
+    }
+
+    /// Posts a receive of up to `buf.len()` bytes on `handle` into `buf`
+    /// (which must stay untouched until its completion).
+    pub fn post_recv(
+        &mut self,
+        rpc: &mut Rpc,
+        handle: u64,
+        buf: &mut [u8],
+        user: u64,
+    ) -> Result<(), Error> {
+        let sqe = Sqe {
+            op: op::RECV,
+            handle,
+            buf: buf.as_mut_ptr() as u64,
+            len: buf.len() as u32,
+            user,
+            ..Sqe::default()
+        };
+        self.post(rpc, &sqe)
+    }
+
+    /// Posts a send of `data` on `handle` to `to` (`None`: the connected
+    /// peer); `data` must stay untouched until its completion.
+    pub fn post_send(
+        &mut self,
+        rpc: &mut Rpc,
+        handle: u64,
+        data: &[u8],
+        to: Option<Addr>,
+        user: u64,
+    ) -> Result<(), Error> {
+        let sqe = Sqe {
+            op: op::SEND,
+            handle,
+            buf: data.as_ptr() as u64,
+            len: data.len() as u32,
+            user,
+            addr: to.unwrap_or(Addr::NONE).words(),
+            ..Sqe::default()
+        };
+        self.post(rpc, &sqe)
+    }
+
+    /// The next completion, waiting as `wait` says until host time
+    /// `deadline` (`TimedOut` after it).
+    pub fn next(&mut self, rpc: &mut Rpc, wait: Wait, deadline: u64) -> Result<Cqe, Error> {
+        if let Wait::Spin(ns) = wait {
+            let until = rpc.now().saturating_add(ns).min(deadline);
+            loop {
+                if let Some(c) = self.take() {
+                    self.spun += 1;
+                    return Ok(c);
+                }
+                if rpc.now() >= until {
+                    break;
+                }
+                core::hint::spin_loop();
+            }
+        }
+        loop {
+            if let Some(c) = self.take() {
+                return Ok(c);
+            }
+            rpc.call(Call::RingWait, 0, [self.id, deadline, 0, 0, 0, 0])?;
+            if let Some(c) = self.take() {
+                self.parked += 1;
+                return Ok(c);
+            }
+        }
+    }
+
+    fn take(&mut self) -> Option<Cqe> {
+        let c = self.ring.complete()?;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        Some(c)
+    }
+}
