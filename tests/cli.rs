@@ -761,7 +761,7 @@ fn bench_net_probes_host_and_guest_from_outside() {
     // Function, not capacity: both echoes answered from the probe's
     // namespace. How many of ~2000 requests came back in time depends on
     // the machine's load, so only "some, and all accounted for" is asserted.
-    for path in ["host", "guest_rt"] {
+    for path in ["host", "guest_rt", "guest_rt_ring", "guest_rt_ring_spin"] {
         let answered = json[path]["samples"].as_u64().unwrap();
         let lost = json["lost"][path].as_u64().unwrap();
         assert!(answered > 0, "{path}: {json}");
@@ -771,8 +771,25 @@ fn bench_net_probes_host_and_guest_from_outside() {
         );
         assert!(json[path]["p50_us"].as_f64().unwrap() > 0.0, "{json}");
     }
+    // Each guest path's CPU cost: its vCPU thread, and on the ring paths
+    // the I/O poller too, which serves the echoes there.
+    for path in ["guest_rt", "guest_rt_ring", "guest_rt_ring_spin"] {
+        assert!(
+            json[path]["cpu_us_per_request"].as_f64().unwrap() > 0.0,
+            "{path}: {json}"
+        );
+        assert!(json[path]["vcpu_cpu_percent"].is_f64(), "{path}: {json}");
+    }
+    for path in ["guest_rt_ring", "guest_rt_ring_spin"] {
+        assert!(
+            json[path]["poller_us_per_request"].as_f64().unwrap() > 0.0,
+            "{path}: {json}"
+        );
+    }
     assert!(json["exit_floor_p50_us"].as_f64().unwrap() > 0.0);
     assert!(json["target"]["guest_rt_p99_max_us"].is_f64());
+    assert!(json["target"]["guest_rt_ring_p99_max_us"].is_f64());
+    assert!(json["target"]["guest_rt_ring_spin_p99_max_us"].is_f64());
     let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
     assert!(
         !text(&netns.stdout).contains("rtvm-probe"),

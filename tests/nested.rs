@@ -189,8 +189,8 @@ taskset -c 0 $P socat -u TCP4:127.0.0.1:40003 -
 echo '== open and close'
 for i in $(seq 1 30); do echo $i | taskset -c 0 $P socat -u - UDP4-SENDTO:127.0.0.1:40002; done
 echo '== echo servers'
-taskset -c 1 $P socat UDP4-LISTEN:7000,fork,reuseaddr PIPE &
-taskset -c 1 $P socat TCP4-LISTEN:7001,fork,reuseaddr PIPE &
+taskset -c 1 $P socat -d -d UDP4-LISTEN:7000,fork,reuseaddr PIPE &
+taskset -c 1 $P socat -d -d TCP4-LISTEN:7001,fork,reuseaddr PIPE &
 until echo up | taskset -c 0 $P socat -t 5 - UDP4:127.0.0.1:7000,bind=127.0.0.1:40007 | grep -q up; do sleep 1; done
 until echo up | taskset -c 0 $P socat -t 5 - TCP4:127.0.0.1:7001,bind=127.0.0.1:40008 | grep -q up; do sleep 1; done
 echo '== servers up'
@@ -227,9 +227,9 @@ until grep -q '== servers up' /tmp/console || ! kill -0 $vm 2>/dev/null || [ $wa
     sleep 1; waited=$((waited + 1))
 done
 echo '== probe udp'
-{rtvm} probe --target 198.18.0.1:7000 --rate 0 --count 100 --timeout-ms 10000 --json
+{rtvm} probe --target 198.18.0.1:7000 --rate 0 --count 100 --timeout-ms 3000 --json
 echo '== probe tcp'
-{rtvm} probe --tcp --target 198.18.0.1:7001 --rate 0 --count 100 --timeout-ms 10000 --json
+{rtvm} probe --tcp --target 198.18.0.1:7001 --rate 0 --count 100 --timeout-ms 3000 --json
 echo '== probes done'
 echo done | socat -u - TCP4:127.0.0.1:40005
 wait $vm

@@ -20,6 +20,21 @@ pub fn thread_cpu_ns() -> u64 {
     clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
+/// CPU time another thread of this process (kernel id `tid`) has used so
+/// far; `None` if it has ended. The clock id is the kernel's per-thread CPU
+/// clock encoding (`MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)`), a stable
+/// part of its ABI.
+pub fn thread_cpu_of(tid: i32) -> Option<std::time::Duration> {
+    let clock = (!(tid as libc::clockid_t) << 3) | 6;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a live timespec to fill in; a bad clock id is an error.
+    (unsafe { libc::clock_gettime(clock, &mut ts) } == 0)
+        .then(|| std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
 fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -95,4 +110,31 @@ pub fn measure_tsc_offset(fd: &VcpuFd, tsc_khz: u64) -> Option<TscOffset> {
         ticks,
         error_ns: (window / 2) * 1_000_000 / tsc_khz,
     })
+}
+
+#[cfg(test)]
+mod cpu_clock_tests {
+    use super::*;
+
+    #[test]
+    fn another_threads_cpu_time_is_read_by_its_id() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() }).unwrap();
+            let start = std::time::Instant::now();
+            while start.elapsed() < std::time::Duration::from_millis(20) {
+                std::hint::spin_loop();
+            }
+            done_rx.recv().unwrap();
+        });
+        let tid = rx.recv().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let used = thread_cpu_of(tid).expect("a live thread's clock");
+        assert!(used > std::time::Duration::ZERO);
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
+        assert_eq!(thread_cpu_of(tid), None, "an ended thread has none");
+    }
 }

@@ -220,6 +220,12 @@ impl VcpuHandle {
 
     /// The kernel's id of the vCPU's host thread, once it has started
     /// (for `/proc/PID/task/TID`, schedulers and tracers).
+    /// CPU time its thread has used so far (host and guest); `None` before
+    /// it runs or after it ended (see [`VcpuHandle::join_until`]).
+    pub fn cpu_time(&self) -> Option<Duration> {
+        self.thread_id().and_then(crate::clock::thread_cpu_of)
+    }
+
     pub fn thread_id(&self) -> Option<i32> {
         Some(self.control.tid.load(Ordering::Acquire)).filter(|&tid| tid != 0)
     }
