@@ -177,7 +177,11 @@ fn check_two_vcpu_run(out: &Outcome) {
 /// What the guest runs in the socket scenario: unmodified socat under the
 /// preload, for the policy's refusals, a client of the outer VM, open and
 /// close cycles, UDP and TCP echo servers on the RT vCPU (until the outer
-/// VM has probed them), and a program killed mid-wait.
+/// VM has probed them), and a program killed mid-wait. The servers do not
+/// fork (socat's `fork`): fork is tested in-process
+/// (`guest-linux/tests/descriptors.rs`), because a nested guest running
+/// forked socat servers triple-faulted in 2 of 9 runs here (README,
+/// "Stalls inside the harness").
 const SOCKETS_SCRIPT: &str = "set -e
 P='env LD_PRELOAD=/lib/librtvm_preload.so RTVM_PRELOAD_DEBUG=1'
 echo '== refused bind'
@@ -189,11 +193,9 @@ taskset -c 0 $P socat -u TCP4:127.0.0.1:40003 -
 echo '== open and close'
 for i in $(seq 1 30); do echo $i | taskset -c 0 $P socat -u - UDP4-SENDTO:127.0.0.1:40002; done
 echo '== echo servers'
-taskset -c 1 $P socat -d -d UDP4-LISTEN:7000,fork,reuseaddr PIPE &
-taskset -c 1 $P socat -d -d TCP4-LISTEN:7001,fork,reuseaddr PIPE &
-until echo up | taskset -c 0 $P socat -t 5 - UDP4:127.0.0.1:7000,bind=127.0.0.1:40007 | grep -q up; do sleep 1; done
-until echo up | taskset -c 0 $P socat -t 5 - TCP4:127.0.0.1:7001,bind=127.0.0.1:40008 | grep -q up; do sleep 1; done
-echo '== servers up'
+# Each serves one peer, the probe (its notices say when it listens).
+taskset -c 1 $P socat -d -d UDP4-LISTEN:7000,reuseaddr PIPE &
+taskset -c 1 $P socat -d -d TCP4-LISTEN:7001,reuseaddr PIPE &
 taskset -c 0 $P socat -u TCP4-LISTEN:40005,bind=127.0.0.1,reuseaddr -
 echo '== killed mid-wait'
 taskset -c 1 $P socat -u UDP4-RECV:40006,bind=127.0.0.1 - &
@@ -211,7 +213,7 @@ echo '== done'
 
 /// The outer VM's side: a server for the guest's client, rtvm in the
 /// background, `rtvm probe` (UDP, then TCP) from a namespace of its own once
-/// the guest's servers are up, then the guest told to go on.
+/// the guest's servers listen, then the guest told to go on.
 fn sockets_outer(rtvm: &str, args: &[&str]) -> String {
     let args: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
     format!(
@@ -223,13 +225,18 @@ vm=$!
 tail -f /tmp/console &
 tailer=$!
 waited=0
-until grep -q '== servers up' /tmp/console || ! kill -0 $vm 2>/dev/null || [ $waited -gt 600 ]; do
+until grep -q 'listening on UDP AF=2 0.0.0.0:7000' /tmp/console \
+    && grep -q 'listening on AF=2 0.0.0.0:7001' /tmp/console \
+    || ! kill -0 $vm 2>/dev/null || [ $waited -gt 600 ]; do
     sleep 1; waited=$((waited + 1))
 done
+probe() {{
+    {rtvm} probe --rate 0 --count 50 --timeout-ms 3000 --json \"$@\"
+}}
 echo '== probe udp'
-{rtvm} probe --target 198.18.0.1:7000 --rate 0 --count 100 --timeout-ms 3000 --json
+probe --target 198.18.0.1:7000
 echo '== probe tcp'
-{rtvm} probe --tcp --target 198.18.0.1:7001 --rate 0 --count 100 --timeout-ms 3000 --json
+probe --tcp --target 198.18.0.1:7001
 echo '== probes done'
 echo done | socat -u - TCP4:127.0.0.1:40005
 wait $vm
@@ -272,7 +279,9 @@ const SOCKETS_RTVM: &[&str] = &[
 /// The probe's JSON between two console markers.
 fn probe_json(console: &str, from: &str, to: &str) -> serde_json::Value {
     let part = section(console, from, to);
+    // The last run's (see `probe` in the outer script).
     part.lines()
+        .rev()
         .find_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
         .unwrap_or_else(|| panic!("no probe JSON after {from:?}:\n{part}"))
 }
@@ -303,7 +312,7 @@ fn unmodified_socat_serves_the_probe_through_outsourced_sockets_on_the_rt_vcpu()
     ] {
         let probe = probe_json(console, from, to);
         assert_eq!(probe["settings"]["protocol"], proto, "{probe}");
-        assert_eq!(probe["sent"], 100, "{probe}");
+        assert_eq!(probe["sent"], 50, "{probe}");
         assert_eq!(probe["lost"], 0, "{proto} echo through the guest:\n{probe}");
     }
     let killed = section(console, "== killed mid-wait", "== reap");
