@@ -110,7 +110,10 @@ impl IoRing {
         if !self.can_post() {
             return Err(Status::NoResources.into());
         }
-        let kick = self.ring.post(sqe).ok_or(Error::from(Status::NoResources))?;
+        let kick = self
+            .ring
+            .post(sqe)
+            .ok_or(Error::from(Status::NoResources))?;
         self.in_flight += 1;
         if kick {
             self.kicks += 1;

@@ -187,10 +187,7 @@ fn echo_through_ring(
                 echoed += 1;
             } else {
                 if failed == 0 {
-                    println!(
-                        "udp-echo: ring op {} failed with status {}",
-                        c.op, c.status
-                    );
+                    println!("udp-echo: ring op {} failed with status {}", c.op, c.status);
                 }
                 failed += 1;
             }

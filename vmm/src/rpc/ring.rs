@@ -251,6 +251,18 @@ impl Rings {
         outcome
     }
 
+    /// One pass of the poller over every ring, without its thread (tests
+    /// and fuzzing); whether it did any work.
+    pub fn serve_all(&self, net: &NetService, ram: &GuestRam) -> bool {
+        let snapshot: Vec<Arc<Ring>> = self.rings.read().unwrap_or_else(|e| e.into_inner()).clone();
+        // Every ring, whatever the first ones did.
+        let mut worked = false;
+        for ring in &snapshot {
+            worked |= ring.serve(net, ram, &self.stats).worked;
+        }
+        worked
+    }
+
     /// Stops the poller (the VM is ending).
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
