@@ -300,6 +300,7 @@ fn stats_json(run: &VmRun) -> serde_json::Value {
             "poller_sleeps": run.rings.sleeps,
             "poller_spin_ms": run.rings.spin_ns as f64 / 1e6,
             "poller_window_us": run.rings.window_ns as f64 / 1e3,
+            "served_by_parked_vcpu": run.rings.by_vcpu,
             "poller_cpu_ms": run.poller_cpu.map(|d| d.as_secs_f64() * 1e3),
         },
     })

@@ -115,6 +115,7 @@ pub type Received = (Vec<u8>, [u64; 3]);
 
 /// A guest socket kept open while the I/O poller works on it (a handle
 /// closed meanwhile leaves it open until dropped).
+#[derive(Clone)]
 pub struct HeldSocket(Arc<GuestSocket>);
 
 impl HeldSocket {
@@ -760,7 +761,7 @@ impl VmService for NetService {
             }
             Call::RingSetup => self.rings.setup(cx.ram(), a[0], a[1], a[2]),
             Call::RingKick => self.rings.kick(a[0]),
-            Call::RingWait => self.rings.wait(cx.ram(), a[0], a[1], cx.park),
+            Call::RingWait => self.rings.wait(self, cx.ram(), a[0], a[1], cx.park),
             Call::NetOwners => {
                 // At most one owner per open handle is written, whatever
                 // room the guest claims.
