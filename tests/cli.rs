@@ -390,10 +390,17 @@ fn every_thread_of_a_running_vm_is_under_seccomp() {
     need_kvm!();
     for (extra, want) in [(&[][..], "2"), (&["--seccomp", "off"][..], "0")] {
         let child = spawn_spinning("2", extra);
-        let expected: Vec<(String, String)> = ["rtvm", "rtvm-console", "rtvm-vcpu0", "rtvm-vcpu1"]
-            .iter()
-            .map(|name| (name.to_string(), want.to_string()))
-            .collect();
+        // rtvm-io: the I/O poller, confined as it starts.
+        let expected: Vec<(String, String)> = [
+            "rtvm",
+            "rtvm-console",
+            "rtvm-io",
+            "rtvm-vcpu0",
+            "rtvm-vcpu1",
+        ]
+        .iter()
+        .map(|name| (name.to_string(), want.to_string()))
+        .collect();
         // The guest prints before its second vCPU's thread may exist, and
         // the control thread confines itself once the start is done.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -1,7 +1,7 @@
 //! Exitless I/O rings: a guest posts socket work to a submission ring and
 //! finds the results in a completion ring, both in its own RAM, while the
 //! VMM's I/O poller thread serves them. No VM exit is on that path; the
-//! doorbell (`Call::RingKick`) and a long poll (`Call::RingWait`) are the
+//! doorbell (`Call::NetRingKick`) and a long poll (`Call::NetRingWait`) are the
 //! fallbacks when the poller sleeps or the guest has nothing else to do.
 //!
 //! # Layout
@@ -11,7 +11,7 @@
 //! [`Cqe`]s (64 bytes each). Entry counts are powers of two up to
 //! [`MAX_ENTRIES`]. The guest fills the header's constant part (magic,
 //! version, counts; indices 0) and registers the area with
-//! `Call::RingSetup`; the VMM keeps its own copy of the constant part and
+//! `Call::NetRingSetup`; the VMM keeps its own copy of the constant part and
 //! never reads it again.
 //!
 //! # Who writes what
@@ -41,8 +41,8 @@
 //!   reads `sq_tail` again (both sequentially consistent). A guest stores
 //!   `sq_tail` and then reads `host_flags` (both sequentially consistent):
 //!   either the poller sees the new tail, or the guest sees `ASLEEP` and
-//!   kicks it with `Call::RingKick` (an exit, only when the poller sleeps).
-//! - A guest that waits for a completion with `Call::RingWait` parks in the
+//!   kicks it with `Call::NetRingKick` (an exit, only when the poller sleeps).
+//! - A guest that waits for a completion with `Call::NetRingWait` parks in the
 //!   host; the host registers the wait and only then checks the completion
 //!   ring, and the poller wakes a registered waiter after every completion
 //!   it publishes.
@@ -114,7 +114,7 @@ pub mod field {
 
 /// Bits of `RingHeader::host_flags`.
 pub mod host_flags {
-    /// The poller sleeps: a guest that posts kicks it (`Call::RingKick`).
+    /// The poller sleeps: a guest that posts kicks it (`Call::NetRingKick`).
     pub const ASLEEP: u32 = 1;
 }
 

@@ -294,13 +294,13 @@ pub enum Call {
     /// aligned, its header filled in: see `crate::ring`) with `args[1]`
     /// submission and `args[2]` completion entries. `results[0]` = the
     /// ring's id. `NotConfigured` when the VMM serves no rings.
-    RingSetup = 56,
+    NetRingSetup = 56,
     /// Wake the VM's I/O poller for ring `args[0]` (when its header says
     /// the poller sleeps).
-    RingKick = 57,
+    NetRingKick = 57,
     /// Long poll: until deadline `args[1]`, wait for a completion in ring
     /// `args[0]` (at once if one is there).
-    RingWait = 58,
+    NetRingWait = 58,
 }
 }
 
@@ -341,7 +341,7 @@ impl Call {
                 | Call::NetSend
                 | Call::NetRecv
                 | Call::NetPoll
-                | Call::RingWait
+                | Call::NetRingWait
         )
     }
 }

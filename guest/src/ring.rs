@@ -1,8 +1,8 @@
 //! The guest's side of the exitless I/O rings (`rtvm_abi::ring`): a ring
-//! area in `.bss`, registered with `RingSetup` when the VMM offers rings,
+//! area in `.bss`, registered with `NetRingSetup` when the VMM offers rings,
 //! socket sends and receives posted there with no exit, and completions
 //! found by spinning at CPL3 for a window (`Wait::Spin`) or by the
-//! `RingWait` long poll (`Wait::Park`, and after a spin that found
+//! `NetRingWait` long poll (`Wait::Park`, and after a spin that found
 //! nothing).
 //!
 //! One area per vCPU that uses rings, taken once ([`IoRing::setup`]).
@@ -45,7 +45,7 @@ static AREAS: Areas = Areas {
 /// How to wait for a completion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wait {
-    /// `RingWait` at once: the vCPU parks in the host until one comes.
+    /// `NetRingWait` at once: the vCPU parks in the host until one comes.
     Park,
     /// Spin on the completion ring for this many host ns, then park.
     Spin(u64),
@@ -57,7 +57,7 @@ pub struct IoRing {
     ring: GuestRing,
     /// Submissions posted whose completion has not been taken.
     in_flight: u32,
-    /// `RingKick` calls made (the poller was asleep).
+    /// `NetRingKick` calls made (the poller was asleep).
     pub kicks: u64,
     /// Completions found by spinning, and by parking.
     pub spun: u64,
@@ -80,7 +80,7 @@ impl IoRing {
         // alone from here (its flag).
         let ring = unsafe { GuestRing::init(base, ENTRIES, ENTRIES) };
         let args = [base as u64, u64::from(ENTRIES), u64::from(ENTRIES), 0, 0, 0];
-        match rpc.call(Call::RingSetup, 0, args) {
+        match rpc.call(Call::NetRingSetup, 0, args) {
             Ok(r) => Ok(Some(IoRing {
                 id: r[0],
                 ring,
@@ -117,7 +117,7 @@ impl IoRing {
         self.in_flight += 1;
         if kick {
             self.kicks += 1;
-            rpc.call(Call::RingKick, 0, [self.id, 0, 0, 0, 0, 0])?;
+            rpc.call(Call::NetRingKick, 0, [self.id, 0, 0, 0, 0, 0])?;
         }
         Ok(())
     }
@@ -184,7 +184,7 @@ impl IoRing {
             if let Some(c) = self.take() {
                 return Ok(c);
             }
-            rpc.call(Call::RingWait, 0, [self.id, deadline, 0, 0, 0, 0])?;
+            rpc.call(Call::NetRingWait, 0, [self.id, deadline, 0, 0, 0, 0])?;
             if let Some(c) = self.take() {
                 self.parked += 1;
                 return Ok(c);

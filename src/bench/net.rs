@@ -7,7 +7,7 @@
 //!   sockets (its receive is a long poll: no guest interrupt);
 //! - `guest_other` (optional): the same on a plain SCHED_OTHER vCPU;
 //! - `guest_rt_ring`: the same echo through the exitless I/O rings, the RT
-//!   vCPU parked in `RingWait` between datagrams, the VM's I/O poller at the
+//!   vCPU parked in `NetRingWait` between datagrams, the VM's I/O poller at the
 //!   same priority on another CPU;
 //! - `guest_rt_ring_spin`: the same, the guest spinning on its completion
 //!   ring at CPL3 for a window first.
@@ -142,7 +142,7 @@ fn host_path(
 enum Answer {
     /// `NetRecv` long polls and `NetSend` calls.
     Calls,
-    /// The I/O rings, parking in `RingWait`.
+    /// The I/O rings, parking in `NetRingWait`.
     RingPark,
     /// The I/O rings, spinning first.
     RingSpin,

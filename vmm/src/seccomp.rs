@@ -97,7 +97,7 @@ fn compile(kind: ThreadKind, mismatch: SeccompAction) -> seccompiler::Result<Bpf
             allow(WAITS);
             allow(FILES);
             allow(SOCKETS);
-            // An I/O ring's completion eventfd, made by `RingSetup`.
+            // An I/O ring's completion eventfd, made by `NetRingSetup`.
             allow(&[libc::SYS_eventfd2]);
         }
         ThreadKind::Control => {

@@ -420,7 +420,7 @@ fn setup_checks_the_area_and_the_ring_count_is_bounded() {
     assert_eq!(rings.kick(0), Err(Status::BadHandle));
 }
 
-/// A vCPU's park, for `RingWait`: ppoll until the deadline.
+/// A vCPU's park, for `NetRingWait`: ppoll until the deadline.
 struct Sleep;
 
 impl Park for Sleep {

@@ -11,7 +11,7 @@
 //! With `ring=park` or `ring=spin` it goes through the exitless I/O rings
 //! when the VMM offers them (`udp-echo: through rings`, else `the VMM
 //! serves no rings: using calls`): receives posted ahead, each echo posted
-//! as a send, completions waited for with the `RingWait` long poll, or
+//! as a send, completions waited for with the `NetRingWait` long poll, or
 //! first by spinning US µs (default 50) at CPL3; datagrams up to 8 KiB.
 //!
 //! Housekeeping on vCPU 0 (default `none`) and how the VM ends are as for

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct IoPollerConfig {
-    /// Serve rings at all; off, `RingSetup` answers `NotConfigured` (the
+    /// Serve rings at all; off, `NetRingSetup` answers `NotConfigured` (the
     /// guest uses the calls) and there is no poller thread.
     #[serde(default = "enabled")]
     pub enabled: bool,

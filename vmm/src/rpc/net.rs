@@ -144,7 +144,7 @@ pub struct NetService {
     owners: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
     /// The guest's I/O rings (served by the VM's I/O poller, if it has one).
     rings: super::ring::Rings,
-    /// Whether an I/O poller serves rings: without, `RingSetup` is
+    /// Whether an I/O poller serves rings: without, `NetRingSetup` is
     /// `NotConfigured` and the guest uses the calls.
     rings_served: std::sync::atomic::AtomicBool,
 }
@@ -155,7 +155,7 @@ impl NetService {
         Ok(NetService {
             sockets: HandleTable::new(net::HANDLE_TAG, policy.max_sockets, Status::NoResources),
             owners: Default::default(),
-            rings: Default::default(),
+            rings: super::ring::Rings::new()?,
             rings_served: Default::default(),
             policy,
         })
@@ -754,14 +754,14 @@ impl VmService for NetService {
             Call::NetGetsockopt => self.getsockopt(a[0], a[1]),
             Call::NetDup => self.dup(a[0], a[1]),
             Call::NetReap => self.reap(a[0]),
-            Call::RingSetup | Call::RingKick | Call::RingWait
+            Call::NetRingSetup | Call::NetRingKick | Call::NetRingWait
                 if !self.rings_served.load(std::sync::atomic::Ordering::Acquire) =>
             {
                 Err(Status::NotConfigured)
             }
-            Call::RingSetup => self.rings.setup(cx.ram(), a[0], a[1], a[2]),
-            Call::RingKick => self.rings.kick(a[0]),
-            Call::RingWait => self.rings.wait(self, cx.ram(), a[0], a[1], cx.park),
+            Call::NetRingSetup => self.rings.setup(cx.ram(), a[0], a[1], a[2]),
+            Call::NetRingKick => self.rings.kick(a[0]),
+            Call::NetRingWait => self.rings.wait(self, cx.ram(), a[0], a[1], cx.park),
             Call::NetOwners => {
                 // At most one owner per open handle is written, whatever
                 // room the guest claims.

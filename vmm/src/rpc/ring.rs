@@ -1,9 +1,9 @@
 //! Exitless I/O rings (`rtvm_abi::ring`, which has the protocol): a guest
-//! registers a ring area with `RingSetup`, posts socket sends and receives
+//! registers a ring area with `NetRingSetup`, posts socket sends and receives
 //! there, and the VM's I/O poller ([`IoPoller`], a host thread of its own)
 //! serves them with no VM exit. The poller polls for a window after its
 //! last work, then sleeps on its kick eventfd and the sockets it waits for;
-//! `RingKick` wakes it, `RingWait` parks the calling vCPU until a
+//! `NetRingKick` wakes it, `NetRingWait` parks the calling vCPU until a
 //! completion is published.
 //!
 //! The guest is untrusted and writes the rings while the poller reads them:
@@ -37,7 +37,7 @@ pub const MAX_RINGS: usize = 64;
 pub struct RingStats {
     pub submissions: AtomicU64,
     pub completions: AtomicU64,
-    /// `RingKick` calls: the guest found the poller asleep.
+    /// `NetRingKick` calls: the guest found the poller asleep.
     pub kicks: AtomicU64,
     /// Times the poller went to sleep.
     pub sleeps: AtomicU64,
@@ -45,7 +45,7 @@ pub struct RingStats {
     pub spin_ns: AtomicU64,
     /// Its polling window now, ns (it adapts: see `poll_loop`).
     pub window_ns: AtomicU64,
-    /// Passes a vCPU parked in `RingWait` served itself (a receive's data
+    /// Passes a vCPU parked in `NetRingWait` served itself (a receive's data
     /// came while it waited) that published completions.
     pub by_vcpu: AtomicU64,
 }
@@ -81,7 +81,7 @@ pub struct Ring {
     base: u64,
     sq_entries: u32,
     cq_entries: u32,
-    /// Written by the poller for a vCPU parked in `RingWait`.
+    /// Written by the poller for a vCPU parked in `NetRingWait`.
     completion: EventFd,
     waiting: AtomicBool,
     broken: AtomicBool,
@@ -115,16 +115,21 @@ struct Pass {
     fds: Vec<libc::pollfd>,
 }
 
-impl Default for Rings {
-    fn default() -> Self {
-        Rings {
+impl Rings {
+    pub fn new() -> crate::error::Result<Rings> {
+        Ok(Rings {
             rings: RwLock::default(),
-            kick: EventFd::new(EFD_NONBLOCK).expect("an eventfd"),
+            kick: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| {
+                crate::error::Error::Host {
+                    what: "making the I/O poller's eventfd".into(),
+                    source: e,
+                }
+            })?,
             stats: RingStats::default(),
             stopping: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             pause_seen: AtomicBool::new(false),
-        }
+        })
     }
 }
 
@@ -157,7 +162,7 @@ impl Rings {
         }
     }
 
-    /// `RingSetup`: registers the ring area at `addr`; its id.
+    /// `NetRingSetup`: registers the ring area at `addr`; its id.
     pub fn setup(
         &self,
         ram: &GuestRam,
@@ -187,7 +192,8 @@ impl Rings {
         if rings.len() >= MAX_RINGS {
             return Err(Status::NoResources);
         }
-        let completion = EventFd::new(EFD_NONBLOCK).map_err(|_| Status::NoResources)?;
+        let completion =
+            EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|_| Status::NoResources)?;
         // The indices start where the guest left them (0 for a new area).
         let load = |at: usize| -> Result<u32, Status> {
             ram.mem()
@@ -213,7 +219,7 @@ impl Rings {
         Ok([id, 0, 0, 0])
     }
 
-    /// `RingKick`: wakes the poller.
+    /// `NetRingKick`: wakes the poller.
     pub fn kick(&self, id: u64) -> Result<[u64; 4], Status> {
         self.ring(id)?;
         self.stats.kicks.fetch_add(1, Ordering::Relaxed);
@@ -221,7 +227,7 @@ impl Rings {
         Ok([0; 4])
     }
 
-    /// `RingWait`: parks until ring `id` has a completion or `deadline`.
+    /// `NetRingWait`: parks until ring `id` has a completion or `deadline`.
     ///
     /// The parked vCPU also waits on the sockets of the ring's posted
     /// receives, and completes a receive itself when its data comes: one
