@@ -792,7 +792,14 @@ fn bench_net_probes_host_and_guest_from_outside() {
             json[path]["poller_us_per_request"].as_f64().unwrap() > 0.0,
             "{path}: {json}"
         );
+        // The window the poller had adapted to: at least its setting.
+        assert!(
+            json[path]["poller_window_us"].as_f64().unwrap() >= 50.0,
+            "{path}: {json}"
+        );
     }
+    assert_eq!(json["settings"]["guest_spin_us"], 50, "{json}");
+    assert_eq!(json["settings"]["poller_spin_us"], 50, "{json}");
     assert!(json["exit_floor_p50_us"].as_f64().unwrap() > 0.0);
     assert!(json["target"]["guest_rt_p99_max_us"].is_f64());
     assert!(json["target"]["guest_rt_ring_p99_max_us"].is_f64());

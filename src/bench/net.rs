@@ -154,6 +154,8 @@ struct Cost {
     poller: Duration,
     wall: Duration,
     requests: u64,
+    /// The poller's polling window as it had adapted by the end, µs.
+    window_us: f64,
 }
 
 impl Cost {
@@ -167,6 +169,7 @@ impl Cost {
             "poller_us_per_request": per(self.poller),
             "vcpu_cpu_percent": pct(self.vcpu),
             "poller_cpu_percent": pct(self.poller),
+            "poller_window_us": self.window_us,
         })
     }
 
@@ -276,6 +279,7 @@ fn guest_path(
         poller: after.1.saturating_sub(before.1),
         wall: after.2.duration_since(before.2),
         requests: result.sent.max(1),
+        window_us: run.rings.window_ns as f64 / 1e3,
     };
     Ok((result, cost))
 }
@@ -356,6 +360,13 @@ pub fn run(args: &NetArgs) -> Result<(), String> {
             "lost": {"host": host_result.lost, "guest_rt": guest_rt.lost},
             "timestamps": guest_rt.timestamps.as_str(),
             "machine": machine,
+            "settings": {
+                "rate": args.rate,
+                "seconds_per_path": per_path,
+                "poller_spin_us": rtvm_vmm::config::IoPollerConfig::default().spin_us,
+                "poller_priority": args.poller_priority,
+                "guest_spin_us": args.guest_spin_us,
+            },
         });
         let with_cost = |r: &ProbeResult, c: &Cost| {
             let mut v = stats(r).to_json();
