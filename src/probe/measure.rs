@@ -250,6 +250,32 @@ pub fn measure_in(net: &ProbeNet, opts: &ProbeOptions) -> Result<ProbeResult, St
     })
 }
 
+/// Waits up to `timeout` for `events` on `fd` (ppoll: what the probe's
+/// seccomp filter allows); whether they came. A signal ends the wait early
+/// with `false`.
+pub(crate) fn poll_one(fd: i32, events: i16, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: one live pollfd, a live timespec, no signal mask change.
+    let rc = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(rc > 0)
+}
+
 /// One request's record.
 struct Slot {
     sent: Instant,
@@ -478,24 +504,9 @@ impl<'a> Prober<'a> {
 
     /// Waits up to `timeout` for a reply or a TX timestamp.
     fn wait(&self, timeout: Duration) -> Result<(), String> {
-        let mut pfd = libc::pollfd {
-            fd: self.socket.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ts = libc::timespec {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_nsec: timeout.subsec_nanos() as libc::c_long,
-        };
-        // SAFETY: one live pollfd, a live timespec, no signal mask change.
-        let rc = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(format!("waiting for replies: {e}"));
-            }
-        }
-        Ok(())
+        poll_one(self.socket.as_raw_fd(), libc::POLLIN, timeout)
+            .map(drop)
+            .map_err(|e| format!("waiting for replies: {e}"))
     }
 
     /// Takes every queued reply, matching it to its request.

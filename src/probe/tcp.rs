@@ -14,34 +14,17 @@ use std::time::{Duration, Instant};
 use rtvm_vmm::config::SeccompMode;
 use rtvm_vmm::seccomp::{self, ThreadKind};
 
-use super::measure::{request_header, Limit, ProbeOptions, ProbeResult, Timestamps, WARMUP_SEQ};
+use super::measure::{
+    poll_one, request_header, Limit, ProbeOptions, ProbeResult, Timestamps, WARMUP_SEQ,
+};
 use crate::report::stats::Stats;
 
 /// Longest the connection may take to be accepted.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Waits up to `timeout` for `events` on `fd`; whether they came.
+/// Waits up to `timeout` for `events` on the connection.
 fn wait(fd: i32, events: i16, timeout: Duration) -> Result<bool, String> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: one live pollfd, a live timespec, no signal mask change.
-    let rc = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted {
-            Ok(false)
-        } else {
-            Err(format!("waiting on the connection: {e}"))
-        };
-    }
-    Ok(rc > 0)
+    poll_one(fd, events, timeout).map_err(|e| format!("waiting on the connection: {e}"))
 }
 
 /// Sleeps `d` (with ppoll: what the probe's filter allows).

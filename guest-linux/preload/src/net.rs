@@ -16,19 +16,20 @@ use std::sync::OnceLock;
 use libc::{c_int, c_ulong, c_void, size_t, sockaddr, socklen_t, ssize_t};
 use rtvm_guest_linux::descriptors::{Errno, Host, SocketDescriptors};
 use rtvm_guest_linux::net::{addr_from_sockaddr, addr_to_sockaddr, Addr, MAX_IO};
-use rtvm_guest_linux::{Client, PortIo, SlotCalls};
+use rtvm_guest_linux::{Client, HostClock, PortIo, SlotCalls};
 
 use crate::{debug, port, real};
 
 /// Where the descriptor layer runs: the guest, with the region's clock.
 pub struct Guest {
     port: &'static PortIo,
+    /// Host time from the TSC, made once (every bounded park asks for it).
+    clock: HostClock,
 }
 
 impl Host for Guest {
     fn now(&self) -> u64 {
-        let client = Client::new(SlotCalls(self.port));
-        if let Some(now) = client.host_clock().and_then(|c| c.now()) {
+        if let Some(now) = self.clock.now() {
             return now;
         }
         // No TSC frequency in the header: ask the host.
@@ -61,7 +62,8 @@ fn net_init() -> Option<&'static Net> {
         }
         match port() {
             Ok(port) => {
-                let net = SocketDescriptors::new(port, Guest { port });
+                let clock = HostClock::new(port.region_header().clone());
+                let net = SocketDescriptors::new(port, Guest { port, clock });
                 // What processes that ended left open in the host (the
                 // kernel closed their descriptors, not the host's handles)
                 // goes now: a process's start is a cheap moment to look.

@@ -50,6 +50,19 @@ pub struct RingStats {
     pub by_vcpu: AtomicU64,
 }
 
+impl RingStats {
+    /// Counts a polling spell that began at `since` (if one did) and
+    /// ended at `now`.
+    fn spun(&self, since: Option<Instant>, now: Instant) {
+        if let Some(since) = since {
+            self.spin_ns.fetch_add(
+                now.duration_since(since).as_nanos() as u64,
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
 /// A snapshot of [`RingStats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RingCounts {
@@ -753,12 +766,7 @@ fn poll_loop(services: &super::Services, ram: &GuestRam, spin: Duration) {
         }
         if worked {
             last_work = now;
-            if let Some(since) = spinning_since.take() {
-                rings.stats.spin_ns.fetch_add(
-                    now.duration_since(since).as_nanos() as u64,
-                    Ordering::Relaxed,
-                );
-            }
+            rings.stats.spun(spinning_since.take(), now);
             continue;
         }
         if !snapshot.is_empty() && now.duration_since(last_work) < window(spin, gap) {
@@ -766,12 +774,7 @@ fn poll_loop(services: &super::Services, ram: &GuestRam, spin: Duration) {
             std::hint::spin_loop();
             continue;
         }
-        if let Some(since) = spinning_since.take() {
-            rings.stats.spin_ns.fetch_add(
-                now.duration_since(since).as_nanos() as u64,
-                Ordering::Relaxed,
-            );
-        }
+        rings.stats.spun(spinning_since.take(), now);
         // To sleep: say so in every ring, then look once more, so a guest
         // that posted meanwhile is either seen here or sees the flag.
         snapshot.iter().for_each(|r| r.set_asleep(ram, true));
