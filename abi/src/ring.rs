@@ -42,6 +42,9 @@
 //!   `sq_tail` and then reads `host_flags` (both sequentially consistent):
 //!   either the poller sees the new tail, or the guest sees `ASLEEP` and
 //!   kicks it with `Call::NetRingKick` (an exit, only when the poller sleeps).
+//! - `Call::NetRingWait` serves the ring's new submissions before it parks,
+//!   in the calling vCPU's thread: a guest about to wait owes no kick, so
+//!   it may leave the kick to the wait (one exit where there were two).
 //! - A guest that waits for a completion with `Call::NetRingWait` parks in the
 //!   host; the host registers the wait and only then checks the completion
 //!   ring, and the poller wakes a registered waiter after every completion

@@ -57,6 +57,9 @@ pub struct IoRing {
     ring: GuestRing,
     /// Submissions posted whose completion has not been taken.
     in_flight: u32,
+    /// The poller slept when something was posted: it must be kicked
+    /// before the guest spins, or a `NetRingWait` takes the post itself.
+    kick_owed: bool,
     /// `NetRingKick` calls made (the poller was asleep).
     pub kicks: u64,
     /// Completions found by spinning, and by parking.
@@ -85,6 +88,7 @@ impl IoRing {
                 id: r[0],
                 ring,
                 in_flight: 0,
+                kick_owed: false,
                 kicks: 0,
                 spun: 0,
                 parked: 0,
@@ -104,9 +108,9 @@ impl IoRing {
         self.in_flight < ENTRIES && self.ring.sq_free() > 0
     }
 
-    /// Posts `sqe` (which must fit: [`IoRing::can_post`]), kicking the
-    /// poller if it sleeps.
-    pub fn post(&mut self, rpc: &mut Rpc, sqe: &Sqe) -> Result<(), Error> {
+    /// Posts `sqe` (which must fit: [`IoRing::can_post`]). If the poller
+    /// sleeps, the kick is owed until [`IoRing::next`] or [`IoRing::flush`].
+    pub fn post(&mut self, sqe: &Sqe) -> Result<(), Error> {
         if !self.can_post() {
             return Err(Status::NoResources.into());
         }
@@ -115,7 +119,14 @@ impl IoRing {
             .post(sqe)
             .ok_or(Error::from(Status::NoResources))?;
         self.in_flight += 1;
-        if kick {
+        self.kick_owed |= kick;
+        Ok(())
+    }
+
+    /// Kicks the poller if a post found it asleep: what was posted is
+    /// served without the guest waiting for it.
+    pub fn flush(&mut self, rpc: &mut Rpc) -> Result<(), Error> {
+        if core::mem::take(&mut self.kick_owed) {
             self.kicks += 1;
             rpc.call(Call::NetRingKick, 0, [self.id, 0, 0, 0, 0, 0])?;
         }
@@ -124,13 +135,7 @@ impl IoRing {
 
     /// Posts a receive of up to `buf.len()` bytes on `handle` into `buf`
     /// (which must stay untouched until its completion).
-    pub fn post_recv(
-        &mut self,
-        rpc: &mut Rpc,
-        handle: u64,
-        buf: &mut [u8],
-        user: u64,
-    ) -> Result<(), Error> {
+    pub fn post_recv(&mut self, handle: u64, buf: &mut [u8], user: u64) -> Result<(), Error> {
         let sqe = Sqe {
             op: op::RECV,
             handle,
@@ -139,14 +144,13 @@ impl IoRing {
             user,
             ..Sqe::default()
         };
-        self.post(rpc, &sqe)
+        self.post(&sqe)
     }
 
     /// Posts a send of `data` on `handle` to `to` (`None`: the connected
     /// peer); `data` must stay untouched until its completion.
     pub fn post_send(
         &mut self,
-        rpc: &mut Rpc,
         handle: u64,
         data: &[u8],
         to: Option<Addr>,
@@ -161,13 +165,17 @@ impl IoRing {
             addr: to.unwrap_or(Addr::NONE).words(),
             ..Sqe::default()
         };
-        self.post(rpc, &sqe)
+        self.post(&sqe)
     }
 
     /// The next completion, waiting as `wait` says until host time
     /// `deadline` (`TimedOut` after it).
+    ///
+    /// A kick owed is paid first when spinning; a park pays it itself
+    /// (`NetRingWait` serves what was posted before it parks).
     pub fn next(&mut self, rpc: &mut Rpc, wait: Wait, deadline: u64) -> Result<Cqe, Error> {
         if let Wait::Spin(ns) = wait {
+            self.flush(rpc)?;
             let until = rpc.now().saturating_add(ns).min(deadline);
             loop {
                 if let Some(c) = self.take() {
@@ -184,6 +192,7 @@ impl IoRing {
             if let Some(c) = self.take() {
                 return Ok(c);
             }
+            self.kick_owed = false;
             rpc.call(Call::NetRingWait, 0, [self.id, deadline, 0, 0, 0, 0])?;
             if let Some(c) = self.take() {
                 self.parked += 1;

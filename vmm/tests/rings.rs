@@ -523,3 +523,40 @@ fn a_vcpu_parked_in_ring_wait_completes_a_receive_itself_when_its_data_comes() {
     sender.join().unwrap();
     rings.resume();
 }
+
+#[test]
+fn ring_wait_serves_what_was_posted_before_it_so_a_waiting_guest_owes_no_kick() {
+    let s = Setup::new();
+    let (h, addr) = s.udp();
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = peer.local_addr().unwrap();
+    let (id, mut g) = s.ring(0, 4, 4);
+    let rings = s.services.sockets.rings();
+    // The poller out of the way: whatever is served, the waiter served.
+    assert!(rings.pause(Duration::from_secs(20)));
+    s.write(BUFS_AT, b"sent by the waiter");
+    assert!(g.post(&send(h, BUFS_AT, 18, 1, to)).is_some());
+    assert!(g.post(&recv(h, BUFS_AT + 4096, 64, 2)).is_some());
+    let mut park = Sleep;
+    assert_eq!(
+        rings.wait(&s.services.sockets, &s.ram, id, u64::MAX, &mut park),
+        Ok([0; 4]),
+        "the send's completion ends the wait"
+    );
+    let c = g.complete().expect("the send's completion");
+    assert_eq!((c.user, c.status, c.len), (1, 0, 18));
+    let mut buf = [0u8; 64];
+    let (n, from) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (&b"sent by the waiter"[..], addr));
+    // The receive was taken by that wait too: the next one completes it.
+    assert_eq!(g.sq_free(), 4);
+    peer.send_to(b"back", addr).unwrap();
+    assert_eq!(
+        rings.wait(&s.services.sockets, &s.ram, id, u64::MAX, &mut park),
+        Ok([0; 4])
+    );
+    let c = g.complete().expect("the receive's completion");
+    assert_eq!((c.user, c.status, c.len), (2, 0, 4));
+    assert_eq!(rings.counts().kicks, 0);
+    rings.resume();
+}

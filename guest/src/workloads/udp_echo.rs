@@ -154,7 +154,7 @@ fn echo_through_ring(
     let mut lens = [0usize; SLOTS];
     for slot in 0..SLOTS {
         let part = &mut buf[slot * SLOT..(slot + 1) * SLOT];
-        if let Err(e) = ring.post_recv(rpc, handle, part, slot as u64) {
+        if let Err(e) = ring.post_recv(handle, part, slot as u64) {
             println!("udp-echo: posting a receive: {e}");
             return 1;
         }
@@ -181,7 +181,7 @@ fn echo_through_ring(
             lens[slot] = c.len as usize;
             let data = &buf[slot * SLOT..slot * SLOT + lens[slot]];
             let to = Addr::from_words(c.addr);
-            ring.post_send(rpc, handle, data, Some(to), SEND | slot as u64)
+            ring.post_send(handle, data, Some(to), SEND | slot as u64)
         } else {
             if c.op == op::SEND && c.status == 0 && c.len as usize == lens[slot] {
                 echoed += 1;
@@ -192,7 +192,7 @@ fn echo_through_ring(
                 failed += 1;
             }
             let part = &mut buf[slot * SLOT..(slot + 1) * SLOT];
-            ring.post_recv(rpc, handle, part, slot as u64)
+            ring.post_recv(handle, part, slot as u64)
         };
         if let Err(e) = posted {
             println!("udp-echo: posting: {e}");

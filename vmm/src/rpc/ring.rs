@@ -84,6 +84,9 @@ pub struct Rings {
     stats: RingStats,
     stopping: AtomicBool,
     paused: AtomicBool,
+    /// The poller sleeps (set before its last look at the rings, so a
+    /// submission taken by a vCPU after that look always wakes it).
+    poller_asleep: AtomicBool,
     /// The poller's answer to a pause: it touches no guest memory until
     /// resumed.
     pause_seen: AtomicBool,
@@ -141,6 +144,7 @@ impl Rings {
             stats: RingStats::default(),
             stopping: AtomicBool::new(false),
             paused: AtomicBool::new(false),
+            poller_asleep: AtomicBool::new(false),
             pause_seen: AtomicBool::new(false),
         })
     }
@@ -256,6 +260,15 @@ impl Rings {
         park: &mut dyn Park,
     ) -> Result<[u64; 4], Status> {
         let ring = self.ring(id)?;
+        // What the guest posted before waiting is taken here, by the vCPU
+        // already in the host: its sends leave now, and it owed no kick.
+        // A sleeping poller is woken: it must watch the new receives too.
+        if ring.has_submissions(ram)
+            && ring.serve(net, ram, &self.stats).took
+            && self.poller_asleep.load(Ordering::SeqCst)
+        {
+            self.wake_poller();
+        }
         let outcome = loop {
             if ring.broken.load(Ordering::Relaxed) {
                 break Err(Status::BadArgument);
@@ -709,7 +722,7 @@ fn window(spin: Duration, gap: Option<Duration>) -> Duration {
 fn poll_loop(services: &super::Services, ram: &GuestRam, spin: Duration) {
     let net = &services.sockets;
     let rings = net.rings();
-    let mut last_work = Instant::now();
+    let mut seen_completions = rings.stats.completions.load(Ordering::Relaxed);
     let mut spinning_since: Option<Instant> = None;
     // The gap from a completion to the submission that followed it (an
     // average over the last few), and when the last completions went out.
@@ -738,17 +751,22 @@ fn poll_loop(services: &super::Services, ram: &GuestRam, spin: Duration) {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let (mut worked, mut stalled, mut took, mut published) = (false, false, false, false);
+        let (mut worked, mut stalled, mut took) = (false, false, false);
         let mut fds = Vec::new();
         for ring in &snapshot {
             let pass = ring.serve(net, ram, &rings.stats);
             worked |= pass.worked;
             stalled |= pass.stalled;
             took |= pass.took;
-            published |= pass.published;
             fds.extend(pass.fds);
         }
         let now = Instant::now();
+        // Completions published by anyone: a vCPU parked in `NetRingWait`
+        // publishes the receives it completes itself, and wakes the poller
+        // to wait for the answer.
+        let completions = rings.stats.completions.load(Ordering::Relaxed);
+        let published = completions != seen_completions;
+        seen_completions = completions;
         if took {
             if let Some(at) = published_at.take() {
                 let sample = now.duration_since(at);
@@ -765,11 +783,13 @@ fn poll_loop(services: &super::Services, ram: &GuestRam, spin: Duration) {
             published_at = Some(now);
         }
         if worked {
-            last_work = now;
             rings.stats.spun(spinning_since.take(), now);
             continue;
         }
-        if !snapshot.is_empty() && now.duration_since(last_work) < window(spin, gap) {
+        // Polling pays only while the guest owes an answer: from a
+        // completion until its next submission, for the window. Once it
+        // has answered, the poller sleeps on the sockets at once.
+        if published_at.is_some_and(|at| now.duration_since(at) < window(spin, gap)) {
             spinning_since.get_or_insert(now);
             std::hint::spin_loop();
             continue;
@@ -778,18 +798,26 @@ fn poll_loop(services: &super::Services, ram: &GuestRam, spin: Duration) {
         // To sleep: say so in every ring, then look once more, so a guest
         // that posted meanwhile is either seen here or sees the flag.
         snapshot.iter().for_each(|r| r.set_asleep(ram, true));
+        rings.poller_asleep.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         if snapshot.iter().any(|r| r.has_submissions(ram)) {
             snapshot.iter().for_each(|r| r.set_asleep(ram, false));
+            rings.poller_asleep.store(false, Ordering::SeqCst);
             continue;
+        }
+        // Receives a vCPU took in `NetRingWait` before that last look are
+        // watched too; one it takes after it finds the poller asleep.
+        for ring in &snapshot {
+            let posted = ring.posted_sockets();
+            fds.extend(posted.iter().map(|s| poll_fd(s.fd(), libc::POLLIN)));
         }
         rings.stats.sleeps.fetch_add(1, Ordering::Relaxed);
         // A stalled ring is looked at again soon: its guest frees room
         // without telling anyone.
         let timeout = stalled.then_some(Duration::from_millis(1));
         sleep_on(&rings.kick, &mut fds, timeout);
+        rings.poller_asleep.store(false, Ordering::SeqCst);
         snapshot.iter().for_each(|r| r.set_asleep(ram, false));
-        last_work = Instant::now();
     }
 }
 
