@@ -125,41 +125,59 @@ fn udp_echo_through_the_io_rings_parked_or_spinning_and_by_calls_without_a_polle
 }
 
 #[test]
-fn tcp_echo_carries_a_multi_megabyte_stream() {
+fn tcp_echo_carries_a_multi_megabyte_stream_by_calls_and_through_the_io_rings() {
     let _serial = one_at_a_time(&SERIAL);
     need_kvm!();
-    let net = policy(&["127.0.0.1:47102"], &[]);
-    let (running, out) = start("tcp-echo", 1, "addr=127.0.0.1:47102 conns=1", net);
-    out.wait_for("tcp-echo: serving", Duration::from_secs(20));
-    let mut stream = TcpStream::connect("127.0.0.1:47102").unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let payload: Vec<u8> = (0..4usize << 20)
-        .map(|i| (i * 7 + i / 4096) as u8)
-        .collect();
-    let writer = {
-        let mut stream = stream.try_clone().unwrap();
-        let payload = payload.clone();
-        std::thread::spawn(move || {
-            stream.write_all(&payload).unwrap();
-            stream.shutdown(std::net::Shutdown::Write).unwrap();
-        })
-    };
-    let mut echoed = Vec::new();
-    stream.read_to_end(&mut echoed).unwrap();
-    writer.join().unwrap();
-    assert_eq!(echoed.len(), payload.len());
-    assert!(echoed == payload, "stream differs");
-    let (run, out) = finish(running, &out);
-    assert_exit_0(&run, &out);
-    assert!(
-        out.contains(&format!(
-            "tcp-echo: {} bytes echoed over 1 connections",
-            4 << 20
-        )),
-        "{out}"
-    );
+    for mode in ["off", "park", "spin"] {
+        let net = policy(&["127.0.0.1:47102"], &[]);
+        let cmdline = format!("addr=127.0.0.1:47102 conns=1 ring={mode}");
+        let (running, out) = start("tcp-echo", 1, &cmdline, net);
+        out.wait_for("tcp-echo: serving", Duration::from_secs(20));
+        let mut stream = TcpStream::connect("127.0.0.1:47102").unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let payload: Vec<u8> = (0..4usize << 20)
+            .map(|i| (i * 7 + i / 4096) as u8)
+            .collect();
+        let writer = {
+            let mut stream = stream.try_clone().unwrap();
+            let payload = payload.clone();
+            std::thread::spawn(move || {
+                stream.write_all(&payload).unwrap();
+                stream.shutdown(std::net::Shutdown::Write).unwrap();
+            })
+        };
+        let mut echoed = Vec::new();
+        stream.read_to_end(&mut echoed).unwrap();
+        writer.join().unwrap();
+        assert_eq!(echoed.len(), payload.len(), "{mode}");
+        assert!(echoed == payload, "{mode}: stream differs");
+        let (run, out) = finish(running, &out);
+        assert_exit_0(&run, &out);
+        assert!(
+            out.contains(&format!(
+                "tcp-echo: {} bytes echoed over 1 connections",
+                4 << 20
+            )),
+            "{out}"
+        );
+        let calls = |name: &str| {
+            run.calls
+                .calls
+                .iter()
+                .find(|(c, _)| format!("{c:?}") == name)
+                .map_or(0, |(_, n)| *n)
+        };
+        if mode == "off" {
+            assert_eq!(run.rings.submissions, 0);
+            assert!(calls("NetRecv") > 0);
+        } else {
+            assert!(out.contains("tcp-echo: through rings"), "{out}");
+            assert!(run.rings.submissions > 2, "{mode}: {:?}", run.rings);
+            assert_eq!((calls("NetRecv"), calls("NetSend")), (0, 0), "{mode}");
+        }
+    }
 }
 
 fn open_fds() -> usize {

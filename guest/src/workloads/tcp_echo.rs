@@ -9,15 +9,23 @@
 //! connections`, exit 0; 1 if a socket call failed, 2 for a bad command
 //! line.
 //!
+//! With `ring=park` or `ring=spin` (`spin=US`, as for `udp-echo`) each
+//! connection's bytes go through the exitless I/O rings when the VMM
+//! offers them (`tcp-echo: through rings`): a receive posted, its bytes
+//! posted back as sends until all have left (a stream send may take part),
+//! then the next receive. Accepting stays a call.
+//!
 //! Housekeeping on vCPU 0 (default `none`) and how the VM ends are as for
 //! `periodic` (see `rt`).
 
 use super::rt::{self, Housekeeping};
-use super::udp_echo::addr_arg;
+use super::udp_echo::{addr_arg, ring_arg};
 use super::Ctx;
 use crate::net::{opt, TCP};
+use crate::ring::{IoRing, Wait};
 use crate::static_buf::StaticBuf;
 use crate::vmrpc::{Error, Rpc};
+use rtvm_abi::ring::op;
 use rtvm_abi::vmrpc::Status;
 
 /// Bytes received (and sent back) per call at most.
@@ -38,6 +46,9 @@ fn rt_task(ctx: &Ctx) -> u32 {
     };
     let conns = ctx.number_arg("conns", 1);
     let timeout_ms = ctx.number_arg("timeout", 0);
+    let Some(wait) = ring_arg(ctx, "tcp-echo") else {
+        return 2;
+    };
     let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
     let buf = BUF.take();
 
@@ -49,6 +60,21 @@ fn rt_task(ctx: &Ctx) -> u32 {
         }
     };
     println!("tcp-echo: serving {addr}");
+    let mut ring = None;
+    if let Some(wait) = wait {
+        match IoRing::setup(&mut rpc) {
+            Ok(Some(r)) => {
+                println!("tcp-echo: through rings ({wait:?})");
+                ring = Some((r, wait));
+            }
+            Ok(None) => println!("tcp-echo: the VMM serves no rings: using calls"),
+            Err(e) => {
+                println!("tcp-echo: ring setup: {e}");
+                let _ = rpc.close_socket(listener);
+                return 1;
+            }
+        }
+    }
 
     let (mut bytes, mut served, mut status) = (0u64, 0u64, 0);
     while conns == 0 || served < conns {
@@ -71,7 +97,10 @@ fn rt_task(ctx: &Ctx) -> u32 {
             println!("tcp-echo: connection {served} from {peer}: NODELAY: {e}");
             status = 1;
         }
-        let (echoed, result) = echo(&mut rpc, conn, buf, timeout_ms);
+        let (echoed, result) = match &mut ring {
+            Some((ring, wait)) => echo_through_ring(&mut rpc, ring, *wait, conn, buf, timeout_ms),
+            None => echo(&mut rpc, conn, buf, timeout_ms),
+        };
         bytes += echoed;
         if let Err((what, e)) = result {
             println!("tcp-echo: connection {served} from {peer}: {what}: {e} after {echoed} bytes");
@@ -126,5 +155,53 @@ fn echo(
             return (echoed, Err(("send", e)));
         }
         echoed += n as u64;
+    }
+}
+
+/// [`echo`] over the rings: one receive posted at a time, its bytes sent
+/// back (what a send leaves is posted again) before the next receive, so
+/// the stream keeps its order.
+fn echo_through_ring(
+    rpc: &mut Rpc,
+    ring: &mut IoRing,
+    wait: Wait,
+    conn: u64,
+    buf: &mut [u8],
+    timeout_ms: u64,
+) -> (u64, Result<(), (&'static str, Error)>) {
+    let mut echoed = 0;
+    // The bytes received and not yet all sent back: buf[sent..pending].
+    let (mut sent, mut pending) = (0usize, 0usize);
+    if let Err(e) = ring.post_recv(conn, buf, 0) {
+        return (echoed, Err(("posting a receive", e)));
+    }
+    loop {
+        let deadline = rpc.deadline_after_ms(timeout_ms);
+        let c = match ring.next(rpc, wait, deadline) {
+            Ok(c) => c,
+            Err(e) => return (echoed, Err(("waiting on the ring", e))),
+        };
+        if c.status != 0 {
+            let what = if c.op == op::RECV { "recv" } else { "send" };
+            return (echoed, Err((what, Error(c.status))));
+        }
+        let posted = if c.op == op::RECV {
+            if c.len == 0 {
+                return (echoed, Ok(()));
+            }
+            (sent, pending) = (0, (c.len as usize).min(buf.len()));
+            ring.post_send(conn, &buf[..pending], None, 1)
+        } else {
+            sent += c.len as usize;
+            if sent < pending {
+                ring.post_send(conn, &buf[sent..pending], None, 1)
+            } else {
+                echoed += pending as u64;
+                ring.post_recv(conn, buf, 0)
+            }
+        };
+        if let Err(e) = posted {
+            return (echoed, Err(("posting", e)));
+        }
     }
 }

@@ -48,20 +48,29 @@ pub fn addr_arg(ctx: &Ctx, name: &str, default: &str) -> Option<Addr> {
     addr
 }
 
+/// How argument `ring` (off, park, spin, with `spin=US`) says to use the
+/// I/O rings: `Some(None)` not at all; `None` (and a message) if it does
+/// not parse.
+pub fn ring_arg(ctx: &Ctx, name: &str) -> Option<Option<Wait>> {
+    match ctx.arg("ring") {
+        None | Some("off") => Some(None),
+        Some("park") => Some(Some(Wait::Park)),
+        Some("spin") => Some(Some(Wait::Spin(ctx.number_arg("spin", 50) * 1_000))),
+        Some(other) => {
+            println!("{name}: ring={other}: expected off, park or spin");
+            None
+        }
+    }
+}
+
 fn rt_task(ctx: &Ctx) -> u32 {
     let Some(addr) = addr_arg(ctx, "udp-echo", DEFAULT_ADDR) else {
         return 2;
     };
     let count = ctx.number_arg("count", 0);
     let timeout_ms = ctx.number_arg("timeout", 0);
-    let wait = match ctx.arg("ring") {
-        None | Some("off") => None,
-        Some("park") => Some(Wait::Park),
-        Some("spin") => Some(Wait::Spin(ctx.number_arg("spin", 50) * 1_000)),
-        Some(other) => {
-            println!("udp-echo: ring={other}: expected off, park or spin");
-            return 2;
-        }
+    let Some(wait) = ring_arg(ctx, "udp-echo") else {
+        return 2;
     };
     let mut rpc = Rpc::new(ctx.info, ctx.vcpu);
     let buf = BUF.take();
