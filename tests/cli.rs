@@ -373,7 +373,7 @@ fn seccomp_of_threads(pid: u32) -> Vec<(String, String)> {
             .find_map(|l| l.strip_prefix("Seccomp:"))
             .unwrap_or("?")
             .trim();
-        if comm.starts_with("rtvm") {
+        if comm.starts_with("rtvm") || comm.starts_with("vcpu") {
             threads.push((comm.trim().to_string(), seccomp.to_string()));
         }
     }
@@ -391,16 +391,10 @@ fn every_thread_of_a_running_vm_is_under_seccomp() {
     for (extra, want) in [(&[][..], "2"), (&["--seccomp", "off"][..], "0")] {
         let child = spawn_spinning("2", extra);
         // rtvm-io: the I/O poller, confined as it starts.
-        let expected: Vec<(String, String)> = [
-            "rtvm",
-            "rtvm-console",
-            "rtvm-io",
-            "rtvm-vcpu0",
-            "rtvm-vcpu1",
-        ]
-        .iter()
-        .map(|name| (name.to_string(), want.to_string()))
-        .collect();
+        let expected: Vec<(String, String)> = ["rtvm", "rtvm-console", "rtvm-io", "vcpu0", "vcpu1"]
+            .iter()
+            .map(|name| (name.to_string(), want.to_string()))
+            .collect();
         // The guest prints before its second vCPU's thread may exist, and
         // the control thread confines itself once the start is done.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);

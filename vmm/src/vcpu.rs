@@ -32,7 +32,7 @@ use crate::exit::{ExitSignal, VmExitReason};
 use crate::memory::GuestRam;
 use crate::realtime::{self, RtCgroups, RtItem};
 use crate::rpc::park::{Parker, Requests};
-use crate::rpc::{Doorbell, RpcServer, Services, VcpuFacts};
+use crate::rpc::{Doorbell, ExitKind, RpcServer, Services, VcpuActivity, VcpuFacts};
 use crate::seccomp::{self, ThreadKind};
 
 /// Offset from SIGRTMIN of the signal that kicks a vCPU out of `KVM_RUN`.
@@ -76,6 +76,8 @@ struct Control {
     wake: EventFd,
     /// CPU time the thread used (host and guest), written as it ends.
     cpu_ns: std::sync::atomic::AtomicU64,
+    /// Its exits, the call it serves, its timer advance.
+    activity: Arc<VcpuActivity>,
 }
 
 impl Control {
@@ -196,11 +198,12 @@ impl VcpuHandle {
             wake: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(Error::host("creating a vCPU wake eventfd"))?,
             cpu_ns: std::sync::atomic::AtomicU64::new(0),
+            activity: Arc::default(),
         });
         let index = ctx.index;
         let thread_control = control.clone();
         let thread = std::thread::Builder::new()
-            .name(format!("rtvm-vcpu{index}"))
+            .name(format!("vcpu{index}"))
             .spawn(move || run_thread(fd, ctx, &thread_control))
             .map_err(Error::host(format!("spawning the thread of vCPU {index}")))?;
         Ok(VcpuHandle {
@@ -218,14 +221,19 @@ impl VcpuHandle {
         self.control.lock().state
     }
 
-    /// The kernel's id of the vCPU's host thread, once it has started
-    /// (for `/proc/PID/task/TID`, schedulers and tracers).
     /// CPU time its thread has used so far (host and guest); `None` before
     /// it runs or after it ended (see [`VcpuHandle::join_until`]).
     pub fn cpu_time(&self) -> Option<Duration> {
         self.thread_id().and_then(crate::clock::thread_cpu_of)
     }
 
+    /// Its exits by kind, the call it serves now, its timer advance.
+    pub fn activity(&self) -> &VcpuActivity {
+        &self.control.activity
+    }
+
+    /// The kernel's id of the vCPU's host thread, once it has started
+    /// (for `/proc/PID/task/TID`, schedulers and tracers).
     pub fn thread_id(&self) -> Option<i32> {
         Some(self.control.tid.load(Ordering::Acquire)).filter(|&tid| tid != 0)
     }
@@ -372,7 +380,9 @@ fn run_thread(mut fd: VcpuFd, ctx: VcpuContext, control: &Control) {
     });
     // The VMM may be gone already (start failed); then nothing waits for this.
     let _ = ctx.started.send((ctx.index, rt_items));
-    let mut rpc = RpcServer::new(facts, ctx.ram.clone(), ctx.services.clone(), ctx.advance);
+    let mut rpc = RpcServer::new(facts, ctx.ram.clone(), ctx.services.clone(), ctx.advance)
+        .with_activity(control.activity.clone());
+    control.activity.set_timer_advance(rpc.timer_advance());
     let finished = match parker {
         Ok(parker) => run_loop(&mut fd, &ctx, control, &mut rpc, &parker),
         Err(e) => {
@@ -421,9 +431,13 @@ fn run_loop(
         }
         rpc.entering_guest();
         let flow = match fd.run() {
-            Ok(exit) => handle_exit(ctx, exit),
+            Ok(exit) => {
+                control.activity.exited(exit_kind(&exit));
+                handle_exit(ctx, exit)
+            }
             Err(e) if e.errno() == libc::EINTR => {
                 // Kicked: look at the requests again.
+                control.activity.exited(ExitKind::Interrupted);
                 fd.set_kvm_immediate_exit(0);
                 Flow::Continue
             }
@@ -514,6 +528,17 @@ fn le_value(data: &[u8]) -> u32 {
     let n = data.len().min(4);
     bytes[..n].copy_from_slice(&data[..n]);
     u32::from_le_bytes(bytes)
+}
+
+fn exit_kind(exit: &VcpuExit<'_>) -> ExitKind {
+    match exit {
+        VcpuExit::IoOut(port::DOORBELL, _) => ExitKind::Doorbell,
+        VcpuExit::IoOut(..) => ExitKind::IoOut,
+        VcpuExit::IoIn(..) => ExitKind::IoIn,
+        VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..) => ExitKind::Mmio,
+        VcpuExit::Intr => ExitKind::Interrupted,
+        _ => ExitKind::Other,
+    }
 }
 
 fn handle_exit(ctx: &VcpuContext, exit: VcpuExit<'_>) -> Flow {

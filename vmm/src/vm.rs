@@ -443,6 +443,32 @@ impl RunningVm {
         self.vcpus.iter().for_each(VcpuHandle::resume);
     }
 
+    /// Asks the VM to end (as `stop` does) without waiting: the thread in
+    /// [`RunningVm::wait_timeout`] sees the reason and tears the VM down.
+    pub fn request_stop(&self) {
+        self.exit.request(VmExitReason::Stopped);
+    }
+
+    /// The VMRPC calls served so far (live counters).
+    pub fn calls(&self) -> CallStats {
+        self.services.counters.snapshot()
+    }
+
+    /// The I/O rings' counts so far.
+    pub fn rings(&self) -> RingCounts {
+        self.services.sockets.rings().counts()
+    }
+
+    /// Guest sockets open now.
+    pub fn open_sockets(&self) -> usize {
+        self.services.sockets.open_sockets()
+    }
+
+    /// Time since the vCPUs started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// CPU time the I/O poller used so far (none: no poller).
     pub fn poller_cpu(&self) -> Option<Duration> {
         self.poller.as_ref().and_then(IoPoller::cpu_time)

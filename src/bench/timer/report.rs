@@ -3,7 +3,7 @@
 use super::*;
 
 /// The RT vCPU's thread in the trace, as `comm-`.
-const VCPU_THREAD: &str = "rtvm-vcpu1-";
+const VCPU_THREAD: &str = "vcpu1-";
 /// The kernel adds a stall's steal time at the CPU's next tick after it.
 const STEAL_SETTLE_NS: u64 = 20_000_000;
 

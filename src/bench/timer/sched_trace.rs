@@ -162,7 +162,7 @@ fn stamp(head: &str) -> Option<u64> {
     )
 }
 
-/// A `sched_wakeup` line: `... 123.456789: sched_wakeup: comm=rtvm-vcpu1
+/// A `sched_wakeup` line: `... 123.456789: sched_wakeup: comm=vcpu1
 /// pid=42 prio=19 target_cpu=001`.
 pub fn parse_wakeup(line: &str) -> Option<Wakeup> {
     let (head, fields) = line.split_once(": sched_wakeup: ")?;
@@ -177,7 +177,7 @@ pub fn parse_wakeup(line: &str) -> Option<Wakeup> {
 
 /// A `sched_switch` line of the trace file, e.g.
 /// `<idle>-0 [001] d..2. 123.456789: sched_switch: prev_comm=swapper/1
-/// prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=rtvm-vcpu1
+/// prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=vcpu1
 /// next_pid=42 next_prio=19`. Commands may hold spaces, so fields are
 /// cut at the next key.
 pub fn parse(line: &str) -> Option<Switch> {
@@ -254,19 +254,19 @@ mod tests {
 
     #[test]
     fn switches_parse_with_spaces_in_commands() {
-        let line = "   kworker/1:2 x-77   [001] d..2. 16244.079078: sched_switch: prev_comm=kworker/1:2 x prev_pid=77 prev_prio=120 prev_state=I ==> next_comm=rtvm-vcpu1 next_pid=42 next_prio=19";
+        let line = "   kworker/1:2 x-77   [001] d..2. 16244.079078: sched_switch: prev_comm=kworker/1:2 x prev_pid=77 prev_prio=120 prev_state=I ==> next_comm=vcpu1 next_pid=42 next_prio=19";
         let s = parse(line).unwrap();
         assert_eq!(s.at_ns, 16_244_079_078_000);
         assert_eq!(s.prev, "kworker/1:2 x-77");
-        assert_eq!(s.next, "rtvm-vcpu1-42");
+        assert_eq!(s.next, "vcpu1-42");
         assert!(parse("  <idle>-0 [001] 1.000001: sched_wakeup: comm=x").is_none());
         let woken = parse_wakeup(
-            "  <idle>-0  [001] dNs5. 24423.204662: sched_wakeup: comm=rtvm-vcpu1 pid=42 prio=19 target_cpu=001",
+            "  <idle>-0  [001] dNs5. 24423.204662: sched_wakeup: comm=vcpu1 pid=42 prio=19 target_cpu=001",
         )
         .unwrap();
         assert_eq!(
             (woken.at_ns, woken.task.as_str()),
-            (24_423_204_662_000, "rtvm-vcpu1-42")
+            (24_423_204_662_000, "vcpu1-42")
         );
         assert_eq!(cpumask(1), "00000002");
         assert_eq!(cpumask(33), "00000002,00000000");
@@ -280,27 +280,27 @@ mod tests {
             next: next.into(),
         };
         let switches = [
-            sw(100, "rtvm-vcpu1-42", "ksoftirqd/1-20"),
+            sw(100, "vcpu1-42", "ksoftirqd/1-20"),
             sw(300, "ksoftirqd/1-20", "stress-9"),
-            sw(700, "stress-9", "rtvm-vcpu1-42"),
-            sw(900, "rtvm-vcpu1-42", "swapper/1-0"),
+            sw(700, "stress-9", "vcpu1-42"),
+            sw(900, "vcpu1-42", "swapper/1-0"),
         ];
         assert_eq!(
-            occupants(&switches, (200, 800), "rtvm-vcpu1-", 700),
+            occupants(&switches, (200, 800), "vcpu1-", 700),
             [
                 ("stress-9".to_string(), 400),
                 ("ksoftirqd/1-20".to_string(), 100)
             ]
         );
-        assert!(occupants(&switches, (750, 850), "rtvm-vcpu1-", 700).is_empty());
+        assert!(occupants(&switches, (750, 850), "vcpu1-", 700).is_empty());
         // No switch out of idle recorded: the thread runs from when it
         // says it woke.
         let idle = [
-            sw(100, "rtvm-vcpu1-42", "swapper/1-0"),
-            sw(2000, "rtvm-vcpu1-42", "swapper/1-0"),
+            sw(100, "vcpu1-42", "swapper/1-0"),
+            sw(2000, "vcpu1-42", "swapper/1-0"),
         ];
         assert_eq!(
-            occupants(&idle, (1000, 1500), "rtvm-vcpu1-", 1040),
+            occupants(&idle, (1000, 1500), "vcpu1-", 1040),
             [("swapper/1-0".to_string(), 40)]
         );
     }

@@ -1,7 +1,7 @@
 //! What a VM's calls leave behind for the host to read: call counters and
 //! the sample streams benchmarks collect.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use rtvm_abi::vmrpc::{self, Call, Status};
@@ -131,9 +131,38 @@ const COUNTED_CALLS: usize = 64;
 /// cheap enough (relaxed atomics) to stay on always.
 pub struct CallCounters {
     by_number: [AtomicU64; COUNTED_CALLS],
+    refused_by_number: [AtomicU64; COUNTED_CALLS],
     refused: AtomicU64,
     long_polls: AtomicU64,
     io_parks: [AtomicU64; rtvm_abi::MAX_VCPUS],
+    lateness: LatenessCounts,
+}
+
+/// Upper bounds (µs, inclusive) of the buckets of long-poll lateness: how
+/// long after its deadline a timer wait handed control back. One bucket
+/// more counts the rest.
+pub const LATENESS_BOUNDS_US: [u64; 12] =
+    [1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 5_000, 20_000];
+
+#[derive(Default)]
+struct LatenessCounts {
+    buckets: [AtomicU64; LATENESS_BOUNDS_US.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+/// A snapshot of the long polls' lateness.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Lateness {
+    /// Waits per bucket of [`LATENESS_BOUNDS_US`], the last one unbounded
+    /// (not cumulative).
+    pub buckets: Vec<u64>,
+    pub sum_ns: u64,
+}
+
+impl Lateness {
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
 }
 
 /// A snapshot of [`CallCounters`].
@@ -146,6 +175,11 @@ pub struct CallStats {
     /// Timer waits (`Sleep`, `SleepUntil`, `WaitNext`) served as long polls:
     /// the calling vCPU parked in the host until its deadline.
     pub long_polls: u64,
+    /// Calls answered with a status other than `Ok`, by kind (only those
+    /// refused at least once).
+    pub refused_by_call: Vec<(Call, u64)>,
+    /// How late the timer long polls handed control back.
+    pub lateness: Lateness,
     /// By vCPU (up to the last that parked): how often socket calls parked
     /// it in the host waiting for I/O (a receive, accept or poll long
     /// poll; a send or connect waiting for the network).
@@ -156,9 +190,11 @@ impl Default for CallCounters {
     fn default() -> Self {
         CallCounters {
             by_number: std::array::from_fn(|_| AtomicU64::new(0)),
+            refused_by_number: std::array::from_fn(|_| AtomicU64::new(0)),
             refused: AtomicU64::new(0),
             long_polls: AtomicU64::new(0),
             io_parks: std::array::from_fn(|_| AtomicU64::new(0)),
+            lateness: LatenessCounts::default(),
         }
     }
 }
@@ -172,6 +208,9 @@ impl CallCounters {
         }
         if !ok {
             self.refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(count) = self.refused_by_number.get(number as usize) {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
         } else if call.is_some_and(Call::is_long_poll) {
             self.long_polls.fetch_add(1, Ordering::Relaxed);
         }
@@ -182,6 +221,18 @@ impl CallCounters {
         if let Some(count) = self.io_parks.get(vcpu).filter(|_| parks > 0) {
             count.fetch_add(parks, Ordering::Relaxed);
         }
+    }
+
+    /// Counts one timer long poll that handed control back `late_ns`
+    /// after its deadline.
+    pub fn long_poll_late(&self, late_ns: u64) {
+        let us = late_ns.div_ceil(1_000);
+        let bucket = LATENESS_BOUNDS_US
+            .iter()
+            .position(|&bound| us <= bound)
+            .unwrap_or(LATENESS_BOUNDS_US.len());
+        self.lateness.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.lateness.sum_ns.fetch_add(late_ns, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> CallStats {
@@ -201,6 +252,21 @@ impl CallCounters {
                 })
                 .collect(),
             refused: self.refused.load(Ordering::Relaxed),
+            refused_by_call: (0..COUNTED_CALLS as u32)
+                .filter_map(|n| {
+                    let count = self.refused_by_number[n as usize].load(Ordering::Relaxed);
+                    Some((Call::from_u32(n)?, count)).filter(|_| count > 0)
+                })
+                .collect(),
+            lateness: Lateness {
+                buckets: self
+                    .lateness
+                    .buckets
+                    .iter()
+                    .map(|b| b.load(Ordering::Relaxed))
+                    .collect(),
+                sum_ns: self.lateness.sum_ns.load(Ordering::Relaxed),
+            },
             long_polls: self.long_polls.load(Ordering::Relaxed),
             io_parks,
         }
@@ -274,5 +340,82 @@ mod tests {
         let later = WarnBudget::WINDOW_NS + second;
         assert_eq!(budget.spend(later), Warn::Log { left_out: 1000 });
         assert_eq!(budget.spend(later), Warn::Log { left_out: 0 });
+    }
+}
+
+/// Why a vCPU left `KVM_RUN`, as its [`VcpuActivity`] counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitKind {
+    /// A VMRPC doorbell (a port write, counted apart).
+    Doorbell,
+    IoOut,
+    IoIn,
+    Mmio,
+    /// A kick or a signal (`EINTR`, `KVM_EXIT_INTR`).
+    Interrupted,
+    /// Anything else (shutdown, halt, errors: each ends the VM).
+    Other,
+}
+
+impl ExitKind {
+    pub const ALL: [ExitKind; 6] = [
+        ExitKind::Doorbell,
+        ExitKind::IoOut,
+        ExitKind::IoIn,
+        ExitKind::Mmio,
+        ExitKind::Interrupted,
+        ExitKind::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitKind::Doorbell => "vmrpc_doorbell",
+            ExitKind::IoOut => "io_out",
+            ExitKind::IoIn => "io_in",
+            ExitKind::Mmio => "mmio",
+            ExitKind::Interrupted => "interrupted",
+            ExitKind::Other => "other",
+        }
+    }
+}
+
+/// What one vCPU is doing and has done, written by its thread with relaxed
+/// stores (cheap enough to stay on) and read by the VMM's API at any time.
+#[derive(Default)]
+pub struct VcpuActivity {
+    exits: [AtomicU64; ExitKind::ALL.len()],
+    /// The number of the VMRPC call being served, plus one (0: none).
+    serving: AtomicU32,
+    advance_ns: AtomicU64,
+}
+
+impl VcpuActivity {
+    pub fn exited(&self, kind: ExitKind) {
+        self.exits[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn serving(&self, number: Option<u32>) {
+        self.serving
+            .store(number.map_or(0, |n| n.saturating_add(1)), Ordering::Relaxed);
+    }
+
+    pub fn set_timer_advance(&self, ns: u64) {
+        self.advance_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// Exits by kind, in [`ExitKind::ALL`] order.
+    pub fn exits(&self) -> [(ExitKind, u64); ExitKind::ALL.len()] {
+        ExitKind::ALL.map(|k| (k, self.exits[k as usize].load(Ordering::Relaxed)))
+    }
+
+    /// The call being served now: its number, and its name if known.
+    pub fn call(&self) -> Option<(u32, Option<Call>)> {
+        let n = self.serving.load(Ordering::Relaxed).checked_sub(1)?;
+        Some((n, Call::from_u32(n)))
+    }
+
+    /// The timer advance the vCPU's last timer call used (ns).
+    pub fn timer_advance_ns(&self) -> u64 {
+        self.advance_ns.load(Ordering::Relaxed)
     }
 }

@@ -33,12 +33,16 @@ pub mod vcpu;
 use std::sync::Arc;
 
 use rtvm_abi::vmrpc::{
-    self, call_page_address, Request, Service, Status, REQUEST_SIZE, RESULTS_OFFSET, STATUS_OFFSET,
+    self, call_page_address, Call, Request, Service, Status, REQUEST_SIZE, RESULTS_OFFSET,
+    STATUS_OFFSET,
 };
 use vm_memory::{Bytes, GuestAddress};
 
 pub use context::CallContext;
-pub use counters::{CallCounters, CallStats, SampleStreams, Warn, WarnBudget, STREAM_CAPACITY};
+pub use counters::{
+    CallCounters, CallStats, ExitKind, Lateness, SampleStreams, VcpuActivity, Warn, WarnBudget,
+    LATENESS_BOUNDS_US, STREAM_CAPACITY,
+};
 pub use vcpu::{VcpuFacts, VcpuService};
 
 use crate::clock::now_ns;
@@ -96,6 +100,7 @@ pub struct RpcServer {
     ram: Arc<GuestRam>,
     services: Arc<Services>,
     own: VcpuService,
+    activity: Arc<VcpuActivity>,
 }
 
 impl RpcServer {
@@ -109,7 +114,15 @@ impl RpcServer {
             ram,
             services,
             own: VcpuService::new(facts, advance),
+            activity: Arc::default(),
         }
+    }
+
+    /// Where this server says which call it serves and the timer advance
+    /// in force (the vCPU's, for the VMM's API).
+    pub fn with_activity(mut self, activity: Arc<VcpuActivity>) -> Self {
+        self.activity = activity;
+        self
     }
 
     /// The timer advance this vCPU uses now (ns).
@@ -139,6 +152,8 @@ impl RpcServer {
             Ok(()) => Request::decode(&request),
             Err(_) => Err(Status::BadAddress),
         };
+        let number = u32::from_le_bytes(request[4..8].try_into().expect("4 bytes"));
+        self.activity.serving(Some(number));
         let mut counted = CountedPark::new(park);
         let outcome = decoded.and_then(|req| {
             let mut cx = CallContext::new(vcpu, &self.ram, &mut counted);
@@ -147,10 +162,24 @@ impl RpcServer {
         if decoded.is_ok_and(|r| r.call.service() == Service::Net) {
             self.services.counters.io_parked(vcpu, counted.parks);
         }
-        let number = u32::from_le_bytes(request[4..8].try_into().expect("4 bytes"));
-        self.services
-            .counters
-            .served(number, decoded.ok().map(|r| r.call), outcome.is_ok());
+        self.activity.serving(None);
+        let call = decoded.ok().map(|r| r.call);
+        self.services.counters.served(number, call, outcome.is_ok());
+        // Results of the timer waits: [deadline, host time at return, ..]
+        // and WaitNext's [deadline, lateness, ..].
+        match (call, &outcome) {
+            (Some(Call::Sleep | Call::SleepUntil), Ok(r)) => {
+                self.services
+                    .counters
+                    .long_poll_late(r[1].saturating_sub(r[0]));
+                self.activity.set_timer_advance(self.own.timer_advance());
+            }
+            (Some(Call::WaitNext), Ok(r)) => {
+                self.services.counters.long_poll_late(r[1]);
+                self.activity.set_timer_advance(self.own.timer_advance());
+            }
+            _ => {}
+        }
         let (status, results) = match outcome {
             Ok(results) => (Status::Ok, results),
             Err(status) => {
