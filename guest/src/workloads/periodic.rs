@@ -5,7 +5,9 @@
 //! (stream 0) and how many deadlines it missed (stream 1). After each wake
 //! it is busy for W ns (default 0). Every Mth cycle (default 0: never) it
 //! overruns on purpose, busy for 3.5 periods, and the next wait must then
-//! report exactly 3 missed deadlines.
+//! report exactly 3 missed deadlines. Every deadline must lie a whole number
+//! of periods after the first (in phase), however many were missed: a VM
+//! paused and resumed goes on in phase.
 //!
 //! Meanwhile vCPU 0, if it is not the RT vCPU, does housekeeping H (default
 //! `ping`; see `rt`) to show the other vCPUs and the VMM go on serving while
@@ -33,12 +35,20 @@ fn rt_task(ctx: &Ctx) -> u32 {
     let (mut overruns, mut bad_overruns, mut first_bad, mut in_phase) = (0, 0, None, 0);
     // The deadline of the cycle that overran, if the last one did.
     let mut overran: Option<u64> = None;
+    // Every deadline must lie a whole number of periods after the first,
+    // however many were missed (a pause, a preemption): the task stays in
+    // phase.
+    let (mut first_deadline, mut out_of_phase) = (None, 0u64);
 
     rpc.periodic(period, 0).expect("VMRPC Periodic");
     for cycle in 1..=count {
         let wait = rpc
             .wait_next()
             .unwrap_or_else(|e| panic!("WaitNext in cycle {cycle}: {e}"));
+        let first = *first_deadline.get_or_insert(wait.woke.deadline);
+        if !wait.woke.deadline.wrapping_sub(first).is_multiple_of(period) {
+            out_of_phase += 1;
+        }
         late.push(&mut rpc, wait.woke.late_ns());
         missed.push(&mut rpc, wait.missed);
         total_missed += wait.missed;
@@ -71,6 +81,10 @@ fn rt_task(ctx: &Ctx) -> u32 {
     missed.flush(&mut rpc);
 
     println!("periodic: cycles={count} missed={total_missed} max_late_ns={max_late}");
+    if out_of_phase > 0 {
+        println!("periodic: {out_of_phase} deadlines out of phase FAIL");
+        return 1;
+    }
     match first_bad {
         Some((cycle, got)) => {
             println!(
