@@ -1,6 +1,8 @@
 //! `rtvm`: the command line of the rtvm real-time VMM.
 
+mod api;
 mod bench;
+mod ctl;
 mod demo;
 mod flags;
 mod initramfs;
@@ -55,6 +57,9 @@ enum Command {
     /// rtvm's guest tools, programs with their libraries, and an /init.
     #[command(long_about = initramfs::LONG_HELP)]
     Initramfs(initramfs::InitramfsArgs),
+    /// Drive an `rtvm run --api-sock PATH`: info, vcpus, pause, resume,
+    /// stop, metrics, start.
+    Ctl(ctl::CtlArgs),
 }
 
 #[derive(Args, Clone, Default)]
@@ -154,6 +159,10 @@ pub struct RunArgs {
     /// Write how the run ended and what it cost (RSS, times) as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
+    /// Serve the management API (HTTP/1.1 + JSON) on Unix socket PATH; with
+    /// no guest named, wait for one to be configured and started through it.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -307,6 +316,14 @@ fn stats_json(run: &VmRun) -> serde_json::Value {
 }
 
 fn run(args: &RunArgs) -> ExitCode {
+    // The socket from the flag, else from the configuration file.
+    let api_sock = args.api_sock.clone().or_else(|| {
+        let path = args.config.as_ref()?;
+        VmConfig::from_file(path).ok()?.api_sock
+    });
+    if let Some(socket) = api_sock {
+        return api::run(args, &socket);
+    }
     let result = args.to_config().and_then(|config| {
         rtvm_vmm::signals::install_termination_handlers()?;
         let running = Vm::new(&config, console_for(&config)?)?.start()?;
@@ -317,10 +334,14 @@ fn run(args: &RunArgs) -> ExitCode {
         }
         Ok(running.wait())
     });
-    let run = match result {
-        Ok(run) => run,
-        Err(err) => return report_error(&err),
-    };
+    match result {
+        Ok(run) => finish_run(&run, args.stats_json.as_deref()),
+        Err(err) => report_error(&err),
+    }
+}
+
+/// Reports how a VM's run ended (and its stats, if asked); its status.
+pub fn finish_run(run: &VmRun, stats_json_path: Option<&std::path::Path>) -> ExitCode {
     if !run.stuck.is_empty() {
         eprintln!(
             "rtvm: error: vCPU threads {:?} were blocked in the host and did not stop",
@@ -332,8 +353,8 @@ fn run(args: &RunArgs) -> ExitCode {
     } else {
         eprintln!("rtvm: error: {}", run.reason);
     }
-    if let Some(path) = &args.stats_json {
-        let text = serde_json::to_string_pretty(&stats_json(&run)).expect("JSON of plain values");
+    if let Some(path) = stats_json_path {
+        let text = serde_json::to_string_pretty(&stats_json(run)).expect("JSON of plain values");
         if let Err(e) = std::fs::write(path, text) {
             eprintln!("rtvm: error: cannot write {}: {e}", path.display());
             return ExitCode::from(EXIT_HOST_ERROR);
@@ -357,5 +378,6 @@ fn main() -> ExitCode {
         Command::Bench(cmd) => bench::run(&cmd),
         Command::Probe(args) => probe::run(&args),
         Command::Initramfs(args) => initramfs::run(&args),
+        Command::Ctl(args) => ctl::run(&args),
     }
 }

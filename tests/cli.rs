@@ -431,6 +431,8 @@ fn bench_boot_reports_json() {
     assert_eq!(json["first_output_ms"]["runs"], 3);
     let overhead = json["vmm_overhead_mib"].as_f64().unwrap();
     assert!(overhead > 0.0 && overhead < 1024.0, "{json}");
+    let with_api = json["with_api"]["vmm_overhead_mib"].as_f64().unwrap();
+    assert!(with_api > 0.0 && with_api < 1024.0, "{json}");
     assert_eq!(json["stop_parked_ms"]["runs"], 3);
     assert!(
         json["stop_parked_ms"]["max"].as_f64().unwrap() > 0.0,

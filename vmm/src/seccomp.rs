@@ -50,6 +50,9 @@ pub enum ThreadKind {
     /// The VM's I/O poller: the guest's I/O rings in guest RAM (no system
     /// call), its sockets, its eventfds.
     IoPoller,
+    /// The management API: its Unix socket's clients, and what it reads
+    /// of the VM's threads (/proc, their scheduling).
+    Api,
 }
 
 impl ThreadKind {
@@ -60,6 +63,7 @@ impl ThreadKind {
             ThreadKind::Terminal => "console",
             ThreadKind::Probe => "probe",
             ThreadKind::IoPoller => "I/O poller",
+            ThreadKind::Api => "API",
         }
     }
 }
@@ -110,9 +114,38 @@ fn compile(kind: ThreadKind, mismatch: SeccompAction) -> seccompiler::Result<Bpf
             allow(WAITS);
             allow(SOCKETS);
         }
+        ThreadKind::Api => {
+            allow(WAITS);
+            allow(&[
+                libc::SYS_accept4,
+                libc::SYS_recvfrom,
+                libc::SYS_sendto,
+                libc::SYS_shutdown,
+                libc::SYS_openat,
+                libc::SYS_fstat,
+                libc::SYS_newfstatat,
+                libc::SYS_statx,
+                libc::SYS_lseek,
+                libc::SYS_sched_getscheduler,
+                libc::SYS_sched_getparam,
+                libc::SYS_prctl,
+            ]);
+        }
     }
     if matches!(kind, ThreadKind::Vcpu | ThreadKind::Control) {
         rules.insert(libc::SYS_ioctl, ioctl_rules()?);
+    }
+    if kind == ThreadKind::Api {
+        // Its clients' sockets made non-blocking; no other request.
+        rules.insert(
+            libc::SYS_ioctl,
+            vec![SeccompRule::new(vec![SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                libc::FIONBIO,
+            )?])?],
+        );
     }
     let filter = SeccompFilter::new(
         rules,

@@ -232,6 +232,9 @@ pub struct VmConfig {
     /// The I/O poller that serves the guest's I/O rings.
     #[serde(default)]
     pub io_poller: IoPollerConfig,
+    /// The management API's Unix socket (`rtvm run --api-sock`); none: no API.
+    #[serde(default)]
+    pub api_sock: Option<PathBuf>,
 }
 
 /// Which pages back guest RAM (see `GuestRam::with_backing`).
@@ -351,6 +354,7 @@ impl VmConfig {
             huge_pages: HugePages::default(),
             prefault: false,
             io_poller: IoPollerConfig::default(),
+            api_sock: None,
         }
     }
 
