@@ -487,3 +487,37 @@ fn every_documented_route_answers_and_nothing_else_does() {
     }
     assert_eq!(api.curl("GET", "/undocumented", None).0, 404);
 }
+
+/// The share's use shows in the metrics while the guest writes there.
+#[test]
+fn metrics_count_the_guests_files_in_its_share() {
+    need_kvm!();
+    let dir = temp_path("share");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let share = dir.to_str().unwrap().to_string();
+    let api = Api::start(
+        "share",
+        &[
+            "--guest",
+            "builtin:logger",
+            "--cmdline",
+            "count=1000000",
+            "--vcpus",
+            "2",
+            "--rt-vcpu",
+            "1:prio=80",
+            "--share",
+            &share,
+        ],
+    );
+    eventually("the guest's writes counted", || {
+        let m = api.metrics();
+        sample(&m, "rtvm_open_files", &[]).unwrap_or(0.0) >= 1.0
+            && sample(&m, "rtvm_share_written_bytes", &[]).unwrap_or(0.0) > 0.0
+    });
+    let (status, _) = api.json("PUT", "/actions", Some(r#"{"action_type":"Stop"}"#));
+    assert_eq!(status, 200);
+    api.wait();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -208,6 +208,22 @@ pub fn render(control: &Control) -> String {
         "Host sockets the guest holds open.",
     )
     .sample("rtvm_open_sockets", &[], vm.open_sockets());
+    if let Some((files, written)) = vm.share_use() {
+        Family::new(
+            &mut out,
+            "rtvm_open_files",
+            "gauge",
+            "Files the guest holds open in its share.",
+        )
+        .sample("rtvm_open_files", &[], files);
+        Family::new(
+            &mut out,
+            "rtvm_share_written_bytes",
+            "gauge",
+            "Bytes the guest has written into its share (charged to its quota).",
+        )
+        .sample("rtvm_share_written_bytes", &[], written);
+    }
     let rings = vm.rings();
     let mut f = Family::new(
         &mut out,

@@ -464,6 +464,13 @@ impl RunningVm {
         self.services.sockets.open_sockets()
     }
 
+    /// Files the guest holds open in its share, and the bytes it has
+    /// written there (none: no share).
+    pub fn share_use(&self) -> Option<(usize, u64)> {
+        let files = self.services.files.as_ref()?;
+        Some((files.open_files(), files.bytes_written()))
+    }
+
     /// Time since the vCPUs started.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()

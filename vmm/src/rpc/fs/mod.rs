@@ -137,6 +137,11 @@ impl FileService {
         self.files.len()
     }
 
+    /// Bytes charged to the write quota so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
     /// Takes `n` bytes from the write quota, or refuses the whole call.
     fn charge(&self, n: u64) -> std::result::Result<(), Status> {
         let limit = self.config.max_bytes_written;
