@@ -46,7 +46,12 @@ fn rt_task(ctx: &Ctx) -> u32 {
             .wait_next()
             .unwrap_or_else(|e| panic!("WaitNext in cycle {cycle}: {e}"));
         let first = *first_deadline.get_or_insert(wait.woke.deadline);
-        if !wait.woke.deadline.wrapping_sub(first).is_multiple_of(period) {
+        if !wait
+            .woke
+            .deadline
+            .wrapping_sub(first)
+            .is_multiple_of(period)
+        {
             out_of_phase += 1;
         }
         late.push(&mut rpc, wait.woke.late_ns());
