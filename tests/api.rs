@@ -167,6 +167,26 @@ fn curl_configures_starts_observes_pauses_resumes_and_stops_a_vm() {
         err["fault_message"].as_str().unwrap().contains("guest"),
         "{err}"
     );
+    // A guest that does not exist: the start fails, says why, and leaves
+    // the configuration to be fixed.
+    let (status, _) = api.json(
+        "PUT",
+        "/boot-source",
+        Some(r#"{"guest":"builtin:no-such"}"#),
+    );
+    assert_eq!(status, 204);
+    let (status, err) = api.json(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"InstanceStart"}"#),
+    );
+    assert_eq!(status, 400, "{err}");
+    assert!(
+        err["fault_message"].as_str().unwrap().contains("no-such"),
+        "{err}"
+    );
+    let (_, info) = api.json("GET", "/", None);
+    assert_eq!(info["state"], "Not started");
     let (status, _) = api.json(
         "PUT",
         "/boot-source",

@@ -180,18 +180,15 @@ fn remove_socket(path: &Path) {
 /// run, end; the process status.
 fn life(args: &RunArgs, control: &Control, starts: &mpsc::Receiver<StartRequest>) -> ExitCode {
     let named_guest = args.guest.is_some() || args.kernel.is_some() || args.config.is_some();
-    let (vm, config) = if named_guest {
+    let (vm, config, started) = if named_guest {
         let config = match args.to_config() {
             Ok(c) => c,
             Err(e) => return crate::report_error(&e),
         };
         control.set(Phase::Starting);
         match start(&config) {
-            Ok(vm) => (vm, config),
-            Err(e) => {
-                eprintln!("rtvm: error: {e}");
-                return ExitCode::from(crate::EXIT_HOST_ERROR);
-            }
+            Ok(vm) => (vm, config, None),
+            Err(e) => return crate::report_error(&e),
         }
     } else {
         eprintln!(
@@ -206,14 +203,12 @@ fn life(args: &RunArgs, control: &Control, starts: &mpsc::Receiver<StartRequest>
                 continue;
             };
             match start(&request.config) {
-                Ok(vm) => {
-                    let _ = request.reply.send(Ok(()));
-                    break (vm, *request.config);
-                }
+                // Answered once the phase says Running (below).
+                Ok(vm) => break (vm, *request.config, Some(request.reply)),
+                // The API thread goes back to configuring with what the
+                // client had set: it may fix it and try again.
                 Err(e) => {
-                    // Back to configuring: the client may fix it and retry.
-                    control.set(Phase::Configuring(Box::new(args.clone())));
-                    let _ = request.reply.send(Err(e));
+                    let _ = request.reply.send(Err(e.to_string()));
                 }
             }
         }
@@ -227,6 +222,9 @@ fn life(args: &RunArgs, control: &Control, starts: &mpsc::Receiver<StartRequest>
         config: Box::new(config.clone()),
         paused: false,
     });
+    if let Some(reply) = started {
+        let _ = reply.send(Ok(()));
+    }
     // From here this thread only waits, tears down and reports.
     if let Err(e) = seccomp::confine_current_thread(ThreadKind::Control, config.seccomp) {
         vm.request_stop();
@@ -257,9 +255,6 @@ fn life(args: &RunArgs, control: &Control, starts: &mpsc::Receiver<StartRequest>
 }
 
 /// Builds and starts the VM `config` describes.
-fn start(config: &VmConfig) -> Result<RunningVm, String> {
-    let console = crate::console_for(config).map_err(|e| e.to_string())?;
-    Vm::new(config, console)
-        .and_then(Vm::start)
-        .map_err(|e| e.to_string())
+fn start(config: &VmConfig) -> Result<RunningVm, rtvm_vmm::Error> {
+    Vm::new(config, crate::console_for(config)?)?.start()
 }

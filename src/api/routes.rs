@@ -203,7 +203,7 @@ impl Api {
     }
 
     fn instance_start(&self) -> Result<Response, Response> {
-        let config = {
+        let (config, args) = {
             let mut phase = self.control.lock();
             let Phase::Configuring(args) = &*phase else {
                 return Err(Response::error(
@@ -217,9 +217,12 @@ impl Api {
                     format!("the configuration is not complete or not valid: {e}"),
                 )
             })?;
+            let args = args.clone();
             *phase = Phase::Starting;
-            config
+            (config, args)
         };
+        // A start that fails leaves the configuration as it was.
+        let restore = |control: &Control| control.set(Phase::Configuring(args.clone()));
         let (reply, replies) = mpsc::channel();
         let sent = self
             .control
@@ -235,8 +238,15 @@ impl Api {
         }
         match replies.recv_timeout(START_TIMEOUT) {
             Ok(Ok(())) => Ok(Response::no_content()),
-            Ok(Err(e)) => Err(Response::error(400, format!("the VM did not start: {e}"))),
-            Err(_) => Err(Response::error(500, "the VM did not start in time")),
+            Ok(Err(e)) => {
+                restore(&self.control);
+                Err(Response::error(400, format!("the VM did not start: {e}")))
+            }
+            Err(_) => {
+                // If it starts after all, the main thread says Running.
+                restore(&self.control);
+                Err(Response::error(500, "the VM did not start in time"))
+            }
         }
     }
 
