@@ -536,8 +536,13 @@ fn metrics_count_the_guests_files_in_its_share() {
         sample(&m, "rtvm_open_files", &[]).unwrap_or(0.0) >= 1.0
             && sample(&m, "rtvm_share_written_bytes", &[]).unwrap_or(0.0) > 0.0
     });
-    let (status, _) = api.json("PUT", "/actions", Some(r#"{"action_type":"Stop"}"#));
-    assert_eq!(status, 200);
-    api.wait();
+    // `rtvm ctl stop` says how the VM ended, for a person.
+    let out = api.ctl(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "stopped: stopped by the VMM (status 0)\n"
+    );
+    assert_eq!(api.wait().status.code(), Some(0));
     std::fs::remove_dir_all(&dir).unwrap();
 }
