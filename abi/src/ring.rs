@@ -165,7 +165,11 @@ pub struct Cqe {
     pub len: u64,
     /// For [`op::RECV`]: the sender.
     pub addr: [u64; 3],
-    pub _pad: [u64; 2],
+    /// Host time (ns, the clock of `Call::Clock`) when the host wrote the
+    /// completion: a receive's data taken from its socket, a send gone. 0
+    /// from a host that predates it (the field was padding).
+    pub time: u64,
+    pub _pad: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<Sqe>() as u64 == ENTRY_SIZE);
@@ -216,6 +220,7 @@ impl Cqe {
         for (i, w) in self.addr.iter().enumerate() {
             b[24 + 8 * i..32 + 8 * i].copy_from_slice(&w.to_le_bytes());
         }
+        b[48..56].copy_from_slice(&self.time.to_le_bytes());
         b
     }
 
@@ -232,7 +237,8 @@ impl Cqe {
             op: u32_at(12),
             len: u64_at(16),
             addr: [u64_at(24), u64_at(32), u64_at(40)],
-            _pad: [0; 2],
+            time: u64_at(48),
+            _pad: 0,
         }
     }
 }
@@ -361,7 +367,8 @@ mod tests {
             op: op::RECV,
             len: 9,
             addr: [4, 5, 6],
-            _pad: [0; 2],
+            time: 123_456_789,
+            _pad: 0,
         };
         assert_eq!(Cqe::from_bytes(&cqe.to_bytes()), cqe);
     }

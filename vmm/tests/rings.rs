@@ -465,7 +465,14 @@ fn a_parked_waiter_is_woken_by_the_completion_and_a_deadline_ends_the_wait() {
         rings.wait(&s.services.sockets, &s.ram, id, u64::MAX, &mut park),
         Ok([0; 4])
     );
-    assert_eq!(g.complete().map(|c| c.len), Some(4));
+    let c = g.complete().expect("the receive's completion");
+    assert_eq!(c.len, 4);
+    // Stamped with the host's clock when the data was taken.
+    let now = rtvm_vmm::clock::now_ns();
+    assert!(
+        c.time > soon.saturating_sub(5_000_000) && c.time <= now,
+        "{c:?}"
+    );
     sender.join().unwrap();
 }
 

@@ -392,7 +392,9 @@ impl Ring {
         Some(self.cq_entries - used)
     }
 
-    fn complete(&self, ram: &GuestRam, st: &mut RingState, stats: &RingStats, cqe: Cqe) {
+    fn complete(&self, ram: &GuestRam, st: &mut RingState, stats: &RingStats, mut cqe: Cqe) {
+        // When, for a guest that learns its traffic's rhythm from it.
+        cqe.time = crate::clock::now_ns();
         let slot = u64::from(st.cq_tail & (self.cq_entries - 1));
         let at = self.base + ring::cq_offset(self.sq_entries) + slot * ring::ENTRY_SIZE;
         let _ = ram.mem().write_slice(&cqe.to_bytes(), GuestAddress(at));
@@ -408,7 +410,8 @@ impl Ring {
             op: sqe.op,
             len,
             addr,
-            _pad: [0; 2],
+            time: 0,
+            _pad: 0,
         }
     }
 
