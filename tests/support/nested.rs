@@ -559,10 +559,13 @@ fn run_with(assets: &Assets, scenario: &Scenario) -> Result<Outcome, NestedError
         },
     ];
     if scenario.outer_run.is_none() {
+        // A boot takes under a minute; the emulator's stalls (README,
+        // "Stalls inside the harness") last about 300 s and end by
+        // themselves, and one came during a boot: outlasted here too.
         stages.push(Stage {
             name: "the inner guest's kernel booting to its /init",
             until: "rtvm-init: starting",
-            limit: Duration::from_secs(150),
+            limit: Duration::from_secs(480),
         });
     }
     stages.push(Stage {
