@@ -794,7 +794,8 @@ fn bench_net_probes_host_and_guest_from_outside() {
             "{path}: {json}"
         );
     }
-    assert_eq!(json["settings"]["guest_spin_us"], 50, "{json}");
+    assert_eq!(json["settings"]["guest_spin_us"], 200, "{json}");
+    assert_eq!(json["settings"]["poller_priority"], 70, "{json}");
     assert_eq!(json["settings"]["poller_spin_us"], 50, "{json}");
     assert!(json["exit_floor_p50_us"].as_f64().unwrap() > 0.0);
     assert!(json["target"]["guest_rt_p99_max_us"].is_f64());
