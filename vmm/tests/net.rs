@@ -149,7 +149,9 @@ fn tcp_echo_carries_a_multi_megabyte_stream_by_calls_and_through_the_io_rings() 
             })
         };
         let mut echoed = Vec::new();
-        stream.read_to_end(&mut echoed).unwrap();
+        if let Err(e) = stream.read_to_end(&mut echoed) {
+            panic!("{mode}: {e} after {} bytes echoed", echoed.len());
+        }
         writer.join().unwrap();
         assert_eq!(echoed.len(), payload.len(), "{mode}");
         assert!(echoed == payload, "{mode}: stream differs");

@@ -364,6 +364,21 @@ impl Ring {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// What would give this ring work: its posted receives' sockets
+    /// readable, its blocked send's writable.
+    fn watched_fds(&self) -> Vec<libc::pollfd> {
+        let st = self.lock();
+        let mut fds: Vec<libc::pollfd> = st
+            .posted
+            .iter()
+            .map(|(_, s)| poll_fd(s.fd(), libc::POLLIN))
+            .collect();
+        if let Some((_, socket, _)) = &st.blocked {
+            fds.push(poll_fd(socket.fd(), libc::POLLOUT));
+        }
+        fds
+    }
+
     /// The sockets of the receives posted and not yet completed.
     fn posted_sockets(&self) -> Vec<HeldSocket> {
         self.lock().posted.iter().map(|(_, s)| s.clone()).collect()
@@ -613,6 +628,16 @@ impl Ring {
             .is_some_and(|tail| tail != head)
     }
 
+    /// Whether a pass would take new submissions now: some are posted and
+    /// no blocked send holds them back (it is watched for room instead).
+    fn would_take(&self, ram: &GuestRam) -> bool {
+        let st = self.lock();
+        st.blocked.is_none()
+            && self
+                .load(ram, field::SQ_TAIL)
+                .is_some_and(|tail| tail != st.sq_head)
+    }
+
     fn set_asleep(&self, ram: &GuestRam, asleep: bool) {
         self.store(
             ram,
@@ -754,13 +779,14 @@ fn poll_loop(services: &super::Services, ram: &GuestRam, spin: Duration) {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let (mut worked, mut stalled, mut took) = (false, false, false);
+        let (mut worked, mut took) = (false, false);
+        let mut stalled = Vec::with_capacity(snapshot.len());
         let mut fds = Vec::new();
         for ring in &snapshot {
             let pass = ring.serve(net, ram, &rings.stats);
             worked |= pass.worked;
-            stalled |= pass.stalled;
             took |= pass.took;
+            stalled.push(pass.stalled);
             fds.extend(pass.fds);
         }
         let now = Instant::now();
@@ -803,21 +829,28 @@ fn poll_loop(services: &super::Services, ram: &GuestRam, spin: Duration) {
         snapshot.iter().for_each(|r| r.set_asleep(ram, true));
         rings.poller_asleep.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        if snapshot.iter().any(|r| r.has_submissions(ram)) {
+        // A stalled ring's untaken submissions wait for completion room
+        // (looked at on the timeout below), those behind a blocked send
+        // for socket room (watched): neither is work for now.
+        let posted_meanwhile = snapshot
+            .iter()
+            .zip(&stalled)
+            .any(|(r, &stalled)| !stalled && r.would_take(ram));
+        if posted_meanwhile {
             snapshot.iter().for_each(|r| r.set_asleep(ram, false));
             rings.poller_asleep.store(false, Ordering::SeqCst);
             continue;
         }
-        // Receives a vCPU took in `NetRingWait` before that last look are
-        // watched too; one it takes after it finds the poller asleep.
+        // What a vCPU took in `NetRingWait` before that last look is
+        // watched too (its receives, its blocked send); what it takes
+        // after, it wakes the poller for.
         for ring in &snapshot {
-            let posted = ring.posted_sockets();
-            fds.extend(posted.iter().map(|s| poll_fd(s.fd(), libc::POLLIN)));
+            fds.extend(ring.watched_fds());
         }
         rings.stats.sleeps.fetch_add(1, Ordering::Relaxed);
         // A stalled ring is looked at again soon: its guest frees room
         // without telling anyone.
-        let timeout = stalled.then_some(Duration::from_millis(1));
+        let timeout = stalled.contains(&true).then_some(Duration::from_millis(1));
         sleep_on(&rings.kick, &mut fds, timeout);
         rings.poller_asleep.store(false, Ordering::SeqCst);
         snapshot.iter().for_each(|r| r.set_asleep(ram, false));
