@@ -11,9 +11,20 @@ use rtvm_abi::ring::{self, field, Sqe};
 use rtvm_abi::vmrpc::net;
 use rtvm_vmm::config::NetPolicy;
 use rtvm_vmm::memory::GuestRam;
+use rtvm_vmm::rpc::park::{Interrupted, Park, Parked};
 use rtvm_vmm::rpc::Services;
 use rtvm_vmm::{GuestSpec, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
+
+/// A park whose deadline has always passed: a wait serves, looks, and
+/// returns.
+struct NoPark;
+
+impl Park for NoPark {
+    fn park(&mut self, _: &mut [libc::pollfd], _: u64) -> Result<Parked, Interrupted> {
+        Ok(Parked::Deadline)
+    }
+}
 
 const RAM: u64 = 16 << 20;
 const AREA: u64 = 0x10_0000;
@@ -88,6 +99,11 @@ fuzz_target!(|data: &[u8]| {
         GuestAddress(AREA + field::SQ_TAIL as u64),
         std::sync::atomic::Ordering::SeqCst,
     );
+    // Half the inputs hand the submissions to a vCPU's `NetRingWait`
+    // (which serves them itself before it parks) instead of the poller.
+    if data[2] & 0x40 != 0 {
+        let _ = rings.wait(&services.sockets, ram, id, 0, &mut NoPark);
+    }
     rings.serve_all(&services.sockets, ram);
     // The guest rewrites both of its indices with whatever is left.
     for chunk in rest.chunks(8).take(4) {
