@@ -4,7 +4,8 @@
 //! request must arrive whole within [`Limits::request_time`], its head
 //! within [`Limits::max_head`] bytes and its body within
 //! [`Limits::max_body`]; at most [`Limits::max_clients`] are served at
-//! once (the next get a 503 and are closed). Each response closes its
+//! once (the next get a 503 and are closed; beyond four times as many
+//! they are closed unanswered). Each response closes its
 //! connection (`Connection: close`): clients are scripts and scrapers, and
 //! no idle connection is ever held.
 
@@ -323,7 +324,7 @@ fn accept_all(listener: &UnixListener, clients: &mut Vec<Client>, limits: &Limit
             Err(e) if e.kind() == ErrorKind::WouldBlock => return,
             Err(e) => {
                 // Out of descriptors, say: the next poll tries again.
-                tracing::warn!("API: accept: {e}");
+                tracing::debug!("API: accept: {e}");
                 return;
             }
         };
@@ -331,6 +332,12 @@ fn accept_all(listener: &UnixListener, clients: &mut Vec<Client>, limits: &Limit
             continue;
         }
         let busy = clients.len() >= limits.max_clients;
+        // Beyond four times the limit, not even a 503: the connection is
+        // closed at once, so a flood holds a bounded number of descriptors.
+        if clients.len() >= limits.max_clients * 4 {
+            drop(stream);
+            continue;
+        }
         let phase = if busy {
             Phase::Writing {
                 out: Response::error(503, "too many clients; try again").to_bytes(),
