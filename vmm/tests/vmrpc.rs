@@ -104,9 +104,16 @@ fn periodic_counts_missed_periods_when_the_task_overruns() {
     assert!(out.contains("housekeeping:"), "vCPU 0 kept working: {out}");
     let missed = &run.streams[1];
     assert_eq!(missed.len(), 60, "one missed count per cycle");
-    // Cycles 20 and 40 overran by 3.5 periods: the following waits report 3.
-    assert_eq!(missed[20], 3, "{missed:?}");
-    assert_eq!(missed[40], 3, "{missed:?}");
+    // Cycles 20 and 40 overran by 3.5 periods: the following waits report
+    // 3, or more where the vCPU reached the host late, which the guest
+    // checked was counted right for when it did (it exited 0).
+    assert!(missed[20] >= 3, "{missed:?}");
+    assert!(missed[40] >= 3, "{missed:?}");
+    assert!(
+        (missed[20] == 3 && missed[40] == 3)
+            || out.contains("counted right for when the call reached the host"),
+        "{missed:?}: {out}"
+    );
     assert_eq!(run.streams[0].len(), 60, "one lateness sample per cycle");
 }
 
