@@ -81,6 +81,15 @@ impl Api {
         (status, value)
     }
 
+    /// `PUT /actions {"action_type": "InstanceStart"}`.
+    fn instance_start(&self) -> (u16, Value) {
+        self.json(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type":"InstanceStart"}"#),
+        )
+    }
+
     fn metrics(&self) -> prometheus_parse::Scrape {
         let (status, text) = self.curl("GET", "/metrics", None);
         assert_eq!(status, 200);
@@ -167,11 +176,7 @@ fn curl_configures_starts_observes_pauses_resumes_and_stops_a_vm() {
     let (status, info) = api.json("GET", "/", None);
     assert_eq!((status, info["state"].as_str()), (200, Some("Not started")));
     // Not configured yet: starting says what is missing.
-    let (status, err) = api.json(
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type":"InstanceStart"}"#),
-    );
+    let (status, err) = api.instance_start();
     assert_eq!(status, 400, "{err}");
     assert!(
         err["fault_message"].as_str().unwrap().contains("guest"),
@@ -185,11 +190,7 @@ fn curl_configures_starts_observes_pauses_resumes_and_stops_a_vm() {
         Some(r#"{"guest":"builtin:no-such"}"#),
     );
     assert_eq!(status, 204);
-    let (status, err) = api.json(
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type":"InstanceStart"}"#),
-    );
+    let (status, err) = api.instance_start();
     assert_eq!(status, 400, "{err}");
     assert!(
         err["fault_message"].as_str().unwrap().contains("no-such"),
@@ -215,11 +216,7 @@ fn curl_configures_starts_observes_pauses_resumes_and_stops_a_vm() {
         config["boot-source"]["guest"], "builtin:periodic",
         "{config}"
     );
-    let (status, body) = api.json(
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type":"InstanceStart"}"#),
-    );
+    let (status, body) = api.instance_start();
     assert_eq!(status, 204, "{body}");
     let (_, info) = api.json("GET", "/", None);
     assert_eq!(info["state"], "Running");

@@ -39,6 +39,15 @@ fn finish(running: RunningVm, out: &Output) -> (VmRun, String) {
     support::finish(running, out, Duration::from_secs(60))
 }
 
+/// How many calls named `name` (`Call`'s Debug name) the run served.
+fn calls_named(run: &VmRun, name: &str) -> u64 {
+    run.calls
+        .calls
+        .iter()
+        .find(|(c, _)| format!("{c:?}") == name)
+        .map_or(0, |(_, n)| *n)
+}
+
 #[test]
 fn udp_echo_round_trips_byte_exact_including_a_max_size_datagram() {
     let _serial = one_at_a_time(&SERIAL);
@@ -95,13 +104,7 @@ fn udp_echo_through_the_io_rings_parked_or_spinning_and_by_calls_without_a_polle
         let (run, out) = finish(running, &out);
         assert_exit_0(&run, &out);
         assert!(out.contains("udp-echo: 50 datagrams echoed"), "{out}");
-        let calls = |name: &str| {
-            run.calls
-                .calls
-                .iter()
-                .find(|(c, _)| format!("{c:?}") == name)
-                .map_or(0, |(_, n)| *n)
-        };
+        let calls = |name: &str| calls_named(&run, name);
         if poller {
             assert!(out.contains("udp-echo: through rings"), "{out}");
             // 7 receives posted first, then per datagram its echo and the
@@ -164,13 +167,7 @@ fn tcp_echo_carries_a_multi_megabyte_stream_by_calls_and_through_the_io_rings() 
             )),
             "{out}"
         );
-        let calls = |name: &str| {
-            run.calls
-                .calls
-                .iter()
-                .find(|(c, _)| format!("{c:?}") == name)
-                .map_or(0, |(_, n)| *n)
-        };
+        let calls = |name: &str| calls_named(&run, name);
         if mode == "off" {
             assert_eq!(run.rings.submissions, 0);
             assert!(calls("NetRecv") > 0);
